@@ -1,0 +1,92 @@
+//! One runner step on the default model at 1, 8 and 32 tokens, for each weight format.
+//!
+//! `decode/N`: N sequences of 64 cached positions each decode one token (one step).
+//! `prefill/N`: one sequence prefills an N-token chunk. Set `WICK_MODEL` to the GGUF path,
+//! or let `scripts/fetch-model.sh` fetch it. `WICK_BENCH_FORMATS=q8_0,f32,native` picks the
+//! formats (default: all three).
+
+use std::path::PathBuf;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use wick_core::{BlockId, RequestId, ScheduledBatch, ScheduledSeq};
+use wick_runner::{CacheConfig, Device, LoadOptions, Runner, WeightFormat};
+
+const BLOCK: usize = 16;
+const CTX: usize = 64;
+
+fn model_path() -> PathBuf {
+    if let Ok(p) = std::env::var("WICK_MODEL") {
+        return PathBuf::from(p);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = std::process::Command::new("bash")
+        .arg(root.join("scripts/fetch-model.sh"))
+        .output()
+        .expect("run scripts/fetch-model.sh");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn table(seq: usize) -> Vec<BlockId> {
+    (0..8).map(|b| BlockId((seq * 8 + b) as u32)).collect()
+}
+
+fn decode_batch(n: usize) -> ScheduledBatch {
+    ScheduledBatch {
+        seqs: (0..n)
+            .map(|i| ScheduledSeq {
+                id: RequestId(i as u64),
+                tokens: vec![100 + i as u32],
+                start_pos: CTX,
+                block_table: table(i),
+                sample: true,
+            })
+            .collect(),
+    }
+}
+
+fn prefill_batch(n: usize) -> ScheduledBatch {
+    ScheduledBatch {
+        seqs: vec![ScheduledSeq {
+            id: RequestId(0),
+            tokens: (0..n as u32).map(|t| 200 + t).collect(),
+            start_pos: 0,
+            block_table: table(0),
+            sample: true,
+        }],
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let path = model_path();
+    let formats = std::env::var("WICK_BENCH_FORMATS").unwrap_or_else(|_| "q8_0,f32,native".into());
+    for fmt in formats.split(',') {
+        let weight_format: WeightFormat = fmt.parse().expect("weight format");
+        let loaded = wick_runner::load(&path, &Device::Cpu, &LoadOptions { weight_format })
+            .expect("load model");
+        let mut runner = Runner::new(
+            loaded.model,
+            CacheConfig {
+                num_blocks: 32 * 8,
+                block_size: BLOCK,
+            },
+        )
+        .expect("runner");
+        let mut g = c.benchmark_group(format!("step/{fmt}"));
+        g.sample_size(10);
+        for n in [1usize, 8, 32] {
+            g.throughput(Throughput::Elements(n as u64));
+            g.bench_with_input(BenchmarkId::new("decode", n), &n, |b, &n| {
+                let batch = decode_batch(n);
+                b.iter(|| runner.step(&batch).expect("step"))
+            });
+            g.bench_with_input(BenchmarkId::new("prefill", n), &n, |b, &n| {
+                let batch = prefill_batch(n);
+                b.iter(|| runner.step(&batch).expect("step"))
+            });
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,20 @@
+//! Shared vocabulary of Wick.
+//!
+//! Every other crate speaks these types: the HTTP front end turns an OpenAI request into an
+//! [`EngineRequest`] (prompt token ids, [`SamplingParams`], limits) and submits it through the
+//! [`EngineHandle`], the one bounded request queue. The engine thread drains that queue into the
+//! scheduler, which hands the runner a [`ScheduledBatch`] each step; sampled tokens travel back
+//! to the request's own channel as [`TokenEvent`]s. [`Metrics`] holds every Prometheus series.
+//! No candle, no axum here.
+
+mod batch;
+mod ids;
+pub mod metrics;
+mod queue;
+mod request;
+
+pub use batch::{ScheduledBatch, ScheduledSeq};
+pub use ids::{BlockId, RequestId};
+pub use metrics::Metrics;
+pub use queue::{request_queue, EngineCommand, EngineHandle, QueueReceiver, SubmitError};
+pub use request::{EngineRequest, FinishReason, SamplingParams, TokenEvent};

@@ -1,0 +1,76 @@
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::RequestId;
+
+/// How the next token is drawn from the logits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches `top_p`.
+    pub top_p: f32,
+    /// Seed of the request's own random generator; `None` draws one.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: None,
+        }
+    }
+}
+
+/// A validated request, ready for the engine: token ids computed, limits checked.
+#[derive(Debug)]
+pub struct EngineRequest {
+    pub id: RequestId,
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    /// Token ids that end the sequence (end of turn, end of text).
+    pub stop_token_ids: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub arrived: Instant,
+    /// The request's own channel back; dropping its receiver aborts the sequence.
+    pub events: UnboundedSender<TokenEvent>,
+}
+
+/// Why a sequence ended, in OpenAI's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-turn token or a stop string.
+    Stop,
+    /// `max_tokens` or the context limit.
+    Length,
+    /// Cancelled by the client or ended by the server.
+    Abort,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
+        }
+    }
+}
+
+/// What the engine sends back on a request's channel.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenEvent {
+    /// A sampled token. Stop tokens are not sent as tokens: they arrive as `Finished`.
+    Token { id: u32 },
+    /// The sequence ended; no further events follow.
+    Finished {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    /// The engine could not serve the request; no further events follow.
+    Error { message: String },
+}

@@ -1,0 +1,410 @@
+//! The paged KV cache and attention over it.
+//!
+//! Keys and values live in fixed-size blocks, `[slots, kv_heads * head_dim]` per layer, where
+//! a sequence's position `p` sits in slot `block_table[p / block_size] * block_size +
+//! p % block_size`. On the CPU the cache is plain memory and attention reads each sequence's
+//! keys and values in place, with no gathers or copies; on other devices it is a tensor
+//! written with `scatter_set` and read per sequence with `index_select`.
+
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+
+use crate::{LlamaConfig, Result, RopeStyle};
+
+/// How many blocks the cache has and how many positions each holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheConfig {
+    pub num_blocks: usize,
+    pub block_size: usize,
+}
+
+enum LayerCache {
+    Host { k: Vec<f32>, v: Vec<f32> },
+    Device { k: Tensor, v: Tensor },
+}
+
+/// Keys and values of every layer, for every block.
+pub struct KvCache {
+    cfg: CacheConfig,
+    layers: Vec<LayerCache>,
+}
+
+impl KvCache {
+    /// On the CPU the cache is host memory unless `force_tensor_path` (tests use it to check
+    /// the device path against the host one).
+    pub fn new(
+        model: &LlamaConfig,
+        cfg: CacheConfig,
+        device: &Device,
+        force_tensor_path: bool,
+    ) -> Result<Self> {
+        let slots = cfg.num_blocks * cfg.block_size;
+        let kv_dim = model.kv_dim();
+        let layers = (0..model.num_layers)
+            .map(|_| {
+                Ok(if device.is_cpu() && !force_tensor_path {
+                    LayerCache::Host {
+                        k: vec![0.0; slots * kv_dim],
+                        v: vec![0.0; slots * kv_dim],
+                    }
+                } else {
+                    LayerCache::Device {
+                        k: Tensor::zeros((slots, kv_dim), DType::F32, device)?,
+                        v: Tensor::zeros((slots, kv_dim), DType::F32, device)?,
+                    }
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { cfg, layers })
+    }
+
+    pub fn config(&self) -> CacheConfig {
+        self.cfg
+    }
+
+    pub fn uses_host_memory(&self) -> bool {
+        matches!(self.layers.first(), Some(LayerCache::Host { .. }))
+    }
+}
+
+/// One sequence's place in the packed step input.
+#[derive(Debug, Clone)]
+pub struct SeqSpan {
+    /// Row of its first token in the packed input.
+    pub q_start: usize,
+    pub q_len: usize,
+    /// Position of its first token in the sequence.
+    pub start_pos: usize,
+    /// Slot of every position `0..start_pos + q_len`, in order.
+    pub slots: Vec<usize>,
+}
+
+/// Where every token of a step goes: built once per step, shared by all layers.
+pub struct AttentionMetadata {
+    pub seqs: Vec<SeqSpan>,
+    /// Position of each packed token.
+    pub positions: Vec<usize>,
+    /// For each packed token, the index of its sequence in `seqs`.
+    pub token_seq: Vec<usize>,
+    /// Device-side copies, for the tensor path.
+    pub(crate) device: Option<DeviceMetadata>,
+}
+
+pub(crate) struct DeviceMetadata {
+    pub positions: Tensor,
+    pub new_slots: Tensor,
+    pub ctx_slots: Vec<Tensor>,
+    pub masks: Vec<Option<Tensor>>,
+}
+
+impl AttentionMetadata {
+    pub fn new(seqs: Vec<SeqSpan>) -> Self {
+        let mut positions = Vec::new();
+        let mut token_seq = Vec::new();
+        for (i, s) in seqs.iter().enumerate() {
+            positions.extend(s.start_pos..s.start_pos + s.q_len);
+            token_seq.extend(std::iter::repeat_n(i, s.q_len));
+        }
+        Self {
+            seqs,
+            positions,
+            token_seq,
+            device: None,
+        }
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.positions.len()
+    }
+
+    /// Uploads what the tensor path needs.
+    pub(crate) fn prepare_device(&mut self, device: &Device) -> Result<()> {
+        let pos: Vec<u32> = self.positions.iter().map(|&p| p as u32).collect();
+        let new_slots: Vec<u32> = self
+            .seqs
+            .iter()
+            .flat_map(|s| s.slots[s.start_pos..].iter().map(|&x| x as u32))
+            .collect();
+        let mut ctx_slots = Vec::with_capacity(self.seqs.len());
+        let mut masks = Vec::with_capacity(self.seqs.len());
+        for s in &self.seqs {
+            let slots: Vec<u32> = s.slots.iter().map(|&x| x as u32).collect();
+            ctx_slots.push(Tensor::new(slots.as_slice(), device)?);
+            let ctx = s.slots.len();
+            masks.push(if s.q_len > 1 {
+                let mask: Vec<f32> = (0..s.q_len)
+                    .flat_map(|i| {
+                        (0..ctx).map(move |j| {
+                            if j <= s.start_pos + i {
+                                0.0
+                            } else {
+                                f32::NEG_INFINITY
+                            }
+                        })
+                    })
+                    .collect();
+                Some(Tensor::from_vec(mask, (s.q_len, ctx), device)?)
+            } else {
+                None
+            });
+        }
+        self.device = Some(DeviceMetadata {
+            positions: Tensor::new(pos.as_slice(), device)?,
+            new_slots: Tensor::new(new_slots.as_slice(), device)?,
+            ctx_slots,
+            masks,
+        });
+        Ok(())
+    }
+}
+
+/// Rotary embedding tables, `[max_positions, head_dim / 2]`.
+pub struct Rope {
+    style: RopeStyle,
+    half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    cos_t: Tensor,
+    sin_t: Tensor,
+}
+
+impl Rope {
+    pub fn new(cfg: &LlamaConfig, max_positions: usize, device: &Device) -> Result<Self> {
+        let half = cfg.head_dim / 2;
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            for i in 0..half {
+                let freq = (cfg.rope_theta as f64).powf(-2.0 * i as f64 / cfg.head_dim as f64);
+                let angle = p as f64 * freq;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let cos_t = Tensor::from_slice(&cos, (max_positions, half), device)?;
+        let sin_t = Tensor::from_slice(&sin, (max_positions, half), device)?;
+        Ok(Self {
+            style: cfg.rope_style,
+            half,
+            cos,
+            sin,
+            cos_t,
+            sin_t,
+        })
+    }
+
+    /// Rotates one head in place.
+    fn apply(&self, x: &mut [f32], pos: usize) {
+        let cos = &self.cos[pos * self.half..(pos + 1) * self.half];
+        let sin = &self.sin[pos * self.half..(pos + 1) * self.half];
+        for i in 0..self.half {
+            let (a, b) = match self.style {
+                RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                RopeStyle::Half => (i, i + self.half),
+            };
+            let (x0, x1) = (x[a], x[b]);
+            x[a] = x0 * cos[i] - x1 * sin[i];
+            x[b] = x0 * sin[i] + x1 * cos[i];
+        }
+    }
+
+    /// Rotates `[1, heads, tokens, head_dim]` on any device.
+    fn apply_tensor(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let cos = self.cos_t.index_select(positions, 0)?;
+        let sin = self.sin_t.index_select(positions, 0)?;
+        Ok(match self.style {
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, &cos, &sin)?,
+            RopeStyle::Half => candle_nn::rotary_emb::rope(x, &cos, &sin)?,
+        })
+    }
+}
+
+/// Shapes of one layer's attention.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Heads {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Heads {
+    fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+    fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+}
+
+/// Applies rotary embeddings, stores this step's keys and values, and attends each token
+/// over its own sequence's cached positions. `qkv` is `[tokens, q_dim + 2 * kv_dim]`; the
+/// result is `[tokens, q_dim]`.
+pub(crate) fn attention(
+    cache: &mut KvCache,
+    layer: usize,
+    heads: Heads,
+    rope: &Rope,
+    qkv: &Tensor,
+    meta: &AttentionMetadata,
+) -> Result<Tensor> {
+    match &mut cache.layers[layer] {
+        LayerCache::Host { k, v } => attention_host(k, v, heads, rope, qkv, meta),
+        LayerCache::Device { k, v } => attention_tensor(k, v, heads, rope, qkv, meta),
+    }
+}
+
+fn attention_host(
+    k_cache: &mut [f32],
+    v_cache: &mut [f32],
+    heads: Heads,
+    rope: &Rope,
+    qkv: &Tensor,
+    meta: &AttentionMetadata,
+) -> Result<Tensor> {
+    let (qd, kd, hd) = (heads.q_dim(), heads.kv_dim(), heads.head_dim);
+    let row = qd + 2 * kd;
+    let mut qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
+    for (t, x) in qkv.chunks_exact_mut(row).enumerate() {
+        let pos = meta.positions[t];
+        for head in x[..qd + kd].chunks_exact_mut(hd) {
+            rope.apply(head, pos);
+        }
+        let seq = &meta.seqs[meta.token_seq[t]];
+        let slot = seq.slots[pos];
+        k_cache[slot * kd..(slot + 1) * kd].copy_from_slice(&x[qd..qd + kd]);
+        v_cache[slot * kd..(slot + 1) * kd].copy_from_slice(&x[qd + kd..]);
+    }
+    let n = meta.num_tokens();
+    let mut out = vec![0f32; n * qd];
+    let (k_cache, v_cache) = (&*k_cache, &*v_cache);
+    let work: usize = meta.positions.iter().map(|p| p + 1).sum();
+    let one = |(t, out_t): (usize, &mut [f32])| {
+        let seq = &meta.seqs[meta.token_seq[t]];
+        let ctx = &seq.slots[..meta.positions[t] + 1];
+        let q = &qkv[t * row..t * row + qd];
+        attend_token(q, ctx, k_cache, v_cache, heads, out_t);
+    };
+    // Parallel over tokens only where it pays for the threads' wake-up.
+    if work >= 2048 {
+        out.par_chunks_mut(qd).enumerate().for_each(one);
+    } else {
+        out.chunks_mut(qd).enumerate().for_each(one);
+    }
+    Ok(Tensor::from_vec(out, (n, qd), &Device::Cpu)?)
+}
+
+/// Attention of one query token over the slots `ctx`, every head; the order of every sum is
+/// fixed, whatever else shares the step.
+fn attend_token(
+    q: &[f32],
+    ctx: &[usize],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    heads: Heads,
+    out: &mut [f32],
+) {
+    let (hd, kd) = (heads.head_dim, heads.kv_dim());
+    let group = heads.num_heads / heads.num_kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut scores = vec![0f32; ctx.len()];
+    for h in 0..heads.num_heads {
+        let q_h = &q[h * hd..(h + 1) * hd];
+        let off = (h / group) * hd;
+        let mut max = f32::NEG_INFINITY;
+        for (s, &slot) in scores.iter_mut().zip(ctx) {
+            let k = &k_cache[slot * kd + off..slot * kd + off + hd];
+            *s = dot(q_h, k) * scale;
+            max = max.max(*s);
+        }
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        let o = &mut out[h * hd..(h + 1) * hd];
+        for (&p, &slot) in scores.iter().zip(ctx) {
+            let v = &v_cache[slot * kd + off..slot * kd + off + hd];
+            let w = p * inv;
+            for (o, v) in o.iter_mut().zip(v) {
+                *o += w * v;
+            }
+        }
+    }
+}
+
+/// A dot product in eight lanes, so that the compiler vectorizes it.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+fn attention_tensor(
+    k_cache: &mut Tensor,
+    v_cache: &mut Tensor,
+    heads: Heads,
+    rope: &Rope,
+    qkv: &Tensor,
+    meta: &AttentionMetadata,
+) -> Result<Tensor> {
+    let (qd, kd, hd) = (heads.q_dim(), heads.kv_dim(), heads.head_dim);
+    let (nh, nkv) = (heads.num_heads, heads.num_kv_heads);
+    let dm = meta
+        .device
+        .as_ref()
+        .ok_or_else(|| crate::RunnerError::Step("device metadata not prepared".into()))?;
+    let n = meta.num_tokens();
+    let to_heads = |x: Tensor, h: usize| -> Result<Tensor> {
+        Ok(x.reshape((n, h, hd))?
+            .transpose(0, 1)?
+            .unsqueeze(0)?
+            .contiguous()?)
+    };
+    let q = to_heads(qkv.narrow(1, 0, qd)?, nh)?;
+    let k = to_heads(qkv.narrow(1, qd, kd)?, nkv)?;
+    let q = rope.apply_tensor(&q, &dm.positions)?.squeeze(0)?; // [nh, n, hd]
+    let k = rope.apply_tensor(&k, &dm.positions)?.squeeze(0)?;
+    let k_rows = k.transpose(0, 1)?.reshape((n, kd))?.contiguous()?;
+    let v_rows = qkv.narrow(1, qd + kd, kd)?.contiguous()?;
+    let idx = dm
+        .new_slots
+        .unsqueeze(1)?
+        .broadcast_as((n, kd))?
+        .contiguous()?;
+    k_cache.scatter_set(&idx, &k_rows, 0)?;
+    v_cache.scatter_set(&idx, &v_rows, 0)?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut outs = Vec::with_capacity(meta.seqs.len());
+    for (i, s) in meta.seqs.iter().enumerate() {
+        let ctx = s.slots.len();
+        let gather = |c: &Tensor| -> Result<Tensor> {
+            let x = c.index_select(&dm.ctx_slots[i], 0)?; // [ctx, kd]
+            let x = x.reshape((ctx, nkv, 1, hd))?.transpose(0, 2)?; // [1, nkv, ctx, hd]
+            let x = x.broadcast_as((nh / nkv, nkv, ctx, hd))?.transpose(0, 1)?;
+            Ok(x.reshape((nh, ctx, hd))?)
+        };
+        let (kc, vc) = (gather(k_cache)?, gather(v_cache)?);
+        let qs = q.narrow(1, s.q_start, s.q_len)?.contiguous()?; // [nh, q_len, hd]
+        let mut att = (qs.matmul(&kc.t()?.contiguous()?)? * scale)?;
+        if let Some(mask) = &dm.masks[i] {
+            att = att.broadcast_add(mask)?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let o = att.matmul(&vc.contiguous()?)?; // [nh, q_len, hd]
+        outs.push(o.transpose(0, 1)?.reshape((s.q_len, qd))?);
+    }
+    Ok(Tensor::cat(&outs, 0)?)
+}

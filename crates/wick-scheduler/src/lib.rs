@@ -1,0 +1,15 @@
+//! Wick's continuous-batching scheduler: a pure, synchronous state machine.
+//!
+//! [`Scheduler::add`] queues a sequence, [`Scheduler::schedule`] picks the work of the next
+//! engine step (decodes first, then chunks of waiting prompts, within `max_num_seqs` and the
+//! `max_num_batched_tokens` budget, with KV blocks from the [`BlockManager`]), and
+//! [`Scheduler::postprocess`] applies the sampled tokens and reports which sequences finished.
+//! [`Scheduler::abort`] frees a sequence at any point. No tensors, no async, no locks.
+
+mod block_manager;
+mod scheduler;
+mod sequence;
+
+pub use block_manager::BlockManager;
+pub use scheduler::{AddError, Scheduler, SchedulerConfig, SeqOutcome};
+pub use sequence::Sequence;

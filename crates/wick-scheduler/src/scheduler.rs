@@ -1,0 +1,309 @@
+use std::collections::VecDeque;
+
+use wick_core::{FinishReason, RequestId, ScheduledBatch, ScheduledSeq};
+
+use crate::{BlockManager, Sequence};
+
+/// Limits the scheduler works within.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Most sequences running (holding KV blocks) at once.
+    pub max_num_seqs: usize,
+    /// Most tokens computed in one step, over all sequences.
+    pub max_num_batched_tokens: usize,
+    /// Positions per KV block.
+    pub block_size: usize,
+    /// Blocks in the KV cache.
+    pub num_blocks: usize,
+    /// Longest sequence (prompt plus output) the model serves.
+    pub max_model_len: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddError {
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("request {0} is already scheduled")]
+    Duplicate(RequestId),
+    #[error(
+        "the request needs {needed} tokens of KV cache (prompt plus max_tokens) but the whole cache holds {capacity}"
+    )]
+    ExceedsCache { needed: usize, capacity: usize },
+}
+
+/// What one step did to one sequence, for the engine to report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqOutcome {
+    pub id: RequestId,
+    /// The sampled token, unless it was a stop token.
+    pub token: Option<u32>,
+    pub finish: Option<FinishReason>,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// Per-sequence bookkeeping of the last `schedule`, applied by `postprocess`.
+#[derive(Debug, Clone, Copy)]
+struct Planned {
+    id: RequestId,
+    chunk: usize,
+    sample: bool,
+}
+
+/// The continuous-batching state machine: waiting and running sequences over one block pool.
+#[derive(Debug)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    blocks: BlockManager,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+    planned: Vec<Planned>,
+    num_preemptions: u64,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        Self {
+            blocks: BlockManager::new(cfg.num_blocks, cfg.block_size),
+            cfg,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            planned: Vec::new(),
+            num_preemptions: 0,
+        }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_blocks_used(&self) -> usize {
+        self.blocks.num_used()
+    }
+
+    pub fn num_blocks_total(&self) -> usize {
+        self.blocks.num_blocks()
+    }
+
+    /// Preemptions since start.
+    pub fn num_preemptions(&self) -> u64 {
+        self.num_preemptions
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    fn contains(&self, id: RequestId) -> bool {
+        self.running
+            .iter()
+            .chain(self.waiting.iter())
+            .any(|s| s.id == id)
+    }
+
+    /// Queues a new sequence. Refuses one that could never fit in the whole KV cache, so it
+    /// cannot deadlock the scheduler.
+    pub fn add(&mut self, seq: Sequence) -> Result<(), AddError> {
+        if seq.tokens.is_empty() {
+            return Err(AddError::EmptyPrompt);
+        }
+        if self.contains(seq.id) {
+            return Err(AddError::Duplicate(seq.id));
+        }
+        let needed = (seq.tokens.len() + seq.max_tokens).min(self.cfg.max_model_len);
+        let capacity = self.cfg.num_blocks * self.cfg.block_size;
+        if needed > capacity {
+            return Err(AddError::ExceedsCache { needed, capacity });
+        }
+        self.waiting.push_back(seq);
+        Ok(())
+    }
+
+    /// Removes a sequence wherever it is and frees its blocks. Returns it, if it was here.
+    pub fn abort(&mut self, id: RequestId) -> Option<Sequence> {
+        self.planned.retain(|p| p.id != id);
+        let mut seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            self.running.remove(i)
+        } else {
+            let i = self.waiting.iter().position(|s| s.id == id)?;
+            self.waiting.remove(i)?
+        };
+        self.blocks.release(&mut seq.block_table);
+        Some(seq)
+    }
+
+    /// Chooses the work of the next step: running decodes first, then running prompt chunks,
+    /// then waiting prompts in arrival order, all within the token budget.
+    pub fn schedule(&mut self) -> ScheduledBatch {
+        self.planned.clear();
+        let mut budget = self.cfg.max_num_batched_tokens;
+        let mut preempted = false;
+        let order: Vec<RequestId> = {
+            let decodes = self.running.iter().filter(|s| s.is_decoding());
+            let chunks = self.running.iter().filter(|s| !s.is_decoding());
+            decodes.chain(chunks).map(|s| s.id).collect()
+        };
+        for id in order {
+            if budget == 0 {
+                break;
+            }
+            let Some(idx) = self.running.iter().position(|s| s.id == id) else {
+                continue; // preempted earlier in this step
+            };
+            let chunk = self.running[idx].num_pending().min(budget);
+            match self.reserve_running(idx, chunk) {
+                Some(idx) => {
+                    self.plan(idx, chunk);
+                    budget -= chunk;
+                }
+                None => preempted = true,
+            }
+        }
+        if !preempted {
+            self.admit_waiting(budget);
+        }
+        self.batch()
+    }
+
+    /// Grows the blocks of `running[idx]` for `chunk` more tokens, preempting the newest
+    /// unscheduled sequences while blocks run short. Returns the sequence's index afterwards,
+    /// or `None` if it had to be preempted itself.
+    fn reserve_running(&mut self, mut idx: usize, chunk: usize) -> Option<usize> {
+        loop {
+            let seq = &mut self.running[idx];
+            let target = seq.num_computed + chunk;
+            if self.blocks.grow(&mut seq.block_table, target) {
+                return Some(idx);
+            }
+            let id = seq.id;
+            let victim = self
+                .running
+                .iter()
+                .rposition(|s| s.id != id && !self.planned.iter().any(|p| p.id == s.id));
+            match victim {
+                Some(v) => {
+                    self.preempt(v);
+                    if v < idx {
+                        idx -= 1;
+                    }
+                }
+                None => {
+                    self.preempt(idx);
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Frees a running sequence's blocks and puts it back at the head of the waiting queue;
+    /// its tokens are kept and recomputed when it is admitted again.
+    fn preempt(&mut self, idx: usize) {
+        let mut seq = self.running.remove(idx);
+        self.blocks.release(&mut seq.block_table);
+        seq.num_computed = 0;
+        self.waiting.push_front(seq);
+        self.num_preemptions += 1;
+    }
+
+    fn admit_waiting(&mut self, mut budget: usize) {
+        while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+            let Some(seq) = self.waiting.front_mut() else {
+                break;
+            };
+            let chunk = seq.num_pending().min(budget);
+            if !self
+                .blocks
+                .grow(&mut seq.block_table, seq.num_computed + chunk)
+            {
+                break; // first come, first served: nobody overtakes the head
+            }
+            if let Some(seq) = self.waiting.pop_front() {
+                self.running.push(seq);
+                self.plan(self.running.len() - 1, chunk);
+                budget -= chunk;
+            }
+        }
+    }
+
+    fn plan(&mut self, idx: usize, chunk: usize) {
+        let seq = &self.running[idx];
+        self.planned.push(Planned {
+            id: seq.id,
+            chunk,
+            sample: seq.num_computed + chunk == seq.tokens.len(),
+        });
+    }
+
+    fn batch(&self) -> ScheduledBatch {
+        let seqs = self
+            .planned
+            .iter()
+            .filter_map(|p| {
+                let seq = self.running.iter().find(|s| s.id == p.id)?;
+                let start = seq.num_computed;
+                Some(ScheduledSeq {
+                    id: p.id,
+                    tokens: seq.tokens[start..start + p.chunk].to_vec(),
+                    start_pos: start,
+                    block_table: seq.block_table.clone(),
+                    sample: p.sample,
+                })
+            })
+            .collect();
+        ScheduledBatch { seqs }
+    }
+
+    /// Applies the step's results: advances what the cache holds, appends the sampled tokens
+    /// (`sampled` has one entry per sequence scheduled with `sample`), finishes sequences on a
+    /// stop token, `max_tokens` or the context limit, and frees their blocks at once.
+    pub fn postprocess(&mut self, sampled: &[(RequestId, u32)]) -> Vec<SeqOutcome> {
+        let mut outcomes = Vec::new();
+        for p in std::mem::take(&mut self.planned) {
+            let Some(idx) = self.running.iter().position(|s| s.id == p.id) else {
+                continue;
+            };
+            let seq = &mut self.running[idx];
+            seq.num_computed += p.chunk;
+            if !p.sample {
+                continue;
+            }
+            let Some(&(_, token)) = sampled.iter().find(|(id, _)| *id == p.id) else {
+                continue;
+            };
+            seq.tokens.push(token);
+            let is_stop = seq.stop_token_ids.contains(&token);
+            let finish = if is_stop {
+                Some(FinishReason::Stop)
+            } else if seq.num_generated() >= seq.max_tokens
+                || seq.tokens.len() >= self.cfg.max_model_len
+            {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            outcomes.push(SeqOutcome {
+                id: p.id,
+                token: (!is_stop).then_some(token),
+                finish,
+                prompt_tokens: seq.prompt_len,
+                completion_tokens: seq.num_generated(),
+            });
+            if finish.is_some() {
+                let mut seq = self.running.remove(idx);
+                self.blocks.release(&mut seq.block_table);
+            }
+        }
+        outcomes
+    }
+}
+
+#[cfg(test)]
+mod tests;

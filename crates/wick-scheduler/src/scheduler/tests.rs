@@ -1,0 +1,250 @@
+use proptest::prelude::*;
+
+use super::*;
+
+const EOS: u32 = 2;
+
+fn cfg(num_blocks: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        max_num_seqs: 4,
+        max_num_batched_tokens: 16,
+        block_size: 4,
+        num_blocks,
+        max_model_len: 64,
+    }
+}
+
+fn seq(id: u64, prompt_len: usize, max_tokens: usize) -> Sequence {
+    Sequence::new(RequestId(id), vec![7; prompt_len], max_tokens, vec![EOS])
+}
+
+/// Samples token 5 for every sequence that asked for one.
+fn sample_all(batch: &ScheduledBatch) -> Vec<(RequestId, u32)> {
+    batch
+        .seqs
+        .iter()
+        .filter(|s| s.sample)
+        .map(|s| (s.id, 5))
+        .collect()
+}
+
+fn blocks_held(s: &Scheduler) -> usize {
+    s.running
+        .iter()
+        .chain(s.waiting.iter())
+        .map(|q| q.block_table.len())
+        .sum()
+}
+
+#[test]
+fn prefill_then_decode_then_length() {
+    let mut s = Scheduler::new(cfg(32));
+    s.add(seq(1, 6, 2)).unwrap();
+    let b = s.schedule();
+    assert_eq!(b.seqs.len(), 1);
+    assert_eq!(b.seqs[0].tokens.len(), 6);
+    assert_eq!(b.seqs[0].start_pos, 0);
+    assert!(b.seqs[0].sample);
+    assert_eq!(b.seqs[0].block_table.len(), 2);
+    let out = s.postprocess(&sample_all(&b));
+    assert_eq!(out[0].token, Some(5));
+    assert_eq!(out[0].finish, None);
+
+    let b = s.schedule();
+    assert_eq!(b.seqs[0].tokens, vec![5]);
+    assert_eq!(b.seqs[0].start_pos, 6);
+    let out = s.postprocess(&sample_all(&b));
+    assert_eq!(out[0].finish, Some(FinishReason::Length));
+    assert_eq!(out[0].completion_tokens, 2);
+    assert_eq!(s.num_blocks_used(), 0);
+    assert!(!s.has_work());
+}
+
+#[test]
+fn stop_token_finishes_and_is_not_emitted() {
+    let mut s = Scheduler::new(cfg(32));
+    s.add(seq(1, 3, 10)).unwrap();
+    let b = s.schedule();
+    let out = s.postprocess(&[(b.seqs[0].id, EOS)]);
+    assert_eq!(out[0].token, None);
+    assert_eq!(out[0].finish, Some(FinishReason::Stop));
+    assert_eq!(out[0].completion_tokens, 1);
+    assert_eq!(s.num_blocks_used(), 0);
+}
+
+#[test]
+fn long_prompt_is_chunked_within_budget() {
+    let mut s = Scheduler::new(cfg(32));
+    s.add(seq(1, 40, 1)).unwrap();
+    let mut computed = 0;
+    for _ in 0..3 {
+        let b = s.schedule();
+        assert!(b.num_tokens() <= 16);
+        assert_eq!(b.seqs[0].start_pos, computed);
+        computed += b.seqs[0].tokens.len();
+        assert_eq!(b.seqs[0].sample, computed == 40);
+        s.postprocess(&sample_all(&b));
+    }
+    assert_eq!(computed, 40);
+    assert!(!s.has_work());
+}
+
+#[test]
+fn decodes_are_scheduled_before_new_prompts() {
+    let mut s = Scheduler::new(cfg(32));
+    s.add(seq(1, 4, 10)).unwrap();
+    let b = s.schedule();
+    s.postprocess(&sample_all(&b));
+    s.add(seq(2, 30, 10)).unwrap();
+    let b = s.schedule();
+    assert_eq!(b.seqs[0].id, RequestId(1));
+    assert_eq!(b.seqs[0].tokens.len(), 1);
+    assert_eq!(b.seqs[1].id, RequestId(2));
+    assert_eq!(b.seqs[1].tokens.len(), 15);
+}
+
+#[test]
+fn request_larger_than_cache_is_refused() {
+    let mut s = Scheduler::new(cfg(4)); // 16 positions
+    assert_eq!(
+        s.add(seq(1, 10, 10)),
+        Err(AddError::ExceedsCache {
+            needed: 20,
+            capacity: 16
+        })
+    );
+    assert!(s.add(seq(2, 10, 6)).is_ok());
+    assert_eq!(s.add(seq(2, 1, 1)), Err(AddError::Duplicate(RequestId(2))));
+    assert_eq!(s.add(seq(3, 0, 1)), Err(AddError::EmptyPrompt));
+}
+
+#[test]
+fn preemption_frees_newest_and_recomputes_it() {
+    // 4 blocks of 4 = 16 positions; two sequences of 6-token prompts growing to 14.
+    let mut s = Scheduler::new(cfg(4));
+    s.add(seq(1, 6, 8)).unwrap();
+    s.add(seq(2, 6, 8)).unwrap();
+    let mut finished = Vec::new();
+    let mut saw_preemption = false;
+    for _ in 0..100 {
+        let b = s.schedule();
+        if s.num_preemptions() > 0 {
+            saw_preemption = true;
+        }
+        for o in s.postprocess(&sample_all(&b)) {
+            if o.finish.is_some() {
+                finished.push((o.id, o.completion_tokens));
+            }
+        }
+        assert_eq!(blocks_held(&s), s.num_blocks_used());
+        if !s.has_work() {
+            break;
+        }
+    }
+    assert!(saw_preemption);
+    assert_eq!(finished, vec![(RequestId(1), 8), (RequestId(2), 8)]);
+}
+
+#[test]
+fn abort_frees_blocks_everywhere() {
+    let mut s = Scheduler::new(cfg(32));
+    s.add(seq(1, 6, 8)).unwrap();
+    s.add(seq(2, 6, 8)).unwrap();
+    let b = s.schedule();
+    assert!(s.num_blocks_used() > 0);
+    assert!(s.abort(RequestId(1)).is_some());
+    // Aborted between schedule and postprocess: its result is dropped.
+    let out = s.postprocess(&sample_all(&b));
+    assert!(out.iter().all(|o| o.id == RequestId(2)));
+    assert!(s.abort(RequestId(2)).is_some());
+    assert!(s.abort(RequestId(2)).is_none());
+    assert_eq!(s.num_blocks_used(), 0);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Add { prompt: usize, max_tokens: usize },
+    Abort(u64),
+    Step { eos_every: u32 },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (1usize..40, 1usize..30).prop_map(|(prompt, max_tokens)| Op::Add { prompt, max_tokens }),
+        (0u64..20).prop_map(Op::Abort),
+        (0u32..7).prop_map(|eos_every| Op::Step { eos_every }),
+        (0u32..7).prop_map(|eos_every| Op::Step { eos_every }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Blocks are conserved, budgets respected, and every accepted request finishes.
+    #[test]
+    fn invariants_hold_and_everything_finishes(
+        ops in prop::collection::vec(op(), 1..80),
+        num_blocks in 6usize..40,
+        budget in 1usize..24,
+    ) {
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_num_seqs: 3,
+            max_num_batched_tokens: budget,
+            block_size: 4,
+            num_blocks,
+            max_model_len: 64,
+        });
+        let mut next_id = 0u64;
+        let mut live = std::collections::BTreeSet::new();
+        let mut step_no = 0u32;
+        let mut check = |s: &mut Scheduler, live: &mut std::collections::BTreeSet<u64>, eos_every: u32| {
+            let b = s.schedule();
+            step_no += 1;
+            prop_assert!(b.num_tokens() <= budget);
+            prop_assert!(b.seqs.len() <= 3);
+            for q in &b.seqs {
+                let covered = q.block_table.len() * 4;
+                prop_assert!(covered >= q.start_pos + q.tokens.len());
+            }
+            let sampled: Vec<_> = b.seqs.iter().filter(|q| q.sample).map(|q| {
+                let tok = if eos_every > 0 && step_no % eos_every == 0 { EOS } else { 5 };
+                (q.id, tok)
+            }).collect();
+            for o in s.postprocess(&sampled) {
+                if o.finish.is_some() {
+                    prop_assert!(live.remove(&o.id.0));
+                }
+            }
+            prop_assert_eq!(blocks_held(s), s.num_blocks_used());
+            prop_assert!(s.num_blocks_used() <= num_blocks);
+            Ok(())
+        };
+        for op in ops {
+            match op {
+                Op::Add { prompt, max_tokens } => {
+                    if s.add(seq(next_id, prompt, max_tokens)).is_ok() {
+                        live.insert(next_id);
+                    }
+                    next_id += 1;
+                }
+                Op::Abort(id) => {
+                    if s.abort(RequestId(id)).is_some() {
+                        live.remove(&id);
+                    }
+                    prop_assert_eq!(blocks_held(&s), s.num_blocks_used());
+                }
+                Op::Step { eos_every } => check(&mut s, &mut live, eos_every)?,
+            }
+        }
+        // No starvation: with no more arrivals, everything drains in bounded steps.
+        let bound = 64 * 20 * 4;
+        let mut steps = 0;
+        while s.has_work() {
+            check(&mut s, &mut live, 0)?;
+            steps += 1;
+            prop_assert!(steps < bound, "did not drain in {} steps", bound);
+        }
+        prop_assert!(live.is_empty());
+        prop_assert_eq!(s.num_blocks_used(), 0);
+    }
+}

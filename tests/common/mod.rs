@@ -1,0 +1,47 @@
+//! Helpers shared by the tests that need the default model and the reference outputs.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The default model: `$WICK_MODEL`, or fetched (once, cached, verified) by
+/// `scripts/fetch-model.sh`.
+pub fn model_path() -> PathBuf {
+    if let Ok(p) = std::env::var("WICK_MODEL") {
+        return PathBuf::from(p);
+    }
+    let out = Command::new("bash")
+        .arg(repo_root().join("scripts/fetch-model.sh"))
+        .output()
+        .expect("run scripts/fetch-model.sh");
+    assert!(
+        out.status.success(),
+        "scripts/fetch-model.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    PathBuf::from(path)
+}
+
+/// llama.cpp's outputs on the default model (`../shared/reference`, or `$WICK_SHARED/reference`).
+pub fn reference() -> serde_json::Value {
+    let shared = std::env::var("WICK_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join("../shared"));
+    let path = shared.join("reference/smollm2-135m-q4_1.llamacpp.json");
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_json::from_str(&text).expect("reference JSON")
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array of ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
