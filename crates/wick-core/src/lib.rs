@@ -16,5 +16,5 @@ mod request;
 pub use batch::{ScheduledBatch, ScheduledSeq};
 pub use ids::{BlockId, RequestId};
 pub use metrics::Metrics;
-pub use queue::{request_queue, EngineCommand, EngineHandle, QueueReceiver, SubmitError};
+pub use queue::{request_queue, EngineCommand, EngineHandle, QueueReceiver, Recv, SubmitError};
 pub use request::{EngineRequest, FinishReason, SamplingParams, TokenEvent};

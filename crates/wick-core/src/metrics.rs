@@ -129,9 +129,7 @@ impl Metrics {
         for reason in ["stop", "length", "abort"] {
             m.request_success.with_label_values(&[reason]);
         }
-        for reason in ["queue_full"] {
-            m.requests_rejected.with_label_values(&[reason]);
-        }
+        m.requests_rejected.with_label_values(&["queue_full"]);
         m
     }
 

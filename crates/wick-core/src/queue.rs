@@ -43,24 +43,33 @@ pub struct QueueReceiver {
 }
 
 impl QueueReceiver {
-    /// Waits up to `timeout` for one command; `None` on timeout.
-    /// `Err(())` once every handle is gone.
-    pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<EngineCommand>, ()> {
+    /// Waits up to `timeout` for one command.
+    pub fn recv_timeout(&self, timeout: Duration) -> Recv {
         match self.rx.recv_timeout(timeout) {
-            Ok(c) => Ok(Some(c)),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Ok(None),
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(()),
+            Ok(c) => Recv::Command(c),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Recv::Empty,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Recv::Closed,
         }
     }
 
     /// Takes one command if one is queued.
-    pub fn try_recv(&self) -> Result<Option<EngineCommand>, ()> {
+    pub fn try_recv(&self) -> Recv {
         match self.rx.try_recv() {
-            Ok(c) => Ok(Some(c)),
-            Err(TryRecvError::Empty) => Ok(None),
-            Err(TryRecvError::Disconnected) => Err(()),
+            Ok(c) => Recv::Command(c),
+            Err(TryRecvError::Empty) => Recv::Empty,
+            Err(TryRecvError::Disconnected) => Recv::Closed,
         }
     }
+}
+
+/// What the engine finds in the queue.
+#[derive(Debug)]
+pub enum Recv {
+    Command(EngineCommand),
+    /// Nothing queued (or nothing before the timeout).
+    Empty,
+    /// Every handle is gone: no command will ever come.
+    Closed,
 }
 
 /// The one request queue, bounded to `capacity` commands not yet taken by the engine.

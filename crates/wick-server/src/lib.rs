@@ -1,1 +1,104 @@
+//! Wick's OpenAI-compatible HTTP front end.
+//!
+//! [`app`] builds the axum `Router` over an [`AppState`]: the [`EngineHandle`] (the one
+//! bounded request queue), the [`ServedModel`] once the engine reports it loaded, and the
+//! [`Metrics`]. A chat request is parsed and checked in `validate` (every rule a named
+//! [`ApiError`]), rendered with the model's [`ChatTemplate`], tokenized off the reactor,
+//! and submitted as an [`wick_core::EngineRequest`] with its own event channel; the handler
+//! turns the token events back into text (`detok`) and answers as one JSON body or as SSE.
+//! Dropping the response drops the channel, and the engine frees the sequence.
 
+mod chat;
+mod detok;
+mod error;
+pub mod openai;
+mod routes;
+mod template;
+mod validate;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use tokenizers::Tokenizer;
+use wick_core::{EngineHandle, Metrics, RequestId};
+
+pub use detok::{Detokenizer, StopBuffer};
+pub use error::ApiError;
+pub use template::{ChatTemplate, TemplateError, TemplateMessage};
+pub use validate::{parse_chat, ValidChat};
+
+/// Largest request body accepted (413 beyond).
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// What the front end knows of the model being served.
+pub struct ServedModel {
+    /// The name clients put in `model`.
+    pub name: String,
+    pub tokenizer: Arc<Tokenizer>,
+    pub template: ChatTemplate,
+    pub stop_token_ids: Vec<u32>,
+    /// Longest prompt plus output accepted.
+    pub max_model_len: usize,
+}
+
+struct Inner {
+    engine: EngineHandle,
+    model: OnceLock<ServedModel>,
+    metrics: Metrics,
+    next_id: AtomicU64,
+}
+
+/// Shared by every handler; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+impl AppState {
+    pub fn new(engine: EngineHandle, metrics: Metrics) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                engine,
+                model: OnceLock::new(),
+                metrics,
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// Marks the server ready: `/health` turns 200 and requests are served.
+    pub fn set_ready(&self, model: ServedModel) {
+        let _ = self.inner.model.set(model);
+    }
+
+    pub(crate) fn model(&self) -> Result<&ServedModel, ApiError> {
+        self.inner.model.get().ok_or(ApiError::NotReady)
+    }
+
+    pub(crate) fn engine(&self) -> &EngineHandle {
+        &self.inner.engine
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub(crate) fn next_id(&self) -> RequestId {
+        RequestId(self.inner.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// The whole HTTP API; tests drive it without a socket.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/models", get(routes::models))
+        .route("/health", get(routes::health))
+        .route("/metrics", get(routes::metrics))
+        .fallback(routes::not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}

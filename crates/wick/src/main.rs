@@ -1,1 +1,164 @@
-fn main() {}
+//! The `wick` binary: `wick serve` reads the configuration, binds the listener, starts the
+//! engine thread (which loads the model and reports back), and serves the HTTP API.
+
+mod config;
+
+use std::future::IntoFuture;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use wick_core::Metrics;
+use wick_engine::{EngineConfig, Ready};
+use wick_runner::{CacheConfig, LoadOptions, Runner};
+use wick_scheduler::SchedulerConfig;
+use wick_server::{AppState, ChatTemplate, ServedModel};
+
+use crate::config::{Config, ServeArgs};
+
+/// Used when a model carries no chat template of its own.
+const CHATML_TEMPLATE: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+#[derive(Parser)]
+#[command(
+    name = "wick",
+    version,
+    about = "An OpenAI-compatible LLM inference server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve a model over the OpenAI API.
+    Serve(ServeArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Serve(args) => Config::resolve(args).and_then(|cfg| {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?
+                .block_on(serve(cfg))
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wick: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let device = wick_runner::parse_device(&cfg.device)?;
+    let weight_format = cfg.weight_format.parse()?;
+    let addr = format!("{}:{}", cfg.host, cfg.port);
+    let listener = TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let metrics = Metrics::new();
+    let engine_cfg = EngineConfig {
+        scheduler: SchedulerConfig {
+            max_num_seqs: cfg.max_num_seqs,
+            max_num_batched_tokens: cfg.max_num_batched_tokens,
+            block_size: cfg.block_size,
+            num_blocks: cfg.kv_cache_blocks,
+            max_model_len: if cfg.max_model_len == 0 {
+                usize::MAX
+            } else {
+                cfg.max_model_len
+            },
+        },
+        queue_capacity: cfg.queue_capacity,
+    };
+    let cache = CacheConfig {
+        num_blocks: cfg.kv_cache_blocks,
+        block_size: cfg.block_size,
+    };
+    let path = cfg.model.clone();
+    let engine = wick_engine::start(engine_cfg, metrics.clone(), move || {
+        let loaded = wick_runner::load(&path, &device, &LoadOptions { weight_format })
+            .map_err(|e| e.to_string())?;
+        let runner = Runner::new(loaded.model, cache).map_err(|e| e.to_string())?;
+        Ok((runner, loaded.assets))
+    })
+    .context("cannot start the engine thread")?;
+    let state = AppState::new(engine.handle, metrics);
+    let ready_rx = engine.ready;
+    tracing::info!(%addr, model = %cfg.model.display(), "listening; loading the model");
+
+    let server = axum::serve(listener, wick_server::app(state.clone()))
+        .with_graceful_shutdown(shutdown_signal())
+        .into_future();
+    tokio::pin!(server);
+    let ready = tokio::select! {
+        r = tokio::task::spawn_blocking(move || ready_rx.recv()) => r,
+        res = &mut server => return res.context("server failed"),
+    };
+    match ready {
+        Ok(Ok(Ok(ready))) => {
+            let served = served_model(&cfg, ready)?;
+            tracing::info!(model = %served.name, max_model_len = served.max_model_len, "ready");
+            state.set_ready(served);
+        }
+        Ok(Ok(Err(message))) => {
+            bail!("cannot load model {}: {message}", cfg.model.display())
+        }
+        _ => bail!("the engine thread stopped while loading the model"),
+    }
+    server.await.context("server failed")
+}
+
+fn served_model(cfg: &Config, ready: Ready) -> anyhow::Result<ServedModel> {
+    let a = ready.assets;
+    let source = a.chat_template.clone().unwrap_or_else(|| {
+        tracing::warn!("the model has no chat template; using ChatML");
+        CHATML_TEMPLATE.to_string()
+    });
+    let template = ChatTemplate::new(&source, a.bos_token.clone(), a.eos_token.clone())?;
+    Ok(ServedModel {
+        name: cfg.served_model_name.clone().unwrap_or(a.name),
+        tokenizer: Arc::new(a.tokenizer),
+        template,
+        stop_token_ids: a.stop_token_ids,
+        max_model_len: ready.max_model_len,
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: finishing open requests");
+}

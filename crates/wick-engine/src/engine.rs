@@ -1,0 +1,312 @@
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::UnboundedSender;
+use wick_core::{
+    request_queue, EngineCommand, EngineHandle, EngineRequest, FinishReason, Metrics,
+    QueueReceiver, Recv, RequestId, ScheduledBatch, TokenEvent,
+};
+use wick_runner::{ModelAssets, Runner, Sampler};
+use wick_scheduler::{Scheduler, SchedulerConfig, SeqOutcome, Sequence};
+
+/// How long the idle loop waits for a request before looking at its channels again.
+const IDLE_WAIT: Duration = Duration::from_millis(50);
+
+/// What the engine needs from a model runner: one step over a scheduled batch, returning
+/// a row of logits per sequence scheduled with `sample`, in batch order.
+pub trait StepRunner {
+    fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>, String>;
+}
+
+impl StepRunner for Runner {
+    fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>, String> {
+        Runner::step(self, batch).map_err(|e| e.to_string())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// `max_model_len` here is an upper bound; the model's own limit and the KV cache's
+    /// capacity may lower it.
+    pub scheduler: SchedulerConfig,
+    /// Requests the queue holds before the engine takes them; past that, submit fails fast.
+    pub queue_capacity: usize,
+}
+
+/// Sent once the model is loaded and the engine is serving.
+pub struct Ready {
+    pub assets: ModelAssets,
+    /// The longest sequence (prompt plus output) this engine accepts.
+    pub max_model_len: usize,
+}
+
+/// A started engine: its queue handle, its ready handshake and its thread.
+pub struct Started {
+    pub handle: EngineHandle,
+    /// Receives `Ok` once the model is loaded, or the load error.
+    pub ready: mpsc::Receiver<Result<Ready, String>>,
+    pub thread: JoinHandle<()>,
+}
+
+/// Spawns the engine thread. `load` runs on it; its outcome arrives on `Started::ready`.
+pub fn start<R, L>(cfg: EngineConfig, metrics: Metrics, load: L) -> std::io::Result<Started>
+where
+    R: StepRunner,
+    L: FnOnce() -> Result<(R, ModelAssets), String> + Send + 'static,
+{
+    let (handle, queue) = request_queue(cfg.queue_capacity);
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("wick-engine".into())
+        .spawn(move || {
+            let (runner, assets) = match load() {
+                Ok(x) => x,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let mut sched_cfg = cfg.scheduler.clone();
+            let capacity = sched_cfg.num_blocks * sched_cfg.block_size;
+            sched_cfg.max_model_len = sched_cfg
+                .max_model_len
+                .min(assets.max_model_len)
+                .min(capacity);
+            let max_model_len = sched_cfg.max_model_len;
+            let engine = Engine::new(sched_cfg, runner, queue, metrics);
+            if ready_tx
+                .send(Ok(Ready {
+                    assets,
+                    max_model_len,
+                }))
+                .is_ok()
+            {
+                engine.run();
+            }
+        })?;
+    Ok(Started {
+        handle,
+        ready: ready_rx,
+        thread,
+    })
+}
+
+/// A request the engine is serving.
+struct Live {
+    events: UnboundedSender<TokenEvent>,
+    sampler: Sampler,
+    arrived: Instant,
+    last_token: Option<Instant>,
+}
+
+pub(crate) struct Engine<R> {
+    sched: Scheduler,
+    runner: R,
+    queue: QueueReceiver,
+    metrics: Metrics,
+    live: HashMap<RequestId, Live>,
+    preemptions_seen: u64,
+}
+
+impl<R: StepRunner> Engine<R> {
+    pub(crate) fn new(
+        cfg: SchedulerConfig,
+        runner: R,
+        queue: QueueReceiver,
+        metrics: Metrics,
+    ) -> Self {
+        metrics.kv_blocks_total.set(cfg.num_blocks as i64);
+        Self {
+            sched: Scheduler::new(cfg),
+            runner,
+            queue,
+            metrics,
+            live: HashMap::new(),
+            preemptions_seen: 0,
+        }
+    }
+
+    /// Runs until every handle is dropped and every accepted request has ended.
+    pub(crate) fn run(mut self) {
+        loop {
+            if !self.take_commands() && !self.sched.has_work() {
+                return;
+            }
+            self.reap_closed();
+            if self.sched.has_work() {
+                self.step();
+            }
+            self.update_gauges();
+        }
+    }
+
+    /// Takes queued commands, waiting a little if there is nothing else to do. Returns false
+    /// once the queue is closed.
+    fn take_commands(&mut self) -> bool {
+        if !self.sched.has_work() {
+            match self.queue.recv_timeout(IDLE_WAIT) {
+                Recv::Command(cmd) => self.apply(cmd),
+                Recv::Empty => return true,
+                Recv::Closed => return false,
+            }
+        }
+        loop {
+            match self.queue.try_recv() {
+                Recv::Command(cmd) => self.apply(cmd),
+                Recv::Empty => return true,
+                Recv::Closed => return false,
+            }
+        }
+    }
+
+    fn apply(&mut self, cmd: EngineCommand) {
+        match cmd {
+            EngineCommand::Add(req) => self.add(*req),
+            EngineCommand::Abort(id) => self.end(id, FinishReason::Abort),
+        }
+    }
+
+    fn add(&mut self, req: EngineRequest) {
+        let prompt_len = req.prompt.len();
+        let seq = Sequence::new(req.id, req.prompt, req.max_tokens, req.stop_token_ids);
+        if let Err(e) = self.sched.add(seq) {
+            let _ = req.events.send(TokenEvent::Error {
+                message: e.to_string(),
+            });
+            return;
+        }
+        self.metrics.prompt_tokens.inc_by(prompt_len as u64);
+        self.live.insert(
+            req.id,
+            Live {
+                events: req.events,
+                sampler: Sampler::new(req.sampling),
+                arrived: req.arrived,
+                last_token: None,
+            },
+        );
+    }
+
+    /// Aborts every request whose client has gone (its receiver dropped).
+    fn reap_closed(&mut self) {
+        let gone: Vec<RequestId> = self
+            .live
+            .iter()
+            .filter(|(_, l)| l.events.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.end(id, FinishReason::Abort);
+        }
+    }
+
+    /// Ends a request early: frees its sequence and tells its client, if still there.
+    fn end(&mut self, id: RequestId, reason: FinishReason) {
+        let seq = self.sched.abort(id);
+        if let Some(live) = self.live.remove(&id) {
+            let (prompt_tokens, completion_tokens) = seq
+                .map(|s| (s.prompt_len, s.num_generated()))
+                .unwrap_or((0, 0));
+            let _ = live.events.send(TokenEvent::Finished {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            });
+            self.finish_metrics(&live, reason);
+        }
+    }
+
+    fn step(&mut self) {
+        let batch = self.sched.schedule();
+        if batch.is_empty() {
+            return;
+        }
+        self.metrics.step_tokens.observe(batch.num_tokens() as f64);
+        let logits = match self.runner.step(&batch) {
+            Ok(l) => l,
+            Err(message) => return self.fail_batch(&batch, message),
+        };
+        let mut rows = logits.iter();
+        let mut sampled = Vec::with_capacity(logits.len());
+        for s in batch.seqs.iter().filter(|s| s.sample) {
+            let (Some(row), Some(live)) = (rows.next(), self.live.get_mut(&s.id)) else {
+                continue;
+            };
+            sampled.push((s.id, live.sampler.sample(row)));
+        }
+        let outcomes = self.sched.postprocess(&sampled);
+        let now = Instant::now();
+        for o in outcomes {
+            self.emit(o, now);
+        }
+    }
+
+    fn emit(&mut self, o: SeqOutcome, now: Instant) {
+        let Some(live) = self.live.get_mut(&o.id) else {
+            return;
+        };
+        match live.last_token {
+            None => self
+                .metrics
+                .time_to_first_token
+                .observe((now - live.arrived).as_secs_f64()),
+            Some(t) => self
+                .metrics
+                .inter_token_latency
+                .observe((now - t).as_secs_f64()),
+        }
+        live.last_token = Some(now);
+        self.metrics.generation_tokens.inc();
+        if let Some(id) = o.token {
+            let _ = live.events.send(TokenEvent::Token { id });
+        }
+        if let Some(reason) = o.finish {
+            let _ = live.events.send(TokenEvent::Finished {
+                reason,
+                prompt_tokens: o.prompt_tokens,
+                completion_tokens: o.completion_tokens,
+            });
+            if let Some(live) = self.live.remove(&o.id) {
+                self.finish_metrics(&live, reason);
+            }
+        }
+    }
+
+    /// A failed step ends the requests in it with the error; the engine keeps serving.
+    fn fail_batch(&mut self, batch: &ScheduledBatch, message: String) {
+        tracing::error!(error = %message, "engine step failed");
+        for s in &batch.seqs {
+            self.sched.abort(s.id);
+            if let Some(live) = self.live.remove(&s.id) {
+                let _ = live.events.send(TokenEvent::Error {
+                    message: message.clone(),
+                });
+            }
+        }
+    }
+
+    fn finish_metrics(&self, live: &Live, reason: FinishReason) {
+        self.metrics
+            .e2e_request_latency
+            .observe(live.arrived.elapsed().as_secs_f64());
+        self.metrics
+            .request_success
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+
+    fn update_gauges(&mut self) {
+        let m = &self.metrics;
+        m.requests_running.set(self.sched.num_running() as i64);
+        m.requests_waiting.set(self.sched.num_waiting() as i64);
+        m.kv_blocks_used.set(self.sched.num_blocks_used() as i64);
+        let p = self.sched.num_preemptions();
+        m.preemptions.inc_by(p - self.preemptions_seen);
+        self.preemptions_seen = p;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,160 @@
+//! Turning a stream of token ids into text deltas: incremental detokenization that never
+//! splits a UTF-8 character, and stop strings that are never emitted, even when they span
+//! several tokens.
+
+use std::sync::Arc;
+
+use tokenizers::Tokenizer;
+
+/// Decodes ids as they arrive. Text is released only once it no longer ends in an incomplete
+/// character; a window of previous tokens gives the decoder its context (spaces, merges).
+pub struct Detokenizer {
+    tokenizer: Arc<Tokenizer>,
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl Detokenizer {
+    pub fn new(tokenizer: Arc<Tokenizer>) -> Self {
+        Self {
+            tokenizer,
+            ids: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+        }
+    }
+
+    fn decode(&self, ids: &[u32]) -> String {
+        self.tokenizer.decode(ids, true).unwrap_or_default()
+    }
+
+    /// Adds one token; returns the text it completes (often empty mid-character).
+    pub fn push(&mut self, id: u32) -> String {
+        self.ids.push(id);
+        let prefix = self.decode(&self.ids[self.prefix_offset..self.read_offset]);
+        let full = self.decode(&self.ids[self.prefix_offset..]);
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') {
+            let delta = full.get(prefix.len()..).unwrap_or_default().to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            delta
+        } else {
+            String::new()
+        }
+    }
+
+    /// Whatever is still held back at the end (an incomplete character decodes as U+FFFD).
+    pub fn flush(&mut self) -> String {
+        let prefix = self.decode(&self.ids[self.prefix_offset..self.read_offset]);
+        let full = self.decode(&self.ids[self.prefix_offset..]);
+        self.prefix_offset = self.ids.len();
+        self.read_offset = self.ids.len();
+        full.get(prefix.len()..).unwrap_or_default().to_string()
+    }
+}
+
+/// Holds back text that could be the start of a stop string, and cuts the output where one
+/// appears.
+#[derive(Debug, Default)]
+pub struct StopBuffer {
+    stops: Vec<String>,
+    pending: String,
+}
+
+impl StopBuffer {
+    pub fn new(stops: Vec<String>) -> Self {
+        Self {
+            stops,
+            pending: String::new(),
+        }
+    }
+
+    /// Adds text; returns what can be emitted now, and whether a stop string was reached
+    /// (everything from it on is dropped).
+    pub fn push(&mut self, text: &str) -> (String, bool) {
+        self.pending.push_str(text);
+        let hit = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min();
+        if let Some(at) = hit {
+            let out = self.pending[..at].to_string();
+            self.pending.clear();
+            return (out, true);
+        }
+        let keep = self
+            .stops
+            .iter()
+            .map(|s| self.partial_suffix(s))
+            .max()
+            .unwrap_or(0);
+        let cut = self.pending.len() - keep;
+        let out = self.pending[..cut].to_string();
+        self.pending.drain(..cut);
+        (out, false)
+    }
+
+    /// Length of the longest end of `pending` that is a proper prefix of `stop`.
+    fn partial_suffix(&self, stop: &str) -> usize {
+        stop.char_indices()
+            .map(|(i, _)| i)
+            .skip(1)
+            .filter(|&i| self.pending.ends_with(&stop[..i]))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The held-back text, at the end of generation.
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
+        let mut b = StopBuffer::new(stops.iter().map(|s| s.to_string()).collect());
+        let mut out = String::new();
+        for p in pieces {
+            let (emit, stopped) = b.push(p);
+            out.push_str(&emit);
+            if stopped {
+                return (out, true);
+            }
+        }
+        out.push_str(&b.finish());
+        (out, false)
+    }
+
+    #[test]
+    fn stop_string_across_pieces_is_cut_and_not_emitted() {
+        assert_eq!(
+            run(&["STOP"], &["abc S", "TO", "P tail"]),
+            ("abc ".into(), true)
+        );
+        assert_eq!(run(&["\n\n"], &["one\n", "\ntwo"]), ("one".into(), true));
+    }
+
+    #[test]
+    fn partial_match_that_fails_is_released() {
+        assert_eq!(run(&["STOP"], &["ST", "ay"]), ("STay".into(), false));
+        assert_eq!(run(&["STOP"], &["abc ST"]), ("abc ST".into(), false));
+    }
+
+    #[test]
+    fn earliest_of_several_stops_wins_and_multibyte_is_safe() {
+        assert_eq!(run(&["é!", "b"], &["aé", "!b"]), ("a".into(), true));
+        assert_eq!(run(&["日本"], &["x日", "y"]), ("x日y".into(), false));
+    }
+
+    #[test]
+    fn held_back_text_is_bounded_by_stop_length() {
+        let mut b = StopBuffer::new(vec!["xyz".into()]);
+        let (emit, _) = b.push("aaaaaxy");
+        assert_eq!(emit, "aaaaa");
+    }
+}

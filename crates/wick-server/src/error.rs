@@ -1,0 +1,113 @@
+//! Every error the API returns, in OpenAI's shape
+//! (`{"error": {"message", "type", "param", "code"}}`), with its status code mapped here and
+//! nowhere else.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Bad input: a 400 that names the parameter.
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+        code: Option<&'static str>,
+    },
+    #[error("The model `{0}` does not exist.")]
+    ModelNotFound(String),
+    #[error("The server is busy: {0} requests are queued. Retry later.")]
+    QueueFull(usize, u64),
+    #[error("The model is still loading.")]
+    NotReady,
+    #[error("The server is shutting down.")]
+    EngineStopped,
+    #[error("{0}")]
+    Internal(String),
+    #[error("Not found: {0}")]
+    RouteNotFound(String),
+}
+
+impl ApiError {
+    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError::InvalidRequest {
+            message: message.into(),
+            param: Some(param.into()),
+            code: None,
+        }
+    }
+
+    pub fn unsupported(param: &str, what: &str) -> Self {
+        ApiError::InvalidRequest {
+            message: format!("`{param}` {what} is not supported by this server."),
+            param: Some(param.into()),
+            code: Some("unsupported_parameter"),
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::QueueFull(..) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::NotReady | ApiError::EngineStopped => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The error object, also sent as a JSON `data:` line when a stream fails mid-way.
+    pub fn body(&self) -> ErrorBody {
+        let (kind, param, code) = match self {
+            ApiError::InvalidRequest { param, code, .. } => {
+                ("invalid_request_error", param.clone(), *code)
+            }
+            ApiError::ModelNotFound(_) => (
+                "invalid_request_error",
+                Some("model".to_string()),
+                Some("model_not_found"),
+            ),
+            ApiError::RouteNotFound(_) => ("invalid_request_error", None, Some("not_found")),
+            ApiError::QueueFull(..) => ("rate_limit_error", None, Some("rate_limit_exceeded")),
+            ApiError::NotReady | ApiError::EngineStopped => (
+                "service_unavailable_error",
+                None,
+                Some("service_unavailable"),
+            ),
+            ApiError::Internal(_) => ("server_error", None, Some("internal_error")),
+        };
+        ErrorBody {
+            error: ErrorObject {
+                message: self.to_string(),
+                kind,
+                param,
+                code,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    pub error: ErrorObject,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorObject {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut res = (self.status(), axum::Json(self.body())).into_response();
+        if let ApiError::QueueFull(_, retry_after) = self {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        }
+        res
+    }
+}
