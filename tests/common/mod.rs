@@ -1,6 +1,8 @@
 //! Helpers shared by the tests that need the default model and the reference outputs.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::path::PathBuf;
 use std::process::Command;
 

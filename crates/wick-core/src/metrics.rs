@@ -80,7 +80,11 @@ impl Metrics {
                 "Requests accepted and waiting to be scheduled, including queued ones.",
             ),
             kv_blocks_used: gauge(&r, "wick_kv_cache_blocks_used", "KV cache blocks in use."),
-            kv_blocks_total: gauge(&r, "wick_kv_cache_blocks_total", "KV cache blocks in all."),
+            kv_blocks_total: gauge(
+                &r,
+                "wick_kv_cache_blocks",
+                "KV cache blocks in all, used or free.",
+            ),
             prompt_tokens: counter(&r, "wick_prompt_tokens_total", "Prompt tokens prefilled."),
             generation_tokens: counter(&r, "wick_generation_tokens_total", "Tokens generated."),
             request_success: counter_vec(

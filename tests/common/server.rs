@@ -1,0 +1,163 @@
+//! Starts the real `wick` binary on a free loopback port and talks HTTP to it.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub struct Server {
+    child: Child,
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl Server {
+    /// Starts `wick serve` on the default model with `extra` flags; waits for `/health`.
+    pub async fn start(extra: &[&str]) -> Server {
+        let model = super::model_path();
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_wick"))
+            .arg("serve")
+            .arg("--model")
+            .arg(&model)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--served-model-name",
+                "smollm2",
+            ])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn wick");
+        let mut server = Server {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            client: reqwest::Client::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("wick exited during start-up: {status}");
+            }
+            if let Ok(r) = server.client.get(server.url("/health")).send().await {
+                if r.status() == 200 {
+                    return server;
+                }
+            }
+            assert!(Instant::now() < deadline, "wick did not become healthy");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn post(&self, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/v1/chat/completions"))
+            .json(body)
+            .send()
+            .await
+            .expect("POST /v1/chat/completions")
+    }
+
+    pub async fn post_raw(&self, body: &str) -> reqwest::Response {
+        self.client
+            .post(self.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("POST /v1/chat/completions")
+    }
+
+    /// A non-streaming completion's JSON (asserting 200).
+    pub async fn complete(&self, body: &Value) -> Value {
+        let r = self.post(body).await;
+        assert_eq!(r.status(), 200);
+        r.json().await.expect("JSON body")
+    }
+
+    /// A streaming completion: every `data:` payload, in order, up to and including `[DONE]`.
+    pub async fn stream(&self, body: &Value) -> Vec<String> {
+        let r = self.post(body).await;
+        assert_eq!(r.status(), 200);
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream"));
+        let text = r.text().await.expect("SSE body");
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(str::to_string)
+            .collect()
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// A metric's value (the first sample whose line starts with `name`).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} missing"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A greedy chat request for one user message.
+pub fn chat(content: &str, max_tokens: usize) -> Value {
+    json!({
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    })
+}
+
+/// Concatenated content deltas of a stream, and its finish reason.
+pub fn stream_text(events: &[String]) -> (String, Option<String>) {
+    let mut text = String::new();
+    let mut finish = None;
+    for e in events.iter().filter(|e| *e != "[DONE]") {
+        let v: Value = serde_json::from_str(e).expect("chunk JSON");
+        for c in v["choices"].as_array().unwrap() {
+            if let Some(t) = c["delta"]["content"].as_str() {
+                text.push_str(t);
+            }
+            if let Some(f) = c["finish_reason"].as_str() {
+                finish = Some(f.to_string());
+            }
+        }
+    }
+    (text, finish)
+}

@@ -1,0 +1,401 @@
+//! End to end: the real `wick` binary on the real default model, over HTTP.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::server::{chat, stream_text, Server};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_equals_non_streaming_and_matches_llama_cpp() {
+    let s = Server::start(&[]).await;
+    // A reference case whose greedy path is stable to its end: the text must equal llama.cpp's.
+    let reference = common::reference();
+    let case = reference["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "chat-list")
+        .expect("chat-list case");
+    let content = case["messages"][0]["content"].as_str().unwrap();
+    let body = chat(content, 64);
+
+    let full = s.complete(&body).await;
+    assert_eq!(full["object"], "chat.completion");
+    assert_eq!(full["model"], "smollm2");
+    assert!(full["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert!(full["created"].as_u64().unwrap() > 1_600_000_000);
+    let choice = &full["choices"][0];
+    assert_eq!(choice["index"], 0);
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert_eq!(choice["finish_reason"], "stop");
+    let text = choice["message"]["content"].as_str().unwrap();
+    assert_eq!(text, case["text"].as_str().unwrap());
+    let usage = &full["usage"];
+    assert_eq!(
+        usage["prompt_tokens"],
+        case["prompt_ids"].as_array().unwrap().len()
+    );
+    // The steps include the end-of-turn token, as completion_tokens does.
+    assert_eq!(
+        usage["completion_tokens"],
+        case["steps"].as_array().unwrap().len()
+    );
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+    );
+
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    sbody["stream_options"] = json!({"include_usage": true});
+    let events = s.stream(&sbody).await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let first: Value = serde_json::from_str(&events[0]).unwrap();
+    assert_eq!(first["object"], "chat.completion.chunk");
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    let (streamed, finish) = stream_text(&events);
+    assert_eq!(streamed, text);
+    assert_eq!(finish.as_deref(), Some("stop"));
+    let usage_chunk: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(usage_chunk["choices"].as_array().unwrap().len(), 0);
+    assert_eq!(usage_chunk["usage"], full["usage"]);
+
+    // max_tokens cuts with finish_reason "length".
+    let short = s.complete(&chat(content, 3)).await;
+    assert_eq!(short["choices"][0]["finish_reason"], "length");
+    assert_eq!(short["usage"]["completion_tokens"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_each_equal_their_solo_output() {
+    let s = Server::start(&[]).await;
+    let reference = common::reference();
+    let prompts: Vec<String> = reference["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["kind"] == "chat" && c["messages"].as_array().unwrap().len() == 1)
+        .take(8)
+        .map(|c| c["messages"][0]["content"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(prompts.len(), 8);
+    let mut solo = Vec::new();
+    for p in &prompts {
+        let v = s.complete(&chat(p, 32)).await;
+        solo.push(
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let runs = prompts.iter().map(|p| {
+        let mut body = chat(p, 32);
+        body["stream"] = json!(true);
+        let s = &s;
+        async move { stream_text(&s.stream(&body).await).0 }
+    });
+    let together = futures::future::join_all(runs).await;
+    for (i, (a, b)) in solo.iter().zip(&together).enumerate() {
+        assert_eq!(a, b, "prompt {i}: solo and concurrent outputs differ");
+    }
+    // They really were batched: some step computed more than one sequence's token.
+    let text = s.metrics().await;
+    let one_token_steps = sample(&text, "wick_step_tokens_bucket{le=\"1\"}");
+    let all_steps = sample(&text, "wick_step_tokens_count");
+    assert!(
+        all_steps > one_token_steps,
+        "no step had more than one token"
+    );
+}
+
+fn sample(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {prefix}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_frees_its_blocks() {
+    let s = Server::start(&[]).await;
+    let mut body = chat(
+        "Write a long story about a robot who learns to paint.",
+        2000,
+    );
+    body["stream"] = json!(true);
+    let r = s.post(&body).await;
+    assert_eq!(r.status(), 200);
+    let mut bytes = r.bytes_stream();
+    let mut seen = 0;
+    while seen < 4 {
+        let chunk = bytes.next().await.expect("stream open").expect("chunk");
+        seen += String::from_utf8_lossy(&chunk).matches("data: ").count();
+    }
+    assert!(s.metric("wick_kv_cache_blocks_used").await > 0.0);
+    assert_eq!(s.metric("wick_requests_running").await, 1.0);
+    drop(bytes);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let used = s.metric("wick_kv_cache_blocks_used").await;
+        let running = s.metric("wick_requests_running").await;
+        if used == 0.0 && running == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "blocks still used: {used}, running {running}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        s.metric("wick_request_success_total{finish_reason=\"abort\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_named_4xx_and_the_server_keeps_serving() {
+    let s = Server::start(&["--max-model-len", "512"]).await;
+    let ok = r#""model":"smollm2","messages":[{"role":"user","content":"hi"}]"#;
+    let long = "hello ".repeat(600);
+    let cases: Vec<(String, u16, Option<&str>)> = vec![
+        ("{\"model\": ".into(), 400, None),
+        ("[]".into(), 400, None),
+        (r#"{"model":"smollm2"}"#.into(), 400, Some("messages")),
+        (
+            r#"{"model":"smollm2","messages":[]}"#.into(),
+            400,
+            Some("messages"),
+        ),
+        (
+            r#"{"model":"smollm2","messages":"hi"}"#.into(),
+            400,
+            Some("messages"),
+        ),
+        (
+            r#"{"model":"smollm2","messages":[{"role":"user"}]}"#.into(),
+            400,
+            Some("messages[0].content"),
+        ),
+        (
+            r#"{"model":"smollm2","messages":[{"role":"robot","content":"x"}]}"#.into(),
+            400,
+            Some("messages[0].role"),
+        ),
+        (
+            r#"{"model":"smollm2","messages":[{"role":"user","content":5}]}"#.into(),
+            400,
+            Some("messages[0].content"),
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"x"}]}"#.into(),
+            400,
+            Some("model"),
+        ),
+        (
+            format!("{{{ok},\"temperature\":-1}}"),
+            400,
+            Some("temperature"),
+        ),
+        (
+            format!("{{{ok},\"temperature\":\"warm\"}}"),
+            400,
+            Some("temperature"),
+        ),
+        (format!("{{{ok},\"top_p\":1.5}}"), 400, Some("top_p")),
+        (
+            format!("{{{ok},\"max_tokens\":0}}"),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            format!("{{{ok},\"max_tokens\":100000}}"),
+            400,
+            Some("max_tokens"),
+        ),
+        (format!("{{{ok},\"stream\":\"yes\"}}"), 400, Some("stream")),
+        (format!("{{{ok},\"n\":3}}"), 400, Some("n")),
+        (format!("{{{ok},\"bogus\":true}}"), 400, Some("bogus")),
+        (
+            format!(r#"{{"model":"smollm2","messages":[{{"role":"user","content":"{long}"}}]}}"#),
+            400,
+            Some("messages"),
+        ),
+        (
+            r#"{"model":"gpt-9","messages":[{"role":"user","content":"x"}]}"#.into(),
+            404,
+            Some("model"),
+        ),
+    ];
+    for (body, status, param) in cases {
+        let r = s.post_raw(&body).await;
+        let got = r.status().as_u16();
+        let v: Value = r.json().await.expect("an OpenAI error body");
+        let shown = &body[..body.len().min(80)];
+        assert_eq!(got, status, "{shown}: {v}");
+        let err = &v["error"];
+        assert!(
+            err["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{shown}: {v}"
+        );
+        assert!(err["type"].is_string(), "{shown}: {v}");
+        assert!(err.get("code").is_some(), "{shown}: {v}");
+        assert_eq!(err["param"].as_str(), param, "{shown}: {v}");
+    }
+    let v: Value = s
+        .post_raw(&format!("{{{ok},\"max_tokens\":100000}}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+    let r = s
+        .post_raw(r#"{"model":"gpt-9","messages":[{"role":"user","content":"x"}]}"#)
+        .await;
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "model_not_found"
+    );
+    let r = s.client.get(s.url("/v1/nothing")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+
+    // Still serving.
+    let v = s.complete(&chat("Say yes.", 4)).await;
+    assert!(v["choices"][0]["message"]["content"].is_string());
+    let models: Value = s
+        .client
+        .get(s.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], "smollm2");
+    assert_eq!(models["data"][0]["max_model_len"], 512);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_strings_are_cut_and_never_emitted() {
+    let s = Server::start(&[]).await;
+    let base = s
+        .complete(&chat("List three fruits that are red.", 40))
+        .await;
+    let text = base["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Stop at the second word of the answer: the output is everything before it.
+    let word = text
+        .split_whitespace()
+        .nth(2)
+        .expect("a few words")
+        .to_string();
+    let at = text.find(&word).unwrap();
+    let mut body = chat("List three fruits that are red.", 40);
+    body["stop"] = json!([word.clone(), "never-appears"]);
+    let v = s.complete(&body).await;
+    assert_eq!(v["choices"][0]["message"]["content"], text[..at]);
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    body["stream"] = json!(true);
+    let (streamed, finish) = stream_text(&s.stream(&body).await);
+    assert_eq!(streamed, text[..at]);
+    assert_eq!(finish.as_deref(), Some("stop"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_have_the_series_and_pass_promtool() {
+    let s = Server::start(&[]).await;
+    s.complete(&chat("Say yes.", 4)).await;
+    let mut body = chat("Say no.", 4);
+    body["stream"] = json!(true);
+    s.stream(&body).await;
+    let text = s.metrics().await;
+    for name in [
+        "wick_requests_running",
+        "wick_requests_waiting",
+        "wick_kv_cache_blocks_used",
+        "wick_kv_cache_blocks",
+        "wick_prompt_tokens_total",
+        "wick_generation_tokens_total",
+        "wick_time_to_first_token_seconds",
+        "wick_inter_token_latency_seconds",
+        "wick_e2e_request_latency_seconds",
+    ] {
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "no help for {name}"
+        );
+        assert!(
+            text.contains(&format!("# TYPE {name} ")),
+            "no type for {name}"
+        );
+    }
+    assert_eq!(s.metric("wick_kv_cache_blocks").await, 1024.0);
+    assert!(s.metric("wick_prompt_tokens_total").await > 20.0);
+    assert!(s.metric("wick_generation_tokens_total").await >= 2.0);
+    assert_eq!(
+        s.metric("wick_e2e_request_latency_seconds_count").await,
+        2.0
+    );
+    assert!(s.metric("wick_time_to_first_token_seconds_count").await >= 2.0);
+    promtool_check(&text);
+}
+
+/// `promtool check metrics`, when promtool is installed (`.ci/run` installs it; CI requires it).
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(_) if std::env::var("CI").is_err() => {
+            eprintln!("promtool not installed: skipping `promtool check metrics`");
+            return;
+        }
+        Err(e) => panic!("promtool is required in CI: {e}"),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_model_that_cannot_load_is_a_clear_start_up_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("broken.gguf");
+    std::fs::write(&bad, b"not a gguf file at all").unwrap();
+    for (model, needle) in [
+        (dir.path().join("missing.gguf"), "cannot load model"),
+        (bad, "not a GGUF file"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wick"))
+            .args(["serve", "--port", "0", "--model"])
+            .arg(&model)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "stderr: {err}");
+    }
+}

@@ -1,0 +1,90 @@
+//! Tokenizer and chat template of the default model against llama.cpp's: every tokenizer case
+//! gives its ids, every chat case renders and tokenizes to exactly its `prompt_ids`.
+
+mod common;
+
+use wick_runner::{Device, LoadOptions};
+use wick_server::{ChatTemplate, TemplateMessage};
+
+fn assets() -> wick_runner::ModelAssets {
+    wick_runner::load(&common::model_path(), &Device::Cpu, &LoadOptions::default())
+        .expect("load model")
+        .assets
+}
+
+#[test]
+fn tokenizer_matches_llama_cpp() {
+    let reference = common::reference();
+    let assets = assets();
+    let cases = reference["tokenizer"].as_array().expect("tokenizer cases");
+    assert!(cases.len() >= 10);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let want = common::ids(&case["ids"]);
+        let got = assets
+            .tokenizer
+            .encode(text, false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        assert_eq!(got, want, "tokenizing {text:?}");
+        // And back: decoding gives the text again.
+        assert_eq!(assets.tokenizer.decode(&got, false).unwrap(), text);
+    }
+}
+
+#[test]
+fn chat_template_and_tokenizer_give_llama_cpp_prompt_ids() {
+    let reference = common::reference();
+    let assets = assets();
+    let template = ChatTemplate::new(
+        assets
+            .chat_template
+            .as_deref()
+            .expect("the GGUF has a chat template"),
+        assets.bos_token.clone(),
+        assets.eos_token.clone(),
+    )
+    .unwrap();
+    let mut n = 0;
+    for case in reference["cases"].as_array().unwrap() {
+        if case["kind"] != "chat" {
+            continue;
+        }
+        let messages: Vec<TemplateMessage> = case["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| TemplateMessage {
+                role: m["role"].as_str().unwrap().into(),
+                content: m["content"].as_str().unwrap().into(),
+                name: None,
+            })
+            .collect();
+        let text = template.render(&messages).unwrap();
+        assert_eq!(
+            text,
+            case["prompt_text"].as_str().unwrap(),
+            "case {}",
+            case["id"]
+        );
+        let ids = assets
+            .tokenizer
+            .encode(text, false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        assert_eq!(ids, common::ids(&case["prompt_ids"]), "case {}", case["id"]);
+        n += 1;
+    }
+    assert_eq!(n, 12);
+}
+
+#[test]
+fn end_of_turn_is_a_stop_token() {
+    let assets = assets();
+    let reference = common::reference();
+    let eos = reference["eos_id"].as_u64().unwrap() as u32;
+    assert!(assets.stop_token_ids.contains(&eos));
+    assert_eq!(assets.max_model_len, 8192);
+}
