@@ -33,14 +33,7 @@ pub(crate) async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::InvalidRequest {
-                message: format!(
-                    "The request body is larger than {} bytes.",
-                    crate::MAX_BODY_BYTES
-                ),
-                param: None,
-                code: Some("payload_too_large"),
-            }
+            ApiError::PayloadTooLarge(crate::MAX_BODY_BYTES)
         } else {
             ApiError::invalid("body", e.body_text())
         }

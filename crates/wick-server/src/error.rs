@@ -27,6 +27,8 @@ pub enum ApiError {
     Internal(String),
     #[error("Not found: {0}")]
     RouteNotFound(String),
+    #[error("The request body is larger than {0} bytes.")]
+    PayloadTooLarge(usize),
 }
 
 impl ApiError {
@@ -49,6 +51,7 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::QueueFull(..) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotReady | ApiError::EngineStopped => StatusCode::SERVICE_UNAVAILABLE,
@@ -68,6 +71,9 @@ impl ApiError {
                 Some("model_not_found"),
             ),
             ApiError::RouteNotFound(_) => ("invalid_request_error", None, Some("not_found")),
+            ApiError::PayloadTooLarge(_) => {
+                ("invalid_request_error", None, Some("payload_too_large"))
+            }
             ApiError::QueueFull(..) => ("rate_limit_error", None, Some("rate_limit_exceeded")),
             ApiError::NotReady | ApiError::EngineStopped => (
                 "service_unavailable_error",

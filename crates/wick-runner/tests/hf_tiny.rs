@@ -1,0 +1,359 @@
+//! A tiny random Llama in the Hugging Face layout, written by the test: it loads, and the
+//! batched, paged, chunked runner matches a straightforward single-sequence forward written
+//! with plain loops, on both attention paths.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer};
+use wick_core::{BlockId, RequestId, ScheduledBatch, ScheduledSeq};
+use wick_runner::{CacheConfig, LoadOptions, Runner};
+
+const H: usize = 64;
+const I: usize = 96;
+const LAYERS: usize = 2;
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const HD: usize = H / HEADS;
+const VOCAB: usize = 300;
+const EPS: f32 = 1e-5;
+const THETA: f32 = 10_000.0;
+const BLOCK: usize = 4;
+
+type Weights = HashMap<String, (Vec<f32>, usize, usize)>;
+
+/// Deterministic pseudo-random weights.
+fn random(seed: &mut u64, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            *seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((*seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
+        })
+        .collect()
+}
+
+fn write_model(dir: &Path) -> Weights {
+    let mut seed = 42u64;
+    let mut w: Weights = HashMap::new();
+    // Norm weights (one row) are centred on 1.
+    let mut add = |name: String, rows: usize, cols: usize, scale: f32, seed: &mut u64| {
+        let mut v = random(seed, rows * cols, scale);
+        if rows == 1 {
+            v.iter_mut().for_each(|x| *x += 1.0);
+        }
+        w.insert(name, (v, rows, cols));
+    };
+    add("model.embed_tokens.weight".into(), VOCAB, H, 1.0, &mut seed);
+    add("lm_head.weight".into(), VOCAB, H, 0.2, &mut seed);
+    for l in 0..LAYERS {
+        let p = format!("model.layers.{l}");
+        add(format!("{p}.self_attn.q_proj.weight"), H, H, 0.2, &mut seed);
+        add(
+            format!("{p}.self_attn.k_proj.weight"),
+            KV_HEADS * HD,
+            H,
+            0.2,
+            &mut seed,
+        );
+        add(
+            format!("{p}.self_attn.v_proj.weight"),
+            KV_HEADS * HD,
+            H,
+            0.2,
+            &mut seed,
+        );
+        add(format!("{p}.self_attn.o_proj.weight"), H, H, 0.2, &mut seed);
+        add(format!("{p}.mlp.gate_proj.weight"), I, H, 0.2, &mut seed);
+        add(format!("{p}.mlp.up_proj.weight"), I, H, 0.2, &mut seed);
+        add(format!("{p}.mlp.down_proj.weight"), H, I, 0.2, &mut seed);
+        add(format!("{p}.input_layernorm.weight"), 1, H, 0.3, &mut seed);
+        add(
+            format!("{p}.post_attention_layernorm.weight"),
+            1,
+            H,
+            0.3,
+            &mut seed,
+        );
+    }
+    add("model.norm.weight".into(), 1, H, 0.3, &mut seed);
+
+    let tensors: HashMap<String, Tensor> = w
+        .iter()
+        .map(|(k, (v, r, c))| {
+            let t = if *r == 1 {
+                Tensor::from_slice(v, *c, &Device::Cpu)
+            } else {
+                Tensor::from_slice(v, (*r, *c), &Device::Cpu)
+            };
+            (k.clone(), t.unwrap())
+        })
+        .collect();
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": H, "intermediate_size": I, "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+        "vocab_size": VOCAB, "rms_norm_eps": EPS, "rope_theta": THETA,
+        "max_position_embeddings": 128, "tie_word_embeddings": false,
+        "eos_token_id": 257
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+
+    // Byte-level BPE over the 256 byte symbols, no merges, two special tokens.
+    let vocab: tokenizers::models::bpe::Vocab = ByteLevel::alphabet()
+        .into_iter()
+        .collect::<std::collections::BTreeSet<char>>()
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| (c.to_string(), i as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, vec![])
+        .build()
+        .unwrap();
+    let mut tok = Tokenizer::new(bpe);
+    tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    tok.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
+    tok.add_special_tokens(vec![
+        AddedToken::from("<|im_start|>", true),
+        AddedToken::from("<|im_end|>", true),
+    ])
+    .unwrap();
+    tok.save(dir.join("tokenizer.json"), false).unwrap();
+    let tc = serde_json::json!({
+        "eos_token": "<|im_end|>",
+        "bos_token": null,
+        "chat_template": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
+    w
+}
+
+// ---- The straightforward forward: one sequence, plain loops, no cache. ----
+
+fn matvec(w: &(Vec<f32>, usize, usize), x: &[f32]) -> Vec<f32> {
+    let (v, rows, cols) = w;
+    (0..*rows)
+        .map(|r| (0..*cols).map(|c| v[r * cols + c] * x[c]).sum())
+        .collect()
+}
+
+fn rms_norm(x: &[f32], w: &[f32]) -> Vec<f32> {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let s = 1.0 / (ms + EPS).sqrt();
+    x.iter().zip(w).map(|(v, w)| v * s * w).collect()
+}
+
+fn rope(x: &mut [f32], pos: usize) {
+    for head in x.chunks_mut(HD) {
+        for i in 0..HD / 2 {
+            let a = pos as f64 * (THETA as f64).powf(-2.0 * i as f64 / HD as f64);
+            let (c, s) = (a.cos() as f32, a.sin() as f32);
+            let (x0, x1) = (head[i], head[i + HD / 2]);
+            head[i] = x0 * c - x1 * s;
+            head[i + HD / 2] = x0 * s + x1 * c;
+        }
+    }
+}
+
+fn reference_logits(w: &Weights, tokens: &[u32]) -> Vec<f32> {
+    let emb = &w["model.embed_tokens.weight"].0;
+    let mut xs: Vec<Vec<f32>> = tokens
+        .iter()
+        .map(|&t| emb[t as usize * H..(t as usize + 1) * H].to_vec())
+        .collect();
+    for l in 0..LAYERS {
+        let p = |n: &str| format!("model.layers.{l}.{n}.weight");
+        let hs: Vec<Vec<f32>> = xs
+            .iter()
+            .map(|x| rms_norm(x, &w[&p("input_layernorm")].0))
+            .collect();
+        let mut q: Vec<Vec<f32>> = hs
+            .iter()
+            .map(|h| matvec(&w[&p("self_attn.q_proj")], h))
+            .collect();
+        let mut k: Vec<Vec<f32>> = hs
+            .iter()
+            .map(|h| matvec(&w[&p("self_attn.k_proj")], h))
+            .collect();
+        let v: Vec<Vec<f32>> = hs
+            .iter()
+            .map(|h| matvec(&w[&p("self_attn.v_proj")], h))
+            .collect();
+        for (pos, (q, k)) in q.iter_mut().zip(k.iter_mut()).enumerate() {
+            rope(q, pos);
+            rope(k, pos);
+        }
+        for t in 0..xs.len() {
+            let mut out = vec![0f32; H];
+            for h in 0..HEADS {
+                let g = h / (HEADS / KV_HEADS);
+                let qh = &q[t][h * HD..(h + 1) * HD];
+                let scores: Vec<f32> = (0..=t)
+                    .map(|j| {
+                        let kj = &k[j][g * HD..(g + 1) * HD];
+                        qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() / (HD as f32).sqrt()
+                    })
+                    .collect();
+                let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
+                let z: f32 = e.iter().sum();
+                for (j, ej) in e.iter().enumerate() {
+                    for d in 0..HD {
+                        out[h * HD + d] += ej / z * v[j][g * HD + d];
+                    }
+                }
+            }
+            let o = matvec(&w[&p("self_attn.o_proj")], &out);
+            xs[t].iter_mut().zip(o).for_each(|(x, o)| *x += o);
+            let h2 = rms_norm(&xs[t], &w[&p("post_attention_layernorm")].0);
+            let g = matvec(&w[&p("mlp.gate_proj")], &h2);
+            let u = matvec(&w[&p("mlp.up_proj")], &h2);
+            let act: Vec<f32> = g
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
+            let d = matvec(&w[&p("mlp.down_proj")], &act);
+            xs[t].iter_mut().zip(d).for_each(|(x, d)| *x += d);
+        }
+    }
+    let last = rms_norm(xs.last().unwrap(), &w["model.norm.weight"].0);
+    matvec(&w["lm_head.weight"], &last)
+}
+
+// ---- The runner, batched. ----
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    vec![
+        (0..11).map(|i| (i * 37 % 250) as u32).collect(),
+        vec![5, 9, 200],
+        (0..23).map(|i| (i * 11 % 256) as u32).collect(),
+    ]
+}
+
+/// Runs the three prompts together: prefills in chunks of at most 5 tokens per sequence,
+/// then two decode steps, each step batching all three; blocks interleaved on purpose.
+fn run_batched(runner: &mut Runner, extra: &[[u32; 2]]) -> Vec<Vec<Vec<f32>>> {
+    let prompts = prompts();
+    let tables: Vec<Vec<BlockId>> = (0..3)
+        .map(|s| (0..10).map(|b| BlockId((b * 3 + s) as u32 + 1)).collect())
+        .collect();
+    let mut done = vec![0usize; 3];
+    let mut out = vec![Vec::new(); 3];
+    while done.iter().zip(&prompts).any(|(d, p)| d < &p.len()) {
+        let seqs: Vec<ScheduledSeq> = (0..3)
+            .filter(|&s| done[s] < prompts[s].len())
+            .map(|s| {
+                let end = (done[s] + 5).min(prompts[s].len());
+                ScheduledSeq {
+                    id: RequestId(s as u64),
+                    tokens: prompts[s][done[s]..end].to_vec(),
+                    start_pos: done[s],
+                    block_table: tables[s].clone(),
+                    sample: end == prompts[s].len(),
+                }
+            })
+            .collect();
+        let sampled: Vec<usize> = seqs
+            .iter()
+            .filter(|q| q.sample)
+            .map(|q| q.id.0 as usize)
+            .collect();
+        for q in &seqs {
+            done[q.id.0 as usize] = q.start_pos + q.tokens.len();
+        }
+        let logits = runner.step(&ScheduledBatch { seqs }).unwrap();
+        for (s, l) in sampled.into_iter().zip(logits) {
+            out[s].push(l);
+        }
+    }
+    for step in 0..2 {
+        let seqs = (0..3)
+            .map(|s| ScheduledSeq {
+                id: RequestId(s as u64),
+                tokens: vec![extra[s][step]],
+                start_pos: prompts[s].len() + step,
+                block_table: tables[s].clone(),
+                sample: true,
+            })
+            .collect();
+        for (s, l) in runner
+            .step(&ScheduledBatch { seqs })
+            .unwrap()
+            .into_iter()
+            .enumerate()
+        {
+            out[s].push(l);
+        }
+    }
+    out
+}
+
+#[test]
+fn tiny_hf_model_loads_and_matches_a_plain_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = write_model(dir.path());
+    let loaded = wick_runner::load(dir.path(), &Device::Cpu, &LoadOptions::default()).unwrap();
+    let a = &loaded.assets;
+    let im_end = a.tokenizer.token_to_id("<|im_end|>").unwrap();
+    assert!(a.stop_token_ids.contains(&im_end));
+    assert!(a.stop_token_ids.contains(&257));
+    assert!(a.chat_template.as_deref().unwrap().contains("im_start"));
+    assert_eq!(a.eos_token.as_deref(), Some("<|im_end|>"));
+    assert_eq!(a.max_model_len, 128);
+    let enc = a.tokenizer.encode("<|im_start|>hi", false).unwrap();
+    assert_eq!(enc.get_ids().len(), 3);
+
+    let cache = CacheConfig {
+        num_blocks: 40,
+        block_size: BLOCK,
+    };
+    let extra = [[7u32, 8], [100, 101], [3, 250]];
+    let mut host = Runner::new(loaded.model, cache).unwrap();
+    let got = run_batched(&mut host, &extra);
+
+    for (s, prompt) in prompts().iter().enumerate() {
+        let mut tokens = prompt.clone();
+        for (step, l) in got[s].iter().enumerate() {
+            let want = reference_logits(&w, &tokens);
+            let d = max_diff(l, &want);
+            assert!(d < 2e-4, "sequence {s} step {step}: max |diff| {d}");
+            if step < 2 {
+                tokens.push(extra[s][step]);
+            }
+        }
+    }
+
+    // The tensor (device) attention path gives the same logits.
+    let model = wick_runner::load(dir.path(), &Device::Cpu, &LoadOptions::default())
+        .unwrap()
+        .model;
+    let mut tensor_path = Runner::with_tensor_attention(model, cache).unwrap();
+    let again = run_batched(&mut tensor_path, &extra);
+    for (a, b) in got.iter().flatten().zip(again.iter().flatten()) {
+        assert!(max_diff(a, b) < 2e-4);
+    }
+}
+
+#[test]
+fn a_directory_without_config_is_not_a_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = wick_runner::load(dir.path(), &Device::Cpu, &LoadOptions::default())
+        .err()
+        .expect("an error");
+    assert!(err.to_string().contains("not a model"), "{err}");
+}

@@ -1,0 +1,67 @@
+//! The router without a socket or a model: what a client sees before the model is loaded,
+//! and the errors that need no engine.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tower::ServiceExt;
+use wick_core::{request_queue, Metrics};
+use wick_server::{app, AppState, MAX_BODY_BYTES};
+
+async fn call(req: Request<Body>) -> (StatusCode, Value) {
+    let (handle, _queue) = request_queue(1);
+    let res = app(AppState::new(handle, Metrics::new()))
+        .oneshot(req)
+        .await
+        .unwrap();
+    let status = res.status();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn post(body: Vec<u8>) -> Request<Body> {
+    Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(body))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn not_ready_until_the_model_is_loaded() {
+    let (status, body) = call(Request::get("/health").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["error"]["code"], "service_unavailable");
+    let (status, _) = call(post(br#"{"model":"m","messages":[]}"#.to_vec())).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, _) = call(Request::get("/v1/models").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn metrics_are_served_before_ready() {
+    let (handle, _queue) = request_queue(1);
+    let res = app(AppState::new(handle, Metrics::new()))
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let text = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&text).contains("# TYPE wick_requests_running gauge"));
+}
+
+#[tokio::test]
+async fn unknown_routes_and_huge_bodies_get_openai_errors() {
+    let (status, body) = call(Request::get("/v2/nothing").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("/v2/nothing"));
+    let (status, body) = call(post(vec![b' '; MAX_BODY_BYTES + 10])).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body["error"]["code"], "payload_too_large");
+}
