@@ -8,6 +8,9 @@ NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 OUT=$CACHE/$NAME
 mkdir -p "$CACHE"
+# One fetch at a time: parallel tests may all ask for the model at once.
+exec 9>"$CACHE/.fetch.lock"
+flock 9
 if [ -f "$OUT" ] && echo "$SHA256  $OUT" | sha256sum -c --status; then echo "$OUT"; exit 0; fi
 PY=$(command -v python3 || command -v python)
 WHEEL_DIR=$(mktemp -d)

