@@ -88,3 +88,32 @@ fn end_of_turn_is_a_stop_token() {
     assert!(assets.stop_token_ids.contains(&eos));
     assert_eq!(assets.max_model_len, 8192);
 }
+
+#[test]
+fn incremental_detokenization_never_splits_a_character() {
+    let assets = assets();
+    let tok = std::sync::Arc::new(assets.tokenizer);
+    for text in [
+        "emoji 🎉🚀 and accents café naïve",
+        "日本語のテキスト",
+        "∑(x²) ≈ ∞",
+        "  leading spaces\tand\nnewlines\r\n",
+    ] {
+        let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
+        let mut detok = wick_server::Detokenizer::new(tok.clone());
+        let mut out = String::new();
+        let mut held_back = false;
+        for &id in &ids {
+            let delta = detok.push(id);
+            assert!(!delta.contains('\u{FFFD}'), "{text:?}: delta {delta:?}");
+            held_back |= delta.is_empty();
+            out.push_str(&delta);
+        }
+        out.push_str(&detok.flush());
+        assert_eq!(out, text);
+        if text.starts_with("emoji") || text.starts_with("日本") {
+            // Byte-level tokens split these characters: some token completed no character.
+            assert!(held_back, "{text:?}");
+        }
+    }
+}

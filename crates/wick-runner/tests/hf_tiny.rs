@@ -252,7 +252,7 @@ fn run_batched(runner: &mut Runner, extra: &[[u32; 2]]) -> Vec<Vec<Vec<f32>>> {
     let tables: Vec<Vec<BlockId>> = (0..3)
         .map(|s| (0..10).map(|b| BlockId((b * 3 + s) as u32 + 1)).collect())
         .collect();
-    let mut done = vec![0usize; 3];
+    let mut done = [0usize; 3];
     let mut out = vec![Vec::new(); 3];
     while done.iter().zip(&prompts).any(|(d, p)| d < &p.len()) {
         let seqs: Vec<ScheduledSeq> = (0..3)
@@ -281,7 +281,7 @@ fn run_batched(runner: &mut Runner, extra: &[[u32; 2]]) -> Vec<Vec<Vec<f32>>> {
             out[s].push(l);
         }
     }
-    for step in 0..2 {
+    for step in [0usize, 1] {
         let seqs = (0..3)
             .map(|s| ScheduledSeq {
                 id: RequestId(s as u64),

@@ -207,7 +207,7 @@ proptest! {
                 prop_assert!(covered >= q.start_pos + q.tokens.len());
             }
             let sampled: Vec<_> = b.seqs.iter().filter(|q| q.sample).map(|q| {
-                let tok = if eos_every > 0 && step_no % eos_every == 0 { EOS } else { 5 };
+                let tok = if eos_every > 0 && step_no.is_multiple_of(eos_every) { EOS } else { 5 };
                 (q.id, tok)
             }).collect();
             for o in s.postprocess(&sampled) {
