@@ -16,5 +16,7 @@ mod request;
 pub use batch::{ScheduledBatch, ScheduledSeq};
 pub use ids::{BlockId, RequestId};
 pub use metrics::Metrics;
-pub use queue::{request_queue, EngineCommand, EngineHandle, QueueReceiver, Recv, SubmitError};
-pub use request::{EngineRequest, FinishReason, SamplingParams, TokenEvent};
+pub use queue::{
+    request_queue, EngineCommand, EngineHandle, QueueLimits, QueueReceiver, Recv, SubmitError,
+};
+pub use request::{EngineRequest, ErrorKind, FinishReason, SamplingParams, TokenEvent};

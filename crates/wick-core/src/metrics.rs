@@ -30,6 +30,8 @@ pub struct Metrics {
     pub request_success: IntCounterVec,
     pub requests_rejected: IntCounterVec,
     pub preemptions: IntCounter,
+    pub prefix_cache_queries: IntCounter,
+    pub prefix_cache_hits: IntCounter,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
     pub e2e_request_latency: Histogram,
@@ -85,7 +87,11 @@ impl Metrics {
                 "wick_kv_cache_blocks",
                 "KV cache blocks in all, used or free.",
             ),
-            prompt_tokens: counter(&r, "wick_prompt_tokens_total", "Prompt tokens prefilled."),
+            prompt_tokens: counter(
+                &r,
+                "wick_prompt_tokens_total",
+                "Prompt tokens of the requests accepted.",
+            ),
             generation_tokens: counter(&r, "wick_generation_tokens_total", "Tokens generated."),
             request_success: counter_vec(
                 &r,
@@ -103,6 +109,16 @@ impl Metrics {
                 &r,
                 "wick_preemptions_total",
                 "Sequences preempted (KV blocks freed, to be recomputed).",
+            ),
+            prefix_cache_queries: counter(
+                &r,
+                "wick_prefix_cache_queries_total",
+                "Prompt tokens looked up in the prefix cache.",
+            ),
+            prefix_cache_hits: counter(
+                &r,
+                "wick_prefix_cache_hits_total",
+                "Prompt tokens found in the prefix cache (not recomputed).",
             ),
             time_to_first_token: histogram(
                 &r,
@@ -133,7 +149,9 @@ impl Metrics {
         for reason in ["stop", "length", "abort"] {
             m.request_success.with_label_values(&[reason]);
         }
-        m.requests_rejected.with_label_values(&["queue_full"]);
+        for reason in ["queue_full", "queue_timeout"] {
+            m.requests_rejected.with_label_values(&[reason]);
+        }
         m
     }
 

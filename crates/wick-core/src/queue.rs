@@ -1,4 +1,6 @@
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::{EngineRequest, RequestId};
@@ -12,27 +14,109 @@ pub enum EngineCommand {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
-    #[error("the request queue is full")]
-    QueueFull,
+    #[error("the waiting queue is full ({waiting} requests, {waiting_tokens} prompt tokens)")]
+    QueueFull {
+        waiting: usize,
+        waiting_tokens: usize,
+        /// Seconds until a retry is likely to be accepted, from the measured throughput.
+        retry_after_secs: u64,
+    },
     #[error("the engine has stopped")]
     EngineStopped,
+}
+
+/// Bounds on the requests accepted but not yet started (0: unbounded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Requests in the queue and waiting to be scheduled; also the channel's capacity.
+    pub max_waiting_requests: usize,
+    /// Their prompt tokens, in all (0: no bound).
+    pub max_waiting_prompt_tokens: usize,
+}
+
+/// The waiting requests' counts, shared by handlers (who reserve) and the engine (who
+/// releases when a request starts or ends while waiting), and the engine's completion rate.
+#[derive(Debug)]
+struct Admission {
+    limits: QueueLimits,
+    waiting: AtomicUsize,
+    waiting_tokens: AtomicUsize,
+    /// Requests finished per second (an f64's bits), measured by the engine.
+    completion_rate: AtomicU64,
+}
+
+impl Admission {
+    fn reserve(&self, tokens: usize) -> Result<(), SubmitError> {
+        let n = self.waiting.fetch_add(1, Ordering::AcqRel) + 1;
+        let t = self.waiting_tokens.fetch_add(tokens, Ordering::AcqRel) + tokens;
+        let over_tokens = self.limits.max_waiting_prompt_tokens > 0
+            && t > self.limits.max_waiting_prompt_tokens
+            && n > 1; // one request alone is always admitted: it was already checked to fit
+        if n > self.limits.max_waiting_requests || over_tokens {
+            self.release(tokens);
+            return Err(SubmitError::QueueFull {
+                waiting: n - 1,
+                waiting_tokens: t - tokens,
+                retry_after_secs: self.retry_after(n - 1),
+            });
+        }
+        Ok(())
+    }
+
+    fn release(&self, tokens: usize) {
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.waiting_tokens.fetch_sub(tokens, Ordering::AcqRel);
+    }
+
+    /// Time for the engine to start `waiting` more requests at its measured completion rate.
+    fn retry_after(&self, waiting: usize) -> u64 {
+        let rate = f64::from_bits(self.completion_rate.load(Ordering::Relaxed));
+        let secs = if rate > 0.0 {
+            (waiting.max(1) as f64 / rate).ceil()
+        } else {
+            waiting.max(1) as f64
+        };
+        secs.clamp(1.0, 600.0) as u64
+    }
 }
 
 /// The cheap, cloneable sending side of the one bounded request queue.
 #[derive(Debug, Clone)]
 pub struct EngineHandle {
     tx: SyncSender<EngineCommand>,
+    admission: Arc<Admission>,
 }
 
 impl EngineHandle {
-    /// Never blocks: a full queue is an error the caller turns into 429.
+    /// Never blocks: past the queue limits it fails at once, with a retry estimate.
     pub fn submit(&self, request: EngineRequest) -> Result<(), SubmitError> {
+        let tokens = request.prompt.len();
+        self.admission.reserve(tokens)?;
         self.tx
             .try_send(EngineCommand::Add(Box::new(request)))
-            .map_err(|e| match e {
-                TrySendError::Full(_) => SubmitError::QueueFull,
-                TrySendError::Disconnected(_) => SubmitError::EngineStopped,
+            .map_err(|e| {
+                self.admission.release(tokens);
+                match e {
+                    TrySendError::Full(_) => SubmitError::QueueFull {
+                        waiting: self.admission.waiting.load(Ordering::Relaxed),
+                        waiting_tokens: self.admission.waiting_tokens.load(Ordering::Relaxed),
+                        retry_after_secs: self.admission.retry_after(1),
+                    },
+                    TrySendError::Disconnected(_) => SubmitError::EngineStopped,
+                }
             })
+    }
+
+    /// Asks the engine to end a request (its client gets `Finished` with `Abort`).
+    pub fn abort(&self, id: RequestId) -> Result<(), SubmitError> {
+        self.tx
+            .try_send(EngineCommand::Abort(id))
+            .map_err(|_| SubmitError::EngineStopped)
+    }
+
+    /// Requests accepted and not yet started.
+    pub fn num_waiting(&self) -> usize {
+        self.admission.waiting.load(Ordering::Relaxed)
     }
 }
 
@@ -40,6 +124,7 @@ impl EngineHandle {
 #[derive(Debug)]
 pub struct QueueReceiver {
     rx: Receiver<EngineCommand>,
+    admission: Arc<Admission>,
 }
 
 impl QueueReceiver {
@@ -60,6 +145,18 @@ impl QueueReceiver {
             Err(TryRecvError::Disconnected) => Recv::Closed,
         }
     }
+
+    /// A request with `prompt_tokens` left the waiting queue (started, or ended unstarted).
+    pub fn release(&self, prompt_tokens: usize) {
+        self.admission.release(prompt_tokens);
+    }
+
+    /// Records the measured completion rate (requests per second) for `Retry-After`.
+    pub fn set_completion_rate(&self, per_sec: f64) {
+        self.admission
+            .completion_rate
+            .store(per_sec.to_bits(), Ordering::Relaxed);
+    }
 }
 
 /// What the engine finds in the queue.
@@ -72,8 +169,71 @@ pub enum Recv {
     Closed,
 }
 
-/// The one request queue, bounded to `capacity` commands not yet taken by the engine.
-pub fn request_queue(capacity: usize) -> (EngineHandle, QueueReceiver) {
-    let (tx, rx) = sync_channel(capacity.max(1));
-    (EngineHandle { tx }, QueueReceiver { rx })
+/// The one request queue, bounded by `limits`.
+pub fn request_queue(limits: QueueLimits) -> (EngineHandle, QueueReceiver) {
+    let (tx, rx) = sync_channel(limits.max_waiting_requests.max(1));
+    let admission = Arc::new(Admission {
+        limits,
+        waiting: AtomicUsize::new(0),
+        waiting_tokens: AtomicUsize::new(0),
+        completion_rate: AtomicU64::new(0f64.to_bits()),
+    });
+    (
+        EngineHandle {
+            tx,
+            admission: Arc::clone(&admission),
+        },
+        QueueReceiver { rx, admission },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use tokio::sync::mpsc::unbounded_channel;
+
+    use super::*;
+    use crate::SamplingParams;
+
+    fn req(id: u64, tokens: usize) -> EngineRequest {
+        EngineRequest {
+            id: RequestId(id),
+            prompt: vec![1; tokens],
+            max_tokens: 1,
+            stop_token_ids: vec![],
+            sampling: SamplingParams::default(),
+            arrived: Instant::now(),
+            events: unbounded_channel().0,
+        }
+    }
+
+    #[test]
+    fn limits_requests_and_tokens_and_estimates_retry() {
+        let (h, rx) = request_queue(QueueLimits {
+            max_waiting_requests: 2,
+            max_waiting_prompt_tokens: 100,
+        });
+        h.submit(req(1, 60)).unwrap();
+        // 60 + 50 tokens is over the token bound.
+        assert!(matches!(
+            h.submit(req(2, 50)),
+            Err(SubmitError::QueueFull { .. })
+        ));
+        h.submit(req(3, 40)).unwrap();
+        rx.set_completion_rate(0.5);
+        match h.submit(req(4, 1)) {
+            Err(SubmitError::QueueFull {
+                waiting: 2,
+                retry_after_secs,
+                ..
+            }) => assert_eq!(retry_after_secs, 4),
+            other => panic!("{other:?}"),
+        }
+        // The engine starts one: room again.
+        assert!(matches!(rx.try_recv(), Recv::Command(_)));
+        rx.release(60);
+        h.submit(req(5, 1)).unwrap();
+        assert_eq!(h.num_waiting(), 2);
+    }
 }

@@ -72,5 +72,16 @@ pub enum TokenEvent {
         completion_tokens: usize,
     },
     /// The engine could not serve the request; no further events follow.
-    Error { message: String },
+    Error { kind: ErrorKind, message: String },
+}
+
+/// Why the engine could not serve a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// It waited longer than the queue time limit without starting.
+    QueueTimeout,
+    /// It can never be served (larger than the KV cache).
+    Rejected,
+    /// The engine failed while computing it.
+    Internal,
 }

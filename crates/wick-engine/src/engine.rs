@@ -1,18 +1,20 @@
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 use wick_core::{
-    request_queue, EngineCommand, EngineHandle, EngineRequest, FinishReason, Metrics,
-    QueueReceiver, Recv, RequestId, ScheduledBatch, TokenEvent,
+    request_queue, EngineCommand, EngineHandle, EngineRequest, ErrorKind, FinishReason, Metrics,
+    QueueLimits, QueueReceiver, Recv, RequestId, ScheduledBatch, TokenEvent,
 };
 use wick_runner::{ModelAssets, Runner, Sampler};
 use wick_scheduler::{Scheduler, SchedulerConfig, SeqOutcome, Sequence};
 
 /// How long the idle loop waits for a request before looking at its channels again.
 const IDLE_WAIT: Duration = Duration::from_millis(50);
+/// The window over which the completion rate (for `Retry-After`) is measured.
+const RATE_WINDOW: Duration = Duration::from_secs(30);
 
 /// What the engine needs from a model runner: one step over a scheduled batch, returning
 /// a row of logits per sequence scheduled with `sample`, in batch order.
@@ -28,11 +30,20 @@ impl StepRunner for Runner {
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// `max_model_len` here is an upper bound; the model's own limit and the KV cache's
-    /// capacity may lower it.
+    /// `max_model_len` and `num_blocks` here are upper bounds and defaults: the model's own
+    /// limit and the KV cache the loader allocates set the final values.
     pub scheduler: SchedulerConfig,
-    /// Requests the queue holds before the engine takes them; past that, submit fails fast.
-    pub queue_capacity: usize,
+    pub queue: QueueLimits,
+    /// A request that has not started after this long ends with a queue-timeout error.
+    pub max_queue_time: Option<Duration>,
+}
+
+/// What the loader hands the engine.
+pub struct Loaded<R> {
+    pub runner: R,
+    pub assets: ModelAssets,
+    /// Blocks in the KV cache the runner allocated.
+    pub num_blocks: usize,
 }
 
 /// Sent once the model is loaded and the engine is serving.
@@ -40,6 +51,7 @@ pub struct Ready {
     pub assets: ModelAssets,
     /// The longest sequence (prompt plus output) this engine accepts.
     pub max_model_len: usize,
+    pub num_blocks: usize,
 }
 
 /// A started engine: its queue handle, its ready handshake and its thread.
@@ -54,35 +66,33 @@ pub struct Started {
 pub fn start<R, L>(cfg: EngineConfig, metrics: Metrics, load: L) -> std::io::Result<Started>
 where
     R: StepRunner,
-    L: FnOnce() -> Result<(R, ModelAssets), String> + Send + 'static,
+    L: FnOnce() -> Result<Loaded<R>, String> + Send + 'static,
 {
-    let (handle, queue) = request_queue(cfg.queue_capacity);
+    let (handle, queue) = request_queue(cfg.queue);
     let (ready_tx, ready_rx) = mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("wick-engine".into())
         .spawn(move || {
-            let (runner, assets) = match load() {
+            let loaded = match load() {
                 Ok(x) => x,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
                     return;
                 }
             };
-            let mut sched_cfg = cfg.scheduler.clone();
-            let capacity = sched_cfg.num_blocks * sched_cfg.block_size;
-            sched_cfg.max_model_len = sched_cfg
+            let mut sched = cfg.scheduler.clone();
+            sched.num_blocks = loaded.num_blocks;
+            sched.max_model_len = sched
                 .max_model_len
-                .min(assets.max_model_len)
-                .min(capacity);
-            let max_model_len = sched_cfg.max_model_len;
-            let engine = Engine::new(sched_cfg, runner, queue, metrics);
-            if ready_tx
-                .send(Ok(Ready {
-                    assets,
-                    max_model_len,
-                }))
-                .is_ok()
-            {
+                .min(loaded.assets.max_model_len)
+                .min(sched.num_blocks * sched.block_size);
+            let ready = Ready {
+                assets: loaded.assets,
+                max_model_len: sched.max_model_len,
+                num_blocks: sched.num_blocks,
+            };
+            let engine = Engine::new(sched, loaded.runner, queue, metrics, cfg.max_queue_time);
+            if ready_tx.send(Ok(ready)).is_ok() {
                 engine.run();
             }
         })?;
@@ -98,6 +108,9 @@ struct Live {
     events: UnboundedSender<TokenEvent>,
     sampler: Sampler,
     arrived: Instant,
+    prompt_len: usize,
+    /// Scheduled at least once (it has left the waiting queue's admission count).
+    started: bool,
     last_token: Option<Instant>,
 }
 
@@ -106,8 +119,11 @@ pub(crate) struct Engine<R> {
     runner: R,
     queue: QueueReceiver,
     metrics: Metrics,
+    max_queue_time: Option<Duration>,
     live: HashMap<RequestId, Live>,
+    finishes: VecDeque<Instant>,
     preemptions_seen: u64,
+    prefix_seen: (u64, u64),
 }
 
 impl<R: StepRunner> Engine<R> {
@@ -116,6 +132,7 @@ impl<R: StepRunner> Engine<R> {
         runner: R,
         queue: QueueReceiver,
         metrics: Metrics,
+        max_queue_time: Option<Duration>,
     ) -> Self {
         metrics.kv_blocks_total.set(cfg.num_blocks as i64);
         Self {
@@ -123,8 +140,11 @@ impl<R: StepRunner> Engine<R> {
             runner,
             queue,
             metrics,
+            max_queue_time,
             live: HashMap::new(),
+            finishes: VecDeque::new(),
             preemptions_seen: 0,
+            prefix_seen: (0, 0),
         }
     }
 
@@ -135,6 +155,7 @@ impl<R: StepRunner> Engine<R> {
                 return;
             }
             self.reap_closed();
+            self.expire_waiting();
             if self.sched.has_work() {
                 self.step();
             }
@@ -172,7 +193,9 @@ impl<R: StepRunner> Engine<R> {
         let prompt_len = req.prompt.len();
         let seq = Sequence::new(req.id, req.prompt, req.max_tokens, req.stop_token_ids);
         if let Err(e) = self.sched.add(seq) {
+            self.queue.release(prompt_len);
             let _ = req.events.send(TokenEvent::Error {
+                kind: ErrorKind::Rejected,
                 message: e.to_string(),
             });
             return;
@@ -184,6 +207,8 @@ impl<R: StepRunner> Engine<R> {
                 events: req.events,
                 sampler: Sampler::new(req.sampling),
                 arrived: req.arrived,
+                prompt_len,
+                started: false,
                 last_token: None,
             },
         );
@@ -202,19 +227,58 @@ impl<R: StepRunner> Engine<R> {
         }
     }
 
+    /// Ends the requests that waited longer than `max_queue_time` without starting.
+    fn expire_waiting(&mut self) {
+        let Some(limit) = self.max_queue_time else {
+            return;
+        };
+        let expired: Vec<RequestId> = self
+            .live
+            .iter()
+            .filter(|(_, l)| !l.started && l.arrived.elapsed() > limit)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            self.sched.abort(id);
+            if let Some(live) = self.remove(id) {
+                self.metrics
+                    .requests_rejected
+                    .with_label_values(&["queue_timeout"])
+                    .inc();
+                let _ = live.events.send(TokenEvent::Error {
+                    kind: ErrorKind::QueueTimeout,
+                    message: format!(
+                        "the request waited {:.1} s without starting (limit {:.1} s)",
+                        live.arrived.elapsed().as_secs_f64(),
+                        limit.as_secs_f64()
+                    ),
+                });
+            }
+        }
+    }
+
+    /// Forgets a request, giving back its place in the waiting queue if it never started.
+    fn remove(&mut self, id: RequestId) -> Option<Live> {
+        let live = self.live.remove(&id)?;
+        if !live.started {
+            self.queue.release(live.prompt_len);
+        }
+        Some(live)
+    }
+
     /// Ends a request early: frees its sequence and tells its client, if still there.
     fn end(&mut self, id: RequestId, reason: FinishReason) {
         let seq = self.sched.abort(id);
-        if let Some(live) = self.live.remove(&id) {
+        if let Some(live) = self.remove(id) {
             let (prompt_tokens, completion_tokens) = seq
                 .map(|s| (s.prompt_len, s.num_generated()))
                 .unwrap_or((0, 0));
+            self.finish_metrics(&live, reason);
             let _ = live.events.send(TokenEvent::Finished {
                 reason,
                 prompt_tokens,
                 completion_tokens,
             });
-            self.finish_metrics(&live, reason);
         }
     }
 
@@ -222,6 +286,14 @@ impl<R: StepRunner> Engine<R> {
         let batch = self.sched.schedule();
         if batch.is_empty() {
             return;
+        }
+        for s in &batch.seqs {
+            if let Some(live) = self.live.get_mut(&s.id) {
+                if !live.started {
+                    live.started = true;
+                    self.queue.release(live.prompt_len);
+                }
+            }
         }
         self.metrics.step_tokens.observe(batch.num_tokens() as f64);
         let logits = match self.runner.step(&batch) {
@@ -263,13 +335,14 @@ impl<R: StepRunner> Engine<R> {
             let _ = live.events.send(TokenEvent::Token { id });
         }
         if let Some(reason) = o.finish {
-            let _ = live.events.send(TokenEvent::Finished {
-                reason,
-                prompt_tokens: o.prompt_tokens,
-                completion_tokens: o.completion_tokens,
-            });
-            if let Some(live) = self.live.remove(&o.id) {
+            // Metrics first: a client that reads /metrics after its last event sees them.
+            if let Some(live) = self.remove(o.id) {
                 self.finish_metrics(&live, reason);
+                let _ = live.events.send(TokenEvent::Finished {
+                    reason,
+                    prompt_tokens: o.prompt_tokens,
+                    completion_tokens: o.completion_tokens,
+                });
             }
         }
     }
@@ -279,15 +352,16 @@ impl<R: StepRunner> Engine<R> {
         tracing::error!(error = %message, "engine step failed");
         for s in &batch.seqs {
             self.sched.abort(s.id);
-            if let Some(live) = self.live.remove(&s.id) {
+            if let Some(live) = self.remove(s.id) {
                 let _ = live.events.send(TokenEvent::Error {
+                    kind: ErrorKind::Internal,
                     message: message.clone(),
                 });
             }
         }
     }
 
-    fn finish_metrics(&self, live: &Live, reason: FinishReason) {
+    fn finish_metrics(&mut self, live: &Live, reason: FinishReason) {
         self.metrics
             .e2e_request_latency
             .observe(live.arrived.elapsed().as_secs_f64());
@@ -295,6 +369,20 @@ impl<R: StepRunner> Engine<R> {
             .request_success
             .with_label_values(&[reason.as_str()])
             .inc();
+        let now = Instant::now();
+        self.finishes.push_back(now);
+        while self
+            .finishes
+            .front()
+            .is_some_and(|t| now - *t > RATE_WINDOW)
+        {
+            self.finishes.pop_front();
+        }
+        if let Some(first) = self.finishes.front() {
+            let span = (now - *first).as_secs_f64().max(1.0);
+            self.queue
+                .set_completion_rate(self.finishes.len() as f64 / span);
+        }
     }
 
     fn update_gauges(&mut self) {
@@ -305,6 +393,10 @@ impl<R: StepRunner> Engine<R> {
         let p = self.sched.num_preemptions();
         m.preemptions.inc_by(p - self.preemptions_seen);
         self.preemptions_seen = p;
+        let (q, h) = self.sched.prefix_cache_stats();
+        m.prefix_cache_queries.inc_by(q - self.prefix_seen.0);
+        m.prefix_cache_hits.inc_by(h - self.prefix_seen.1);
+        self.prefix_seen = (q, h);
     }
 }
 

@@ -9,5 +9,5 @@
 
 mod engine;
 
-pub use engine::{start, EngineConfig, Ready, Started, StepRunner};
+pub use engine::{start, EngineConfig, Loaded, Ready, Started, StepRunner};
 pub use wick_core::EngineHandle;

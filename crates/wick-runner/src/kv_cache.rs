@@ -62,6 +62,11 @@ impl KvCache {
         self.cfg
     }
 
+    /// Bytes one block takes: keys and values, every layer, f32.
+    pub fn bytes_per_block(model: &LlamaConfig, block_size: usize) -> usize {
+        2 * model.num_layers * block_size * model.kv_dim() * std::mem::size_of::<f32>()
+    }
+
     pub fn uses_host_memory(&self) -> bool {
         matches!(self.layers.first(), Some(LayerCache::Host { .. }))
     }

@@ -4,12 +4,14 @@
 //! engine step (decodes first, then chunks of waiting prompts, within `max_num_seqs` and the
 //! `max_num_batched_tokens` budget, with KV blocks from the [`BlockManager`]), and
 //! [`Scheduler::postprocess`] applies the sampled tokens and reports which sequences finished.
-//! [`Scheduler::abort`] frees a sequence at any point. No tensors, no async, no locks.
+//! [`Scheduler::abort`] frees a sequence at any point. Full blocks are shared between
+//! sequences with the same prefix (automatic prefix caching); when blocks run out, the newest
+//! running sequence is preempted and later recomputed. No tensors, no async, no locks.
 
 mod block_manager;
 mod scheduler;
 mod sequence;
 
-pub use block_manager::BlockManager;
+pub use block_manager::{block_hash, BlockManager};
 pub use scheduler::{AddError, Scheduler, SchedulerConfig, SeqOutcome};
 pub use sequence::Sequence;

@@ -17,6 +17,8 @@ pub struct SchedulerConfig {
     pub num_blocks: usize,
     /// Longest sequence (prompt plus output) the model serves.
     pub max_model_len: usize,
+    /// Share the KV blocks of common prefixes between sequences.
+    pub enable_prefix_caching: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,17 +61,21 @@ pub struct Scheduler {
     running: Vec<Sequence>,
     planned: Vec<Planned>,
     num_preemptions: u64,
+    prefix_queries: u64,
+    prefix_hits: u64,
 }
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Self {
         Self {
-            blocks: BlockManager::new(cfg.num_blocks, cfg.block_size),
+            blocks: BlockManager::new(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching),
             cfg,
             waiting: VecDeque::new(),
             running: Vec::new(),
             planned: Vec::new(),
             num_preemptions: 0,
+            prefix_queries: 0,
+            prefix_hits: 0,
         }
     }
 
@@ -96,6 +102,26 @@ impl Scheduler {
     /// Preemptions since start.
     pub fn num_preemptions(&self) -> u64 {
         self.num_preemptions
+    }
+
+    /// Prompt tokens looked up in the prefix cache since start, and those found.
+    pub fn prefix_cache_stats(&self) -> (u64, u64) {
+        (self.prefix_queries, self.prefix_hits)
+    }
+
+    /// The block pool (tests and metrics).
+    pub fn blocks(&self) -> &BlockManager {
+        &self.blocks
+    }
+
+    /// Every sequence, running then waiting (tests).
+    pub fn sequences(&self) -> impl Iterator<Item = &Sequence> {
+        self.running.iter().chain(self.waiting.iter())
+    }
+
+    /// Whether the sequence has not been scheduled since it was added or preempted.
+    pub fn is_waiting(&self, id: RequestId) -> bool {
+        self.waiting.iter().any(|s| s.id == id)
     }
 
     pub fn has_work(&self) -> bool {
@@ -209,6 +235,7 @@ impl Scheduler {
         let mut seq = self.running.remove(idx);
         self.blocks.release(&mut seq.block_table);
         seq.num_computed = 0;
+        seq.num_registered = 0;
         self.waiting.push_front(seq);
         self.num_preemptions += 1;
     }
@@ -218,12 +245,22 @@ impl Scheduler {
             let Some(seq) = self.waiting.front_mut() else {
                 break;
             };
+            if seq.block_table.is_empty() {
+                let (queried, hit) = match_cached(&mut self.blocks, seq);
+                self.prefix_queries += queried as u64;
+                self.prefix_hits += hit as u64;
+            }
             let chunk = seq.num_pending().min(budget);
             if !self
                 .blocks
                 .grow(&mut seq.block_table, seq.num_computed + chunk)
             {
-                break; // first come, first served: nobody overtakes the head
+                // First come, first served: nobody overtakes the head. Its prefix hits are
+                // given back and looked up again next time.
+                self.blocks.release(&mut seq.block_table);
+                seq.num_computed = 0;
+                seq.num_registered = 0;
+                break;
             }
             if let Some(seq) = self.waiting.pop_front() {
                 self.running.push(seq);
@@ -272,6 +309,7 @@ impl Scheduler {
             };
             let seq = &mut self.running[idx];
             seq.num_computed += p.chunk;
+            register_full_blocks(&mut self.blocks, seq);
             if !p.sample {
                 continue;
             }
@@ -303,6 +341,40 @@ impl Scheduler {
         }
         outcomes
     }
+}
+
+/// Shares the cached blocks of the longest cached prefix of `seq` (never its last token:
+/// that one is computed, to sample from). Returns the tokens looked up and those found.
+fn match_cached(blocks: &mut BlockManager, seq: &mut Sequence) -> (usize, usize) {
+    if !blocks.caching() {
+        return (0, 0);
+    }
+    let bs = blocks.block_size();
+    let full = (seq.tokens.len() - 1) / bs;
+    seq.hash_blocks(full, bs);
+    let lookups = seq.block_hashes[..full]
+        .iter()
+        .copied()
+        .zip(seq.tokens.chunks_exact(bs));
+    seq.block_table = blocks.match_prefix(lookups);
+    seq.num_registered = seq.block_table.len();
+    seq.num_computed = seq.block_table.len() * bs;
+    (seq.tokens.len(), seq.num_computed)
+}
+
+/// Registers the sequence's newly completed full blocks in the prefix cache.
+fn register_full_blocks(blocks: &mut BlockManager, seq: &mut Sequence) {
+    if !blocks.caching() {
+        return;
+    }
+    let bs = blocks.block_size();
+    let full = seq.num_computed / bs;
+    seq.hash_blocks(full, bs);
+    for i in seq.num_registered..full {
+        let tokens = &seq.tokens[i * bs..(i + 1) * bs];
+        blocks.register(seq.block_table[i], seq.block_hashes[i], tokens);
+    }
+    seq.num_registered = seq.num_registered.max(full);
 }
 
 #[cfg(test)]

@@ -13,6 +13,10 @@ pub struct Sequence {
     pub max_tokens: usize,
     pub stop_token_ids: Vec<u32>,
     pub block_table: Vec<BlockId>,
+    /// Chained hashes of the full blocks of `tokens` computed so far (see `block_hash`).
+    pub block_hashes: Vec<u64>,
+    /// Leading blocks of `block_table` already registered in the prefix cache.
+    pub num_registered: usize,
 }
 
 impl Sequence {
@@ -30,6 +34,8 @@ impl Sequence {
             max_tokens,
             stop_token_ids,
             block_table: Vec::new(),
+            block_hashes: Vec::new(),
+            num_registered: 0,
         }
     }
 
@@ -40,6 +46,17 @@ impl Sequence {
     /// Tokens still to be computed before the next one can be sampled.
     pub fn num_pending(&self) -> usize {
         self.tokens.len() - self.num_computed
+    }
+
+    /// Extends `block_hashes` to the first `blocks` full blocks.
+    pub(crate) fn hash_blocks(&mut self, blocks: usize, block_size: usize) {
+        while self.block_hashes.len() < blocks {
+            let i = self.block_hashes.len();
+            let parent = self.block_hashes.last().copied();
+            let tokens = &self.tokens[i * block_size..(i + 1) * block_size];
+            self.block_hashes
+                .push(crate::block_manager::block_hash(parent, tokens));
+        }
     }
 
     /// Whether the next step is a single decode token (not a prompt chunk).

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::Stream;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
-use wick_core::{EngineRequest, FinishReason, SubmitError, TokenEvent};
+use wick_core::{EngineRequest, ErrorKind, FinishReason, SubmitError, TokenEvent};
 
 use crate::detok::{Detokenizer, StopBuffer};
 use crate::openai::{
@@ -23,9 +23,6 @@ use crate::openai::{
 use crate::routes::unix_now;
 use crate::validate::{parse_chat, ValidChat};
 use crate::{ApiError, AppState, ServedModel};
-
-/// Seconds a client is told to wait after a 429.
-const RETRY_AFTER_SECS: u64 = 1;
 
 pub(crate) async fn chat_completions(
     State(state): State<AppState>,
@@ -63,29 +60,41 @@ pub(crate) async fn chat_completions(
             events: tx,
         })
         .map_err(|e| match e {
-            SubmitError::QueueFull => {
+            SubmitError::QueueFull {
+                waiting,
+                waiting_tokens,
+                retry_after_secs,
+            } => {
                 state
                     .metrics()
                     .requests_rejected
                     .with_label_values(&["queue_full"])
                     .inc();
-                ApiError::QueueFull(
-                    state.metrics().requests_waiting.get() as usize,
-                    RETRY_AFTER_SECS,
-                )
+                ApiError::QueueFull {
+                    waiting,
+                    waiting_tokens,
+                    retry_after: retry_after_secs,
+                }
             }
             SubmitError::EngineStopped => ApiError::EngineStopped,
         })?;
-    let gen = Generation::new(rx, model, req.stop.clone(), prompt_tokens);
+    let mut gen = Generation::new(rx, model, req.stop.clone(), prompt_tokens);
+    // Wait for the first event, so that a request the engine refuses (queue timeout, too
+    // large, failure) gets its own status code rather than a stream that fails at once.
+    let first = match gen.next().await {
+        Some(Piece::Error(e)) => return Err(e),
+        Some(piece) => piece,
+        None => return Err(ApiError::EngineStopped),
+    };
     let reply = Reply {
         id: format!("chatcmpl-{:x}{:08x}", unix_now(), id.0),
         created: unix_now(),
         model: model.name.clone(),
     };
     Ok(if req.stream {
-        stream(reply, gen, req.include_usage).into_response()
+        stream(reply, first, gen, req.include_usage).into_response()
     } else {
-        complete(reply, gen).await?.into_response()
+        complete(reply, first, gen).await?.into_response()
     })
 }
 
@@ -142,7 +151,7 @@ fn output_budget(
 enum Piece {
     Text(String),
     Finish { reason: &'static str, usage: Usage },
-    Error(String),
+    Error(ApiError),
 }
 
 /// One request's token events turned into text: detokenized, stop strings applied.
@@ -225,16 +234,26 @@ impl Generation {
                         FinishReason::Stop => "stop",
                         FinishReason::Length => "length",
                         FinishReason::Abort => {
-                            return self.end(Piece::Error("the request was aborted".into()), rest)
+                            let e = ApiError::Internal("the request was aborted".into());
+                            return self.end(Piece::Error(e), rest);
                         }
                     };
                     let usage = Usage::new(prompt_tokens, completion_tokens);
                     return self.end(Piece::Finish { reason, usage }, rest);
                 }
-                Some(TokenEvent::Error { message }) => {
-                    return self.end(Piece::Error(message), String::new())
+                Some(TokenEvent::Error { kind, message }) => {
+                    let e = match kind {
+                        ErrorKind::QueueTimeout => ApiError::QueueTimeout(message),
+                        ErrorKind::Rejected => ApiError::InvalidRequest {
+                            message,
+                            param: Some("max_tokens".into()),
+                            code: Some("context_length_exceeded"),
+                        },
+                        ErrorKind::Internal => ApiError::Internal(message),
+                    };
+                    return self.end(Piece::Error(e), String::new());
                 }
-                None => return self.end(Piece::Error("the engine stopped".into()), String::new()),
+                None => return self.end(Piece::Error(ApiError::EngineStopped), String::new()),
             }
         }
     }
@@ -246,12 +265,24 @@ struct Reply {
     model: String,
 }
 
-async fn complete(reply: Reply, mut gen: Generation) -> Result<Json<ChatCompletion>, ApiError> {
+async fn complete(
+    reply: Reply,
+    first: Piece,
+    mut gen: Generation,
+) -> Result<Json<ChatCompletion>, ApiError> {
     let mut content = String::new();
-    while let Some(piece) = gen.next().await {
+    let mut first = Some(first);
+    loop {
+        let piece = match first.take() {
+            Some(p) => p,
+            None => match gen.next().await {
+                Some(p) => p,
+                None => break,
+            },
+        };
         match piece {
             Piece::Text(t) => content.push_str(&t),
-            Piece::Error(m) => return Err(ApiError::Internal(m)),
+            Piece::Error(e) => return Err(e),
             Piece::Finish { reason, usage } => {
                 return Ok(Json(ChatCompletion {
                     id: reply.id,
@@ -303,12 +334,25 @@ fn json_event<T: serde::Serialize>(value: &T) -> Event {
     Event::default().data(serde_json::to_string(value).unwrap_or_else(|_| "{}".into()))
 }
 
-fn stream(reply: Reply, mut gen: Generation, include_usage: bool) -> impl IntoResponse {
+fn stream(
+    reply: Reply,
+    first: Piece,
+    mut gen: Generation,
+    include_usage: bool,
+) -> impl IntoResponse {
     let usage_field = include_usage.then_some(None);
     let events = async_stream::stream! {
         let role = Delta { role: Some("assistant"), content: Some(String::new()) };
         yield Ok::<_, Infallible>(chunk(&reply, role, None, usage_field));
-        while let Some(piece) = gen.next().await {
+        let mut first = Some(first);
+        loop {
+            let piece = match first.take() {
+                Some(p) => p,
+                None => match gen.next().await {
+                    Some(p) => p,
+                    None => break,
+                },
+            };
             match piece {
                 Piece::Text(t) => {
                     let delta = Delta { role: None, content: Some(t) };
@@ -329,8 +373,8 @@ fn stream(reply: Reply, mut gen: Generation, include_usage: bool) -> impl IntoRe
                     }
                     break;
                 }
-                Piece::Error(m) => {
-                    yield Ok(json_event(&ApiError::Internal(m).body()));
+                Piece::Error(e) => {
+                    yield Ok(json_event(&e.body()));
                     break;
                 }
             }

@@ -17,8 +17,14 @@ pub enum ApiError {
     },
     #[error("The model `{0}` does not exist.")]
     ModelNotFound(String),
-    #[error("The server is busy: {0} requests are queued. Retry later.")]
-    QueueFull(usize, u64),
+    #[error("The server is busy: {waiting} requests ({waiting_tokens} prompt tokens) are waiting. Retry in {retry_after} s.")]
+    QueueFull {
+        waiting: usize,
+        waiting_tokens: usize,
+        retry_after: u64,
+    },
+    #[error("{0}")]
+    QueueTimeout(String),
     #[error("The model is still loading.")]
     NotReady,
     #[error("The server is shutting down.")]
@@ -53,8 +59,10 @@ impl ApiError {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::QueueFull(..) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::NotReady | ApiError::EngineStopped => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::NotReady | ApiError::EngineStopped | ApiError::QueueTimeout(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -74,7 +82,8 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => {
                 ("invalid_request_error", None, Some("payload_too_large"))
             }
-            ApiError::QueueFull(..) => ("rate_limit_error", None, Some("rate_limit_exceeded")),
+            ApiError::QueueFull { .. } => ("rate_limit_error", None, Some("rate_limit_exceeded")),
+            ApiError::QueueTimeout(_) => ("service_unavailable_error", None, Some("queue_timeout")),
             ApiError::NotReady | ApiError::EngineStopped => (
                 "service_unavailable_error",
                 None,
@@ -110,7 +119,7 @@ pub struct ErrorObject {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut res = (self.status(), axum::Json(self.body())).into_response();
-        if let ApiError::QueueFull(_, retry_after) = self {
+        if let ApiError::QueueFull { retry_after, .. } = self {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
         }

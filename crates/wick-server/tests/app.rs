@@ -6,11 +6,16 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
-use wick_core::{request_queue, Metrics};
+use wick_core::{request_queue, Metrics, QueueLimits};
+
+const LIMITS: QueueLimits = QueueLimits {
+    max_waiting_requests: 1,
+    max_waiting_prompt_tokens: 0,
+};
 use wick_server::{app, AppState, MAX_BODY_BYTES};
 
 async fn call(req: Request<Body>) -> (StatusCode, Value) {
-    let (handle, _queue) = request_queue(1);
+    let (handle, _queue) = request_queue(LIMITS);
     let res = app(AppState::new(handle, Metrics::new()))
         .oneshot(req)
         .await
@@ -43,7 +48,7 @@ async fn not_ready_until_the_model_is_loaded() {
 
 #[tokio::test]
 async fn metrics_are_served_before_ready() {
-    let (handle, _queue) = request_queue(1);
+    let (handle, _queue) = request_queue(LIMITS);
     let res = app(AppState::new(handle, Metrics::new()))
         .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
         .await

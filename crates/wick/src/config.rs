@@ -48,9 +48,21 @@ pub struct ServeArgs {
     /// Longest prompt plus output; 0 means the model's own limit. [key: scheduler.max_model_len]
     #[arg(long, env = "WICK_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
-    /// Requests the queue holds before answering 429. [key: queue.capacity]
-    #[arg(long, env = "WICK_QUEUE_CAPACITY")]
-    pub queue_capacity: Option<usize>,
+    /// KV cache size as memory (e.g. 512MiB, 2GiB); overrides --kv-cache-blocks. [key: scheduler.kv_cache_memory]
+    #[arg(long, env = "WICK_KV_CACHE_MEMORY")]
+    pub kv_cache_memory: Option<String>,
+    /// Share the KV blocks of common prompt prefixes (true or false). [key: scheduler.enable_prefix_caching]
+    #[arg(long, env = "WICK_ENABLE_PREFIX_CACHING", action = clap::ArgAction::Set)]
+    pub enable_prefix_caching: Option<bool>,
+    /// Requests accepted but not yet started before new ones get 429. [key: queue.max_waiting_requests]
+    #[arg(long, env = "WICK_MAX_WAITING_REQUESTS")]
+    pub max_waiting_requests: Option<usize>,
+    /// Their prompt tokens, in all, before new ones get 429; 0 means no bound. [key: queue.max_waiting_prompt_tokens]
+    #[arg(long, env = "WICK_MAX_WAITING_PROMPT_TOKENS")]
+    pub max_waiting_prompt_tokens: Option<usize>,
+    /// Seconds a request may wait to start before it gets 503; 0 means forever. [key: queue.max_queue_time]
+    #[arg(long, env = "WICK_MAX_QUEUE_TIME")]
+    pub max_queue_time: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -89,13 +101,17 @@ struct FileScheduler {
     max_num_batched_tokens: Option<usize>,
     block_size: Option<usize>,
     kv_cache_blocks: Option<usize>,
+    kv_cache_memory: Option<String>,
     max_model_len: Option<usize>,
+    enable_prefix_caching: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileQueue {
-    capacity: Option<usize>,
+    max_waiting_requests: Option<usize>,
+    max_waiting_prompt_tokens: Option<usize>,
+    max_queue_time: Option<f64>,
 }
 
 /// The resolved configuration.
@@ -111,9 +127,16 @@ pub struct Config {
     pub max_num_batched_tokens: usize,
     pub block_size: usize,
     pub kv_cache_blocks: usize,
+    /// Bytes of KV cache, when given as memory (it then sets the number of blocks).
+    pub kv_cache_memory: Option<u64>,
     /// 0: the model's own limit.
     pub max_model_len: usize,
-    pub queue_capacity: usize,
+    pub enable_prefix_caching: bool,
+    pub max_waiting_requests: usize,
+    /// 0: no bound.
+    pub max_waiting_prompt_tokens: usize,
+    /// Seconds; 0: no limit.
+    pub max_queue_time: f64,
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -164,7 +187,27 @@ impl Config {
                 .max_model_len
                 .or(file.scheduler.max_model_len)
                 .unwrap_or(0),
-            queue_capacity: args.queue_capacity.or(file.queue.capacity).unwrap_or(256),
+            kv_cache_memory: args
+                .kv_cache_memory
+                .or(file.scheduler.kv_cache_memory)
+                .map(|m| parse_bytes(&m))
+                .transpose()?,
+            enable_prefix_caching: args
+                .enable_prefix_caching
+                .or(file.scheduler.enable_prefix_caching)
+                .unwrap_or(true),
+            max_waiting_requests: args
+                .max_waiting_requests
+                .or(file.queue.max_waiting_requests)
+                .unwrap_or(256),
+            max_waiting_prompt_tokens: args
+                .max_waiting_prompt_tokens
+                .or(file.queue.max_waiting_prompt_tokens)
+                .unwrap_or(262_144),
+            max_queue_time: args
+                .max_queue_time
+                .or(file.queue.max_queue_time)
+                .unwrap_or(60.0),
         };
         cfg.check()?;
         Ok(cfg)
@@ -179,15 +222,44 @@ impl Config {
             ),
             ("scheduler.block_size", self.block_size),
             ("scheduler.kv_cache_blocks", self.kv_cache_blocks),
-            ("queue.capacity", self.queue_capacity),
+            ("queue.max_waiting_requests", self.max_waiting_requests),
         ];
         for (key, v) in positive {
             if v == 0 {
                 bail!("{key} must be at least 1");
             }
         }
+        if !(self.max_queue_time >= 0.0 && self.max_queue_time.is_finite()) {
+            bail!("queue.max_queue_time must be a number of seconds, 0 or more");
+        }
+        if self.kv_cache_memory == Some(0) {
+            bail!("scheduler.kv_cache_memory must be more than 0");
+        }
         Ok(())
     }
+}
+
+/// `"512MiB"`, `"2GiB"`, `"1.5GB"` or a plain number of bytes.
+fn parse_bytes(text: &str) -> anyhow::Result<u64> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .with_context(|| format!("scheduler.kv_cache_memory: {text:?} is not a size"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => bail!("scheduler.kv_cache_memory: unknown unit {other:?} (use MiB, GiB, MB, GB)"),
+    };
+    Ok((n * mult) as u64)
 }
 
 #[cfg(test)]
@@ -247,5 +319,15 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("scheduler.block_size"));
         assert!(Config::resolve(ServeArgs::default()).is_err());
+    }
+
+    #[test]
+    fn memory_sizes_parse() {
+        assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("2 GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_bytes("1.5GB").unwrap(), 1_500_000_000);
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("3 parsecs").is_err());
     }
 }

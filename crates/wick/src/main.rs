@@ -9,10 +9,12 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use std::time::Duration;
 use tokio::net::TcpListener;
-use wick_core::Metrics;
-use wick_engine::{EngineConfig, Ready};
-use wick_runner::{CacheConfig, LoadOptions, Runner};
+
+use wick_core::{Metrics, QueueLimits};
+use wick_engine::{EngineConfig, Loaded, Ready};
+use wick_runner::{CacheConfig, KvCache, LoadOptions, Runner};
 use wick_scheduler::SchedulerConfig;
 use wick_server::{AppState, ChatTemplate, ServedModel};
 
@@ -84,19 +86,34 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             } else {
                 cfg.max_model_len
             },
+            enable_prefix_caching: cfg.enable_prefix_caching,
         },
-        queue_capacity: cfg.queue_capacity,
+        queue: QueueLimits {
+            max_waiting_requests: cfg.max_waiting_requests,
+            max_waiting_prompt_tokens: cfg.max_waiting_prompt_tokens,
+        },
+        max_queue_time: (cfg.max_queue_time > 0.0)
+            .then(|| Duration::from_secs_f64(cfg.max_queue_time)),
     };
-    let cache = CacheConfig {
-        num_blocks: cfg.kv_cache_blocks,
-        block_size: cfg.block_size,
-    };
+    let (blocks, memory, block_size) = (cfg.kv_cache_blocks, cfg.kv_cache_memory, cfg.block_size);
     let path = cfg.model.clone();
     let engine = wick_engine::start(engine_cfg, metrics.clone(), move || {
         let loaded = wick_runner::load(&path, &device, &LoadOptions { weight_format })
             .map_err(|e| e.to_string())?;
+        let num_blocks = match memory {
+            Some(bytes) => {
+                let per_block = KvCache::bytes_per_block(loaded.model.config(), block_size);
+                let n = (bytes / per_block as u64) as usize;
+                if n == 0 {
+                    return Err(format!("scheduler.kv_cache_memory is smaller than one KV block ({per_block} bytes)"));
+                }
+                n
+            }
+            None => blocks,
+        };
+        let cache = CacheConfig { num_blocks, block_size };
         let runner = Runner::new(loaded.model, cache).map_err(|e| e.to_string())?;
-        Ok((runner, loaded.assets))
+        Ok(Loaded { runner, assets: loaded.assets, num_blocks })
     })
     .context("cannot start the engine thread")?;
     let state = AppState::new(engine.handle, metrics);
@@ -113,8 +130,14 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     };
     match ready {
         Ok(Ok(Ok(ready))) => {
+            let num_blocks = ready.num_blocks;
             let served = served_model(&cfg, ready)?;
-            tracing::info!(model = %served.name, max_model_len = served.max_model_len, "ready");
+            tracing::info!(
+                model = %served.name,
+                max_model_len = served.max_model_len,
+                kv_cache_blocks = num_blocks,
+                "ready"
+            );
             state.set_ready(served);
         }
         Ok(Ok(Err(message))) => {

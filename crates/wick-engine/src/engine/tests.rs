@@ -1,9 +1,10 @@
 //! The engine loop with a deterministic fake runner.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
-use wick_core::{request_queue, EngineHandle, Metrics, SamplingParams};
+use wick_core::{request_queue, EngineHandle, Metrics, QueueLimits, SamplingParams};
 
 use super::*;
 
@@ -42,8 +43,14 @@ fn cfg() -> SchedulerConfig {
         block_size: 4,
         num_blocks: 16,
         max_model_len: 64,
+        enable_prefix_caching: true,
     }
 }
+
+const LIMITS: QueueLimits = QueueLimits {
+    max_waiting_requests: 8,
+    max_waiting_prompt_tokens: 0,
+};
 
 fn spawn(fail: bool) -> (EngineHandle, Metrics, std::thread::JoinHandle<()>) {
     spawn_with(cfg(), fail)
@@ -53,10 +60,18 @@ fn spawn_with(
     cfg: SchedulerConfig,
     fail: bool,
 ) -> (EngineHandle, Metrics, std::thread::JoinHandle<()>) {
-    let (handle, queue) = request_queue(8);
+    spawn_runner(cfg, CountingRunner { fail }, None)
+}
+
+fn spawn_runner<R: StepRunner + Send + 'static>(
+    cfg: SchedulerConfig,
+    runner: R,
+    max_queue_time: Option<Duration>,
+) -> (EngineHandle, Metrics, std::thread::JoinHandle<()>) {
+    let (handle, queue) = request_queue(LIMITS);
     let metrics = Metrics::new();
     let m = metrics.clone();
-    let t = std::thread::spawn(move || Engine::new(cfg, CountingRunner { fail }, queue, m).run());
+    let t = std::thread::spawn(move || Engine::new(cfg, runner, queue, m, max_queue_time).run());
     (handle, metrics, t)
 }
 
@@ -168,6 +183,7 @@ fn a_failing_step_reports_an_error_and_the_engine_survives() {
     assert_eq!(
         events,
         vec![TokenEvent::Error {
+            kind: ErrorKind::Internal,
             message: "boom".into()
         }]
     );
@@ -189,7 +205,167 @@ fn a_request_too_large_for_the_cache_is_refused() {
     );
     // 8 blocks of 4 = 32 positions.
     let events = collect(submit(&h, 1, vec![1; 60], 30));
-    assert!(matches!(&events[0], TokenEvent::Error { message } if message.contains("KV cache")));
+    assert!(
+        matches!(&events[0], TokenEvent::Error { kind: ErrorKind::Rejected, message } if message.contains("KV cache"))
+    );
+    drop(h);
+    t.join().unwrap();
+}
+
+/// Keeps its own "KV cache" (the token at every slot) and predicts from the whole context it
+/// reads back through the block table: a wrong block table, a stale shared block or a bad
+/// recompute changes its output.
+struct ContextRunner {
+    block_size: usize,
+    slots: HashMap<usize, u32>,
+}
+
+impl StepRunner for ContextRunner {
+    fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>, String> {
+        let bs = self.block_size;
+        let slot = |table: &[wick_core::BlockId], p: usize| table[p / bs].index() * bs + p % bs;
+        let mut rows = Vec::new();
+        for s in &batch.seqs {
+            for (i, &t) in s.tokens.iter().enumerate() {
+                self.slots.insert(slot(&s.block_table, s.start_pos + i), t);
+            }
+            if s.sample {
+                let mut h: u64 = 1469598103934665603;
+                for p in 0..s.start_pos + s.tokens.len() {
+                    let t = self.slots[&slot(&s.block_table, p)];
+                    h = (h ^ t as u64).wrapping_mul(1099511628211);
+                }
+                let mut row = vec![0.0; VOCAB];
+                row[3 + (h % 12) as usize] = 10.0; // never the stop token
+                rows.push(row);
+            }
+        }
+        Ok(rows)
+    }
+}
+
+fn context_engine(cfg: SchedulerConfig) -> (EngineHandle, Metrics, std::thread::JoinHandle<()>) {
+    let runner = ContextRunner {
+        block_size: cfg.block_size,
+        slots: HashMap::new(),
+    };
+    spawn_runner(cfg, runner, None)
+}
+
+fn tokens(events: &[TokenEvent]) -> Vec<u32> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            TokenEvent::Token { id } => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    (0..4)
+        .map(|i| (0..6).map(|j| (i * 5 + j) % 13).collect())
+        .collect()
+}
+
+fn solo_outputs() -> Vec<Vec<u32>> {
+    prompts()
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let (h, _, t) = context_engine(cfg());
+            let out = tokens(&collect(submit(&h, i as u64, p, 12)));
+            drop(h);
+            t.join().unwrap();
+            out
+        })
+        .collect()
+}
+
+#[test]
+fn preempted_sequences_give_the_same_output_as_solo_runs() {
+    let solo = solo_outputs();
+    // 7 blocks of 4 = 28 positions for four sequences that each grow to 18.
+    let small = SchedulerConfig {
+        num_blocks: 7,
+        ..cfg()
+    };
+    let (h, metrics, t) = context_engine(small);
+    let rxs: Vec<_> = prompts()
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| submit(&h, i as u64, p, 12))
+        .collect();
+    let outs: Vec<Vec<u32>> = rxs.into_iter().map(|rx| tokens(&collect(rx))).collect();
+    assert_eq!(outs, solo);
+    assert!(metrics.preemptions.get() > 0, "no preemption happened");
+    wait_until(|| metrics.kv_blocks_used.get() == 0);
+    drop(h);
+    t.join().unwrap();
+}
+
+#[test]
+fn a_shared_prefix_is_reused_and_gives_the_same_output() {
+    let run = |caching: bool| {
+        let (h, metrics, t) = context_engine(SchedulerConfig {
+            enable_prefix_caching: caching,
+            ..cfg()
+        });
+        let system: Vec<u32> = (0..13).map(|i| i % 11).collect();
+        let mut outs = Vec::new();
+        for (i, tail) in [[1u32, 2], [3, 4]].iter().enumerate() {
+            let prompt = [system.clone(), tail.to_vec()].concat();
+            outs.push(tokens(&collect(submit(&h, i as u64, prompt, 6))));
+        }
+        let hits = metrics.prefix_cache_hits.get();
+        drop(h);
+        t.join().unwrap();
+        (outs, hits)
+    };
+    let (with_cache, hits) = run(true);
+    let (without, no_hits) = run(false);
+    assert_eq!(with_cache, without);
+    assert_eq!(hits, 12, "the second request reuses 3 full blocks of 4");
+    assert_eq!(no_hits, 0);
+}
+
+#[test]
+fn a_request_that_waits_too_long_gets_a_queue_timeout() {
+    // One sequence at a time, and a slow runner: the second request cannot start in time.
+    let one = SchedulerConfig {
+        max_num_seqs: 1,
+        ..cfg()
+    };
+    let (h, metrics, t) = spawn_runner(
+        one,
+        CountingRunner { fail: false },
+        Some(Duration::from_millis(20)),
+    );
+    let first = submit(&h, 1, vec![0], 40);
+    let second = submit(&h, 2, vec![0], 4);
+    let events = collect(second);
+    assert!(
+        matches!(
+            events[0],
+            TokenEvent::Error {
+                kind: ErrorKind::QueueTimeout,
+                ..
+            }
+        ),
+        "{events:?}"
+    );
+    assert!(matches!(
+        collect(first).last(),
+        Some(TokenEvent::Finished { .. })
+    ));
+    assert_eq!(
+        metrics
+            .requests_rejected
+            .with_label_values(&["queue_timeout"])
+            .get(),
+        1
+    );
+    assert_eq!(h.num_waiting(), 0);
     drop(h);
     t.join().unwrap();
 }

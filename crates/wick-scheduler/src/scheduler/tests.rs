@@ -11,6 +11,7 @@ fn cfg(num_blocks: usize) -> SchedulerConfig {
         block_size: 4,
         num_blocks,
         max_model_len: 64,
+        enable_prefix_caching: true,
     }
 }
 
@@ -28,12 +29,18 @@ fn sample_all(batch: &ScheduledBatch) -> Vec<(RequestId, u32)> {
         .collect()
 }
 
+/// Block references held by sequences, after checking they equal the pool's counts.
 fn blocks_held(s: &Scheduler) -> usize {
-    s.running
-        .iter()
-        .chain(s.waiting.iter())
-        .map(|q| q.block_table.len())
-        .sum()
+    s.check_blocks();
+    s.sequences().map(|q| q.block_table.len()).sum()
+}
+
+impl Scheduler {
+    fn check_blocks(&self) {
+        self.blocks.check().unwrap();
+        let held: usize = self.sequences().map(|q| q.block_table.len()).sum();
+        assert_eq!(held, self.blocks.total_refs());
+    }
 }
 
 #[test]
@@ -136,7 +143,7 @@ fn preemption_frees_newest_and_recomputes_it() {
                 finished.push((o.id, o.completion_tokens));
             }
         }
-        assert_eq!(blocks_held(&s), s.num_blocks_used());
+        assert_eq!(blocks_held(&s), s.blocks().total_refs());
         if !s.has_work() {
             break;
         }
@@ -163,14 +170,25 @@ fn abort_frees_blocks_everywhere() {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Add { prompt: usize, max_tokens: usize },
+    /// A prompt of `prompt` tokens from one of a few families that share prefixes.
+    Add {
+        prompt: usize,
+        max_tokens: usize,
+        family: u32,
+    },
     Abort(u64),
-    Step { eos_every: u32 },
+    Step {
+        eos_every: u32,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        (1usize..40, 1usize..30).prop_map(|(prompt, max_tokens)| Op::Add { prompt, max_tokens }),
+        (1usize..40, 1usize..30, 0u32..3).prop_map(|(prompt, max_tokens, family)| Op::Add {
+            prompt,
+            max_tokens,
+            family
+        }),
         (0u64..20).prop_map(Op::Abort),
         (0u32..7).prop_map(|eos_every| Op::Step { eos_every }),
         (0u32..7).prop_map(|eos_every| Op::Step { eos_every }),
@@ -186,6 +204,7 @@ proptest! {
         ops in prop::collection::vec(op(), 1..80),
         num_blocks in 6usize..40,
         budget in 1usize..24,
+        caching in any::<bool>(),
     ) {
         let mut s = Scheduler::new(SchedulerConfig {
             max_num_seqs: 3,
@@ -193,6 +212,7 @@ proptest! {
             block_size: 4,
             num_blocks,
             max_model_len: 64,
+            enable_prefix_caching: caching,
         });
         let mut next_id = 0u64;
         let mut live = std::collections::BTreeSet::new();
@@ -215,14 +235,16 @@ proptest! {
                     prop_assert!(live.remove(&o.id.0));
                 }
             }
-            prop_assert_eq!(blocks_held(s), s.num_blocks_used());
+            prop_assert_eq!(blocks_held(s), s.blocks().total_refs());
             prop_assert!(s.num_blocks_used() <= num_blocks);
             Ok(())
         };
         for op in ops {
             match op {
-                Op::Add { prompt, max_tokens } => {
-                    if s.add(seq(next_id, prompt, max_tokens)).is_ok() {
+                Op::Add { prompt, max_tokens, family } => {
+                    let tokens = (0..prompt as u32).map(|i| 100 * family + i % 7).collect();
+                    let q = Sequence::new(RequestId(next_id), tokens, max_tokens, vec![EOS]);
+                    if s.add(q).is_ok() {
                         live.insert(next_id);
                     }
                     next_id += 1;
@@ -231,7 +253,7 @@ proptest! {
                     if s.abort(RequestId(id)).is_some() {
                         live.remove(&id);
                     }
-                    prop_assert_eq!(blocks_held(&s), s.num_blocks_used());
+                    prop_assert_eq!(blocks_held(&s), s.blocks().total_refs());
                 }
                 Op::Step { eos_every } => check(&mut s, &mut live, eos_every)?,
             }
@@ -247,4 +269,55 @@ proptest! {
         prop_assert!(live.is_empty());
         prop_assert_eq!(s.num_blocks_used(), 0);
     }
+}
+
+#[test]
+fn a_shared_prefix_is_computed_once() {
+    let mut s = Scheduler::new(cfg(32));
+    let prompt: Vec<u32> = (10..23).collect(); // 13 tokens: 3 full blocks of 4
+    s.add(Sequence::new(RequestId(1), prompt.clone(), 2, vec![EOS]))
+        .unwrap();
+    let b = s.schedule();
+    assert_eq!(b.seqs[0].tokens.len(), 13);
+    s.postprocess(&sample_all(&b));
+    let first_blocks = s.running[0].block_table.clone();
+
+    // Same prompt, new request: the 3 full blocks are shared, only the last token computed.
+    s.add(Sequence::new(RequestId(2), prompt.clone(), 2, vec![EOS]))
+        .unwrap();
+    let b = s.schedule();
+    let second = b.seqs.iter().find(|q| q.id == RequestId(2)).unwrap();
+    assert_eq!(second.start_pos, 12);
+    assert_eq!(second.tokens, vec![22]);
+    assert_eq!(second.block_table[..3], first_blocks[..3]);
+    assert_eq!(s.prefix_cache_stats(), (26, 12));
+    s.postprocess(&sample_all(&b));
+    s.check_blocks();
+
+    // Both finish; the cached blocks stay reusable, and the pool counts them as free.
+    while s.has_work() {
+        let b = s.schedule();
+        s.postprocess(&sample_all(&b));
+    }
+    assert_eq!(s.num_blocks_used(), 0);
+    assert!(s.blocks().num_cached() >= 3);
+    s.add(Sequence::new(RequestId(3), prompt, 1, vec![EOS]))
+        .unwrap();
+    let b = s.schedule();
+    assert_eq!(b.seqs[0].start_pos, 12);
+}
+
+#[test]
+fn without_prefix_caching_everything_is_recomputed() {
+    let mut s = Scheduler::new(SchedulerConfig {
+        enable_prefix_caching: false,
+        ..cfg(32)
+    });
+    for id in 1..=2 {
+        s.add(seq(id, 13, 1)).unwrap();
+        let b = s.schedule();
+        assert_eq!(b.seqs[0].start_pos, 0);
+        s.postprocess(&sample_all(&b));
+    }
+    assert_eq!(s.prefix_cache_stats(), (0, 0));
 }
