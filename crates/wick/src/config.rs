@@ -51,6 +51,12 @@ pub struct ServeArgs {
     /// KV cache size as memory (e.g. 512MiB, 2GiB); overrides --kv-cache-blocks. [key: scheduler.kv_cache_memory]
     #[arg(long, env = "WICK_KV_CACHE_MEMORY")]
     pub kv_cache_memory: Option<String>,
+    /// While streams decode, prompt tokens per step per decoding stream; 0 means no limit. [key: scheduler.prefill_tokens_per_decode]
+    #[arg(long, env = "WICK_PREFILL_TOKENS_PER_DECODE")]
+    pub prefill_tokens_per_decode: Option<usize>,
+    /// ... but at least this many prompt tokens per step. [key: scheduler.min_prefill_tokens_per_step]
+    #[arg(long, env = "WICK_MIN_PREFILL_TOKENS_PER_STEP")]
+    pub min_prefill_tokens_per_step: Option<usize>,
     /// Share the KV blocks of common prompt prefixes (true or false). [key: scheduler.enable_prefix_caching]
     #[arg(long, env = "WICK_ENABLE_PREFIX_CACHING", action = clap::ArgAction::Set)]
     pub enable_prefix_caching: Option<bool>,
@@ -104,6 +110,8 @@ struct FileScheduler {
     kv_cache_memory: Option<String>,
     max_model_len: Option<usize>,
     enable_prefix_caching: Option<bool>,
+    prefill_tokens_per_decode: Option<usize>,
+    min_prefill_tokens_per_step: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -132,6 +140,8 @@ pub struct Config {
     /// 0: the model's own limit.
     pub max_model_len: usize,
     pub enable_prefix_caching: bool,
+    pub prefill_tokens_per_decode: usize,
+    pub min_prefill_tokens_per_step: usize,
     pub max_waiting_requests: usize,
     /// 0: no bound.
     pub max_waiting_prompt_tokens: usize,
@@ -196,6 +206,14 @@ impl Config {
                 .enable_prefix_caching
                 .or(file.scheduler.enable_prefix_caching)
                 .unwrap_or(true),
+            prefill_tokens_per_decode: args
+                .prefill_tokens_per_decode
+                .or(file.scheduler.prefill_tokens_per_decode)
+                .unwrap_or(1),
+            min_prefill_tokens_per_step: args
+                .min_prefill_tokens_per_step
+                .or(file.scheduler.min_prefill_tokens_per_step)
+                .unwrap_or(8),
             max_waiting_requests: args
                 .max_waiting_requests
                 .or(file.queue.max_waiting_requests)
@@ -221,6 +239,10 @@ impl Config {
                 self.max_num_batched_tokens,
             ),
             ("scheduler.block_size", self.block_size),
+            (
+                "scheduler.min_prefill_tokens_per_step",
+                self.min_prefill_tokens_per_step,
+            ),
             ("scheduler.kv_cache_blocks", self.kv_cache_blocks),
             ("queue.max_waiting_requests", self.max_waiting_requests),
         ];

@@ -87,6 +87,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 cfg.max_model_len
             },
             enable_prefix_caching: cfg.enable_prefix_caching,
+            prefill_tokens_per_decode: cfg.prefill_tokens_per_decode,
+            min_prefill_tokens_per_step: cfg.min_prefill_tokens_per_step,
         },
         queue: QueueLimits {
             max_waiting_requests: cfg.max_waiting_requests,

@@ -12,6 +12,8 @@ fn cfg(num_blocks: usize) -> SchedulerConfig {
         num_blocks,
         max_model_len: 64,
         enable_prefix_caching: true,
+        prefill_tokens_per_decode: 0,
+        min_prefill_tokens_per_step: 1,
     }
 }
 
@@ -205,6 +207,7 @@ proptest! {
         num_blocks in 6usize..40,
         budget in 1usize..24,
         caching in any::<bool>(),
+        per_decode in 0usize..3,
     ) {
         let mut s = Scheduler::new(SchedulerConfig {
             max_num_seqs: 3,
@@ -213,6 +216,8 @@ proptest! {
             num_blocks,
             max_model_len: 64,
             enable_prefix_caching: caching,
+            prefill_tokens_per_decode: per_decode,
+            min_prefill_tokens_per_step: 2,
         });
         let mut next_id = 0u64;
         let mut live = std::collections::BTreeSet::new();
@@ -320,4 +325,31 @@ fn without_prefix_caching_everything_is_recomputed() {
         s.postprocess(&sample_all(&b));
     }
     assert_eq!(s.prefix_cache_stats(), (0, 0));
+}
+
+#[test]
+fn prompts_get_a_bounded_share_of_steps_that_decode() {
+    let mut s = Scheduler::new(SchedulerConfig {
+        prefill_tokens_per_decode: 2,
+        min_prefill_tokens_per_step: 3,
+        ..cfg(32)
+    });
+    s.add(seq(1, 4, 20)).unwrap();
+    let b = s.schedule();
+    s.postprocess(&sample_all(&b));
+    // One decoding sequence: a long prompt gets max(2 * 1, 3) = 3 tokens per step.
+    let long = Sequence::new(RequestId(2), (100..130).collect(), 5, vec![EOS]);
+    s.add(long).unwrap();
+    let b = s.schedule();
+    assert_eq!(b.seqs.len(), 2);
+    assert_eq!(b.seqs[1].tokens.len(), 3);
+    s.postprocess(&sample_all(&b));
+    let b = s.schedule();
+    assert_eq!(b.seqs[1].start_pos, 3);
+    assert_eq!(b.seqs[1].tokens.len(), 3);
+    // Nothing decoding: the whole budget goes to the prompt.
+    s.abort(RequestId(1));
+    s.postprocess(&sample_all(&b));
+    let b = s.schedule();
+    assert_eq!(b.seqs[0].tokens.len(), 16);
 }
