@@ -44,12 +44,7 @@ impl Seq {
 }
 
 fn argmax(v: &[f32]) -> u32 {
-    wick_runner::Sampler::new(wick_core::SamplingParams {
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: Some(0),
-    })
-    .sample(v)
+    wick_runner::argmax(v)
 }
 
 #[test]

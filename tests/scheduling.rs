@@ -152,7 +152,8 @@ async fn a_flood_gets_429s_with_retry_after_and_every_accepted_request_completes
     let ok = results.iter().filter(|r| r.0 == 200).count();
     let limited: Vec<_> = results.iter().filter(|r| r.0 == 429).collect();
     assert_eq!(ok + limited.len(), results.len(), "{results:?}");
-    assert!(ok >= 3, "only {ok} accepted");
+    // The first two always fit (one running or waiting, one waiting).
+    assert!(ok >= 2, "only {ok} accepted");
     assert!(
         !limited.is_empty(),
         "no 429 for 12 requests against a queue of 2"

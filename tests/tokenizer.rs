@@ -117,3 +117,30 @@ fn incremental_detokenization_never_splits_a_character() {
         }
     }
 }
+
+#[test]
+fn token_bytes_spell_the_text_exactly() {
+    let assets = assets();
+    for text in [
+        "emoji 🎉🚀 and accents café naïve",
+        "日本語のテキスト",
+        "  tabs\tand\nnewlines\r\n",
+    ] {
+        let ids = assets
+            .tokenizer
+            .encode(text, false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&id| wick_server::token_bytes(&assets.tokenizer, id))
+            .collect();
+        assert_eq!(bytes, text.as_bytes(), "{text:?}");
+    }
+    let im_end = assets.tokenizer.token_to_id("<|im_end|>").unwrap();
+    assert_eq!(
+        wick_server::token_bytes(&assets.tokenizer, im_end),
+        b"<|im_end|>"
+    );
+}

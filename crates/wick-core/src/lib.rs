@@ -19,4 +19,6 @@ pub use metrics::Metrics;
 pub use queue::{
     request_queue, EngineCommand, EngineHandle, QueueLimits, QueueReceiver, Recv, SubmitError,
 };
-pub use request::{EngineRequest, ErrorKind, FinishReason, SamplingParams, TokenEvent};
+pub use request::{
+    EngineRequest, ErrorKind, FinishReason, SamplingParams, TokenEvent, TokenLogprobs,
+};

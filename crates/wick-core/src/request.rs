@@ -4,15 +4,31 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::RequestId;
 
-/// How the next token is drawn from the logits.
+/// How the next token is drawn from the logits. Processing order: `logit_bias`, then the
+/// penalties, then (unless greedy) temperature, `top_k`, `top_p`, `min_p`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// 0 means greedy (argmax).
     pub temperature: f32,
     /// Nucleus sampling: keep the smallest set of tokens whose probability reaches `top_p`.
     pub top_p: f32,
+    /// Keep only the `top_k` most likely tokens (0: all).
+    pub top_k: usize,
+    /// Drop tokens less likely than `min_p` times the most likely one (0: none).
+    pub min_p: f32,
     /// Seed of the request's own random generator; `None` draws one.
     pub seed: Option<u64>,
+    /// OpenAI's: subtracted once from the logit of every token already generated.
+    pub presence_penalty: f32,
+    /// OpenAI's: subtracted from a token's logit once per time it was generated.
+    pub frequency_penalty: f32,
+    /// Hugging Face's: logits of tokens in the prompt or output divided (if positive) or
+    /// multiplied (if negative) by it (1: none).
+    pub repetition_penalty: f32,
+    /// Added to the logits of these tokens.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Report the chosen token's log-probability and this many alternatives (`None`: none).
+    pub logprobs: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -20,9 +36,34 @@ impl Default for SamplingParams {
         Self {
             temperature: 1.0,
             top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
             seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
+            logprobs: None,
         }
     }
+}
+
+impl SamplingParams {
+    /// Greedy decoding with nothing else.
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
+    }
+}
+
+/// The log-probability of a sampled token and of the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    /// Most likely first.
+    pub top: Vec<(u32, f32)>,
 }
 
 /// A validated request, ready for the engine: token ids computed, limits checked.
@@ -64,7 +105,10 @@ impl FinishReason {
 #[derive(Debug, Clone, PartialEq)]
 pub enum TokenEvent {
     /// A sampled token. Stop tokens are not sent as tokens: they arrive as `Finished`.
-    Token { id: u32 },
+    Token {
+        id: u32,
+        logprobs: Option<TokenLogprobs>,
+    },
     /// The sequence ended; no further events follow.
     Finished {
         reason: FinishReason,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 use wick_core::{
     request_queue, EngineCommand, EngineHandle, EngineRequest, ErrorKind, FinishReason, Metrics,
-    QueueLimits, QueueReceiver, Recv, RequestId, ScheduledBatch, TokenEvent,
+    QueueLimits, QueueReceiver, Recv, RequestId, ScheduledBatch, TokenEvent, TokenLogprobs,
 };
 use wick_runner::{ModelAssets, Runner, Sampler};
 use wick_scheduler::{Scheduler, SchedulerConfig, SeqOutcome, Sequence};
@@ -191,6 +191,7 @@ impl<R: StepRunner> Engine<R> {
 
     fn add(&mut self, req: EngineRequest) {
         let prompt_len = req.prompt.len();
+        let sampler = Sampler::new(req.sampling, &req.prompt);
         let seq = Sequence::new(req.id, req.prompt, req.max_tokens, req.stop_token_ids);
         if let Err(e) = self.sched.add(seq) {
             self.queue.release(prompt_len);
@@ -205,7 +206,7 @@ impl<R: StepRunner> Engine<R> {
             req.id,
             Live {
                 events: req.events,
-                sampler: Sampler::new(req.sampling),
+                sampler,
                 arrived: req.arrived,
                 prompt_len,
                 started: false,
@@ -302,20 +303,26 @@ impl<R: StepRunner> Engine<R> {
         };
         let mut rows = logits.iter();
         let mut sampled = Vec::with_capacity(logits.len());
+        let mut logprobs = HashMap::new();
         for s in batch.seqs.iter().filter(|s| s.sample) {
             let (Some(row), Some(live)) = (rows.next(), self.live.get_mut(&s.id)) else {
                 continue;
             };
-            sampled.push((s.id, live.sampler.sample(row)));
+            let drawn = live.sampler.sample(row);
+            sampled.push((s.id, drawn.id));
+            if drawn.logprobs.is_some() {
+                logprobs.insert(s.id, drawn.logprobs);
+            }
         }
         let outcomes = self.sched.postprocess(&sampled);
         let now = Instant::now();
         for o in outcomes {
-            self.emit(o, now);
+            let lp = logprobs.remove(&o.id).flatten();
+            self.emit(o, lp, now);
         }
     }
 
-    fn emit(&mut self, o: SeqOutcome, now: Instant) {
+    fn emit(&mut self, o: SeqOutcome, logprobs: Option<TokenLogprobs>, now: Instant) {
         let Some(live) = self.live.get_mut(&o.id) else {
             return;
         };
@@ -332,7 +339,7 @@ impl<R: StepRunner> Engine<R> {
         live.last_token = Some(now);
         self.metrics.generation_tokens.inc();
         if let Some(id) = o.token {
-            let _ = live.events.send(TokenEvent::Token { id });
+            let _ = live.events.send(TokenEvent::Token { id, logprobs });
         }
         if let Some(reason) = o.finish {
             // Metrics first: a client that reads /metrics after its last event sees them.

@@ -25,7 +25,7 @@ pub use error::RunnerError;
 pub use kv_cache::{CacheConfig, KvCache};
 pub use model::Llama;
 pub use runner::{load, parse_device, LoadOptions, LoadedModel, ModelAssets, Runner, WeightFormat};
-pub use sampling::Sampler;
+pub use sampling::{argmax, logprobs, Sampled, Sampler};
 pub use tokenizer::tokenizer_from_gguf;
 
 pub type Result<T> = std::result::Result<T, RunnerError>;

@@ -1,69 +1,188 @@
-//! Drawing the next token from a row of logits.
+//! Drawing the next token from a row of logits: logit bias, penalties, temperature, top-k,
+//! top-p, min-p, and log-probabilities.
+
+use std::collections::HashMap;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use wick_core::SamplingParams;
+use wick_core::{SamplingParams, TokenLogprobs};
 
-/// One request's sampler: its parameters and its own random generator, so that the same
-/// seed and request give the same tokens whatever else is running.
+/// One request's sampler: its parameters, its own random generator (so the same seed and
+/// request give the same tokens whatever else is running), and what the penalties need.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// Times each token was generated (presence and frequency penalties).
+    generated: HashMap<u32, u32>,
+    /// Tokens of the prompt (repetition penalty).
+    prompt: Vec<u32>,
+    logits: Vec<f32>,
+}
+
+/// A drawn token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub id: u32,
+    pub logprobs: Option<TokenLogprobs>,
 }
 
 impl Sampler {
-    pub fn new(params: SamplingParams) -> Self {
+    pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
         let seed = params.seed.unwrap_or_else(rand::random);
+        let mut prompt = if params.repetition_penalty != 1.0 {
+            prompt.to_vec()
+        } else {
+            Vec::new()
+        };
+        prompt.sort_unstable();
+        prompt.dedup();
         Self {
             params,
             rng: StdRng::seed_from_u64(seed),
+            generated: HashMap::new(),
+            prompt,
+            logits: Vec::new(),
         }
     }
 
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.params.temperature <= 0.0 {
-            return argmax(logits);
+    fn processes_logits(&self) -> bool {
+        let p = &self.params;
+        !p.logit_bias.is_empty()
+            || p.presence_penalty != 0.0
+            || p.frequency_penalty != 0.0
+            || p.repetition_penalty != 1.0
+    }
+
+    /// Applies bias and penalties to a copy of `raw` (in `self.logits`).
+    fn process(&mut self, raw: &[f32]) {
+        self.logits.clear();
+        self.logits.extend_from_slice(raw);
+        let p = &self.params;
+        let n = self.logits.len();
+        for &(id, bias) in &p.logit_bias {
+            if let Some(l) = self.logits.get_mut(id as usize) {
+                *l += bias;
+            }
         }
+        if p.repetition_penalty != 1.0 {
+            let seen = self.prompt.iter().chain(self.generated.keys());
+            for &id in seen.filter(|&&id| (id as usize) < n) {
+                let l = &mut self.logits[id as usize];
+                *l = if *l > 0.0 {
+                    *l / p.repetition_penalty
+                } else {
+                    *l * p.repetition_penalty
+                };
+            }
+        }
+        for (&id, &count) in &self.generated {
+            if let Some(l) = self.logits.get_mut(id as usize) {
+                *l -= p.presence_penalty + p.frequency_penalty * count as f32;
+            }
+        }
+    }
+
+    pub fn sample(&mut self, raw: &[f32]) -> Sampled {
+        let processed = self.processes_logits();
+        if processed {
+            self.process(raw);
+        }
+        let logits: &[f32] = if processed { &self.logits } else { raw };
+        let id = if self.params.temperature <= 0.0 {
+            argmax(logits)
+        } else {
+            let fallback = argmax(logits);
+            let candidates = self.candidates(logits);
+            self.draw(&candidates).unwrap_or(fallback)
+        };
+        *self.generated.entry(id).or_insert(0) += 1;
+        let logprobs = self.params.logprobs.map(|n| logprobs(raw, id, n));
+        Sampled { id, logprobs }
+    }
+
+    /// Tokens left after temperature, top-k, top-p and min-p, with their unnormalized
+    /// probabilities, most likely first when filtered.
+    fn candidates(&self, logits: &[f32]) -> Vec<(f32, u32)> {
+        let p = &self.params;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        if !max.is_finite() {
-            return argmax(logits);
-        }
-        let inv_t = 1.0 / self.params.temperature;
+        let inv_t = 1.0 / p.temperature;
         let mut probs: Vec<(f32, u32)> = logits
             .iter()
             .enumerate()
             .map(|(i, &l)| (((l - max) * inv_t).exp(), i as u32))
-            .filter(|(p, _)| *p > 0.0)
+            .filter(|(w, _)| *w > 0.0)
             .collect();
-        let total: f32 = probs.iter().map(|(p, _)| p).sum();
-        let mut mass = total;
-        if self.params.top_p < 1.0 {
-            probs.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-            let target = self.params.top_p * total;
+        let by_prob = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        if p.top_k > 0 && p.top_k < probs.len() {
+            probs.select_nth_unstable_by(p.top_k - 1, by_prob);
+            probs.truncate(p.top_k);
+        }
+        if p.top_p < 1.0 || p.min_p > 0.0 {
+            probs.sort_unstable_by(by_prob);
+        }
+        if p.min_p > 0.0 {
+            // The largest weight is exp(0) = 1 (or less after top-k ties): relative to it.
+            let top = probs.first().map(|x| x.0).unwrap_or(0.0);
+            probs.retain(|(w, _)| *w >= p.min_p * top);
+        }
+        if p.top_p < 1.0 {
+            let total: f32 = probs.iter().map(|(w, _)| w).sum();
             let mut acc = 0.0;
             let mut keep = probs.len();
-            for (i, (p, _)) in probs.iter().enumerate() {
-                acc += p;
-                if acc >= target {
+            for (i, (w, _)) in probs.iter().enumerate() {
+                acc += w;
+                if acc >= p.top_p * total {
                     keep = i + 1;
                     break;
                 }
             }
             probs.truncate(keep);
-            mass = acc.min(total);
-        }
-        let mut r = self.rng.random::<f32>() * mass;
-        for &(p, id) in &probs {
-            if r < p {
-                return id;
-            }
-            r -= p;
         }
         probs
-            .last()
-            .map(|&(_, id)| id)
-            .unwrap_or_else(|| argmax(logits))
+    }
+
+    fn draw(&mut self, candidates: &[(f32, u32)]) -> Option<u32> {
+        let total: f32 = candidates.iter().map(|(w, _)| w).sum();
+        let mut r = self.rng.random::<f32>() * total;
+        for &(w, id) in candidates {
+            if r < w {
+                return Some(id);
+            }
+            r -= w;
+        }
+        candidates.last().map(|&(_, id)| id)
+    }
+}
+
+/// The model's log-probabilities (log-softmax of the raw logits) of `id` and of the `n`
+/// most likely tokens.
+pub fn logprobs(raw: &[f32], id: u32, n: usize) -> TokenLogprobs {
+    let max = raw.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = raw.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let lse = max as f64 + sum.ln();
+    let lp = |l: f32| (l as f64 - lse) as f32;
+    let mut top: Vec<(u32, f32)> = Vec::new();
+    if n > 0 {
+        let mut all: Vec<(u32, f32)> = raw
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
+        let by = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if n < all.len() {
+            all.select_nth_unstable_by(n - 1, by);
+            all.truncate(n);
+        }
+        all.sort_unstable_by(by);
+        top = all.into_iter().map(|(i, l)| (i, lp(l))).collect();
+    }
+    TokenLogprobs {
+        logprob: raw
+            .get(id as usize)
+            .map(|&l| lp(l))
+            .unwrap_or(f32::NEG_INFINITY),
+        top,
     }
 }
 
@@ -81,58 +200,4 @@ pub fn argmax(logits: &[f32]) -> u32 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn params(temperature: f32, top_p: f32, seed: u64) -> SamplingParams {
-        SamplingParams {
-            temperature,
-            top_p,
-            seed: Some(seed),
-        }
-    }
-
-    #[test]
-    fn greedy_takes_the_first_maximum_and_skips_nan() {
-        let mut s = Sampler::new(params(0.0, 1.0, 1));
-        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]), 1);
-        assert_eq!(s.sample(&[f32::NAN, 0.5, 0.2]), 1);
-    }
-
-    #[test]
-    fn same_seed_same_tokens() {
-        let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
-        let draw = |seed| {
-            let mut s = Sampler::new(params(1.0, 1.0, seed));
-            (0..50).map(|_| s.sample(&logits)).collect::<Vec<_>>()
-        };
-        assert_eq!(draw(7), draw(7));
-        assert_ne!(draw(7), draw(8));
-    }
-
-    #[test]
-    fn top_p_keeps_only_the_nucleus() {
-        // Token 0 has ~88% of the mass, token 1 ~12%, the rest almost nothing.
-        let logits = [5.0, 3.0, -5.0, -5.0, -5.0];
-        let mut s = Sampler::new(params(1.0, 0.5, 3));
-        assert!((0..200).all(|_| s.sample(&logits) == 0));
-        let mut s = Sampler::new(params(1.0, 0.95, 3));
-        let draws: Vec<u32> = (0..400).map(|_| s.sample(&logits)).collect();
-        assert!(draws.iter().all(|&t| t <= 1));
-        assert!(draws.contains(&1));
-    }
-
-    #[test]
-    fn temperature_follows_the_distribution() {
-        // p = softmax([ln 3, 0]) = [0.75, 0.25]
-        let logits = [3f32.ln(), 0.0];
-        let mut s = Sampler::new(params(1.0, 1.0, 11));
-        let n = 20_000;
-        let ones = (0..n).filter(|_| s.sample(&logits) == 1).count();
-        let frac = ones as f64 / n as f64;
-        assert!((frac - 0.25).abs() < 0.02, "got {frac}");
-        // Low temperature sharpens towards the argmax.
-        let mut s = Sampler::new(params(0.1, 1.0, 11));
-        assert!((0..500).all(|_| s.sample(&logits) == 0));
-    }
-}
+mod tests;

@@ -112,6 +112,35 @@ impl StopBuffer {
     }
 }
 
+/// The raw bytes of one token. Byte-level BPE vocabularies (GPT-2's scheme, which every GGUF
+/// "gpt2" tokenizer uses) spell bytes as printable characters; other tokens are their text.
+pub fn token_bytes(tokenizer: &Tokenizer, id: u32) -> Vec<u8> {
+    let Some(piece) = tokenizer.id_to_token(id) else {
+        return Vec::new();
+    };
+    if tokenizer.get_added_vocabulary().is_special_token(&piece) {
+        return piece.into_bytes();
+    }
+    let bytes: Option<Vec<u8>> = piece.chars().map(byte_of_char).collect();
+    bytes.unwrap_or_else(|| tokenizer.decode(&[id], false).unwrap_or(piece).into_bytes())
+}
+
+/// The inverse of GPT-2's `bytes_to_unicode`: printable bytes stand for themselves, the
+/// others were shifted to U+0100 and up, in order.
+fn byte_of_char(c: char) -> Option<u8> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let cp = c as u32;
+    if cp < 256 {
+        return printable(cp).then_some(cp as u8);
+    }
+    let n = cp.checked_sub(256)?;
+    (0u32..256)
+        .filter(|&b| !printable(b))
+        .nth(n as usize)
+        .map(|b| b as u8)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

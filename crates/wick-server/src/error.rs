@@ -35,6 +35,8 @@ pub enum ApiError {
     RouteNotFound(String),
     #[error("The request body is larger than {0} bytes.")]
     PayloadTooLarge(usize),
+    #[error("Incorrect or missing API key: send `Authorization: Bearer <key>`.")]
+    Unauthorized,
 }
 
 impl ApiError {
@@ -58,6 +60,7 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotReady | ApiError::EngineStopped | ApiError::QueueTimeout(_) => {
@@ -79,6 +82,7 @@ impl ApiError {
                 Some("model_not_found"),
             ),
             ApiError::RouteNotFound(_) => ("invalid_request_error", None, Some("not_found")),
+            ApiError::Unauthorized => ("invalid_request_error", None, Some("invalid_api_key")),
             ApiError::PayloadTooLarge(_) => {
                 ("invalid_request_error", None, Some("payload_too_large"))
             }

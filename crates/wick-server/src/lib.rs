@@ -8,9 +8,13 @@
 //! turns the token events back into text (`detok`) and answers as one JSON body or as SSE.
 //! Dropping the response drops the channel, and the engine frees the sequence.
 
+mod auth;
 mod chat;
+mod completions;
 mod detok;
 mod error;
+mod generation;
+mod logprobs;
 pub mod openai;
 mod routes;
 mod template;
@@ -25,10 +29,10 @@ use axum::Router;
 use tokenizers::Tokenizer;
 use wick_core::{EngineHandle, Metrics, RequestId};
 
-pub use detok::{Detokenizer, StopBuffer};
+pub use detok::{token_bytes, Detokenizer, StopBuffer};
 pub use error::ApiError;
 pub use template::{ChatTemplate, TemplateError, TemplateMessage};
-pub use validate::{parse_chat, ValidChat};
+pub use validate::{parse_chat, parse_completion, ValidChat, ValidCompletion};
 
 /// Largest request body accepted (413 beyond).
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -42,10 +46,38 @@ pub struct ServedModel {
     pub stop_token_ids: Vec<u32>,
     /// Longest prompt plus output accepted.
     pub max_model_len: usize,
+    /// Token ids below this are valid.
+    pub vocab_size: usize,
+}
+
+impl ServedModel {
+    /// Token ids of `text` (special tokens in it are parsed), or a 400 naming `param`.
+    pub(crate) fn encode(&self, text: &str, param: &str) -> Result<Vec<u32>, ApiError> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| ApiError::invalid(param, format!("cannot tokenize: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// `ids` if every one is in the vocabulary, or a 400 naming `param`.
+    pub(crate) fn check_ids(&self, ids: Vec<u32>, param: &str) -> Result<Vec<u32>, ApiError> {
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+            return Err(ApiError::invalid(
+                param,
+                format!(
+                    "token id {bad} is not in the vocabulary (size {})",
+                    self.vocab_size
+                ),
+            ));
+        }
+        Ok(ids)
+    }
 }
 
 struct Inner {
     engine: EngineHandle,
+    api_key: Option<String>,
     model: OnceLock<ServedModel>,
     metrics: Metrics,
     next_id: AtomicU64,
@@ -58,10 +90,13 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(engine: EngineHandle, metrics: Metrics) -> Self {
+    /// With `api_key`, every API route but `/health` and `/metrics` requires
+    /// `Authorization: Bearer <api_key>`.
+    pub fn new(engine: EngineHandle, metrics: Metrics, api_key: Option<String>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 engine,
+                api_key,
                 model: OnceLock::new(),
                 metrics,
                 next_id: AtomicU64::new(1),
@@ -76,6 +111,10 @@ impl AppState {
 
     pub(crate) fn model(&self) -> Result<&ServedModel, ApiError> {
         self.inner.model.get().ok_or(ApiError::NotReady)
+    }
+
+    pub(crate) fn api_key(&self) -> Option<&str> {
+        self.inner.api_key.as_deref()
     }
 
     pub(crate) fn engine(&self) -> &EngineHandle {
@@ -93,9 +132,18 @@ impl AppState {
 
 /// The whole HTTP API; tests drive it without a socket.
 pub fn app(state: AppState) -> Router {
-    Router::new()
+    let api = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(completions::completions))
         .route("/v1/models", get(routes::models))
+        .route("/tokenize", post(routes::tokenize))
+        .route("/detokenize", post(routes::detokenize))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ));
+    Router::new()
+        .merge(api)
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics))
         .fallback(routes::not_found)

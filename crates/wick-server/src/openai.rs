@@ -1,43 +1,44 @@
-//! The OpenAI wire types of the chat completions API, as this server reads and writes them.
+//! The OpenAI wire types of the chat completions and completions APIs, as this server reads
+//! and writes them.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// `POST /v1/chat/completions`, as sent. Unknown fields are refused before this is parsed
-/// (see `validate`), so every field here is either honoured or refused with a 400.
-#[derive(Debug, Deserialize)]
-pub struct ChatCompletionRequest {
-    pub model: String,
-    pub messages: Vec<ChatMessage>,
+/// Sampling and control fields shared by both endpoints (flattened into each request).
+#[derive(Debug, Default, Deserialize)]
+pub struct SamplingFields {
     pub max_tokens: Option<i64>,
-    pub max_completion_tokens: Option<i64>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
+    /// Extension (vLLM's name): keep the k most likely tokens; 0 or -1 disables it.
+    pub top_k: Option<i64>,
+    /// Extension (vLLM's name): drop tokens below min_p times the most likely one.
+    pub min_p: Option<f64>,
     pub seed: Option<i64>,
     pub stop: Option<Stop>,
-    #[serde(default)]
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub n: Option<i64>,
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
-    pub logprobs: Option<bool>,
-    pub top_logprobs: Option<Value>,
-    pub logit_bias: Option<serde_json::Map<String, Value>>,
-    pub response_format: Option<Value>,
-    pub tools: Option<Value>,
-    pub tool_choice: Option<Value>,
+    /// Extension: Hugging Face's repetition penalty over prompt and output.
+    pub repetition_penalty: Option<f64>,
+    /// Token id (as a string key) to a bias in [-100, 100].
+    pub logit_bias: Option<BTreeMap<String, f64>>,
+    /// Extension: keep generating past end-of-turn tokens.
+    pub ignore_eos: Option<bool>,
     pub user: Option<String>,
 }
 
-/// The request fields this server knows; any other is refused by name.
-pub const CHAT_FIELDS: &[&str] = &[
-    "model",
-    "messages",
+/// The fields of [`SamplingFields`], for the unknown-field check.
+pub const SAMPLING_FIELDS: &[&str] = &[
     "max_tokens",
-    "max_completion_tokens",
     "temperature",
     "top_p",
+    "top_k",
+    "min_p",
     "seed",
     "stop",
     "stream",
@@ -45,14 +46,66 @@ pub const CHAT_FIELDS: &[&str] = &[
     "n",
     "presence_penalty",
     "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "ignore_eos",
+    "user",
+];
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Deserialize)]
+pub struct ChatCompletionRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    pub max_completion_tokens: Option<i64>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<i64>,
+    pub response_format: Option<Value>,
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<Value>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+pub const CHAT_FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    "max_completion_tokens",
     "logprobs",
     "top_logprobs",
-    "logit_bias",
     "response_format",
     "tools",
     "tool_choice",
-    "user",
+    "parallel_tool_calls",
 ];
+
+/// `POST /v1/completions`.
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: Prompt,
+    /// Number of alternatives to report per token (0 to 20).
+    pub logprobs: Option<i64>,
+    pub echo: Option<bool>,
+    pub suffix: Option<String>,
+    pub best_of: Option<i64>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+pub const COMPLETION_FIELDS: &[&str] =
+    &["model", "prompt", "logprobs", "echo", "suffix", "best_of"];
+
+/// A completions prompt: text or token ids, one or several.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+    IdLists(Vec<Vec<u32>>),
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -91,7 +144,7 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
@@ -105,6 +158,12 @@ impl Usage {
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
         }
+    }
+
+    pub fn add(&mut self, other: Usage) {
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+        self.total_tokens += other.total_tokens;
     }
 }
 
@@ -120,9 +179,9 @@ pub struct ChatCompletion {
 
 #[derive(Debug, Serialize)]
 pub struct Choice {
-    pub index: u32,
+    pub index: usize,
     pub message: AssistantMessage,
-    pub logprobs: Option<Value>,
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<&'static str>,
 }
 
@@ -130,6 +189,27 @@ pub struct Choice {
 pub struct AssistantMessage {
     pub role: &'static str,
     pub content: String,
+}
+
+/// `choices[].logprobs` of the chat API.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
 }
 
 #[derive(Debug, Serialize)]
@@ -145,9 +225,9 @@ pub struct ChatCompletionChunk {
 
 #[derive(Debug, Serialize)]
 pub struct ChunkChoice {
-    pub index: u32,
+    pub index: usize,
     pub delta: Delta,
-    pub logprobs: Option<Value>,
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<&'static str>,
 }
 
@@ -157,6 +237,35 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+}
+
+/// `POST /v1/completions` response (and, with `object` "text_completion", its chunks).
+#[derive(Debug, Serialize)]
+pub struct Completion {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<Usage>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CompletionChoice {
+    pub index: usize,
+    pub text: String,
+    pub logprobs: Option<CompletionLogprobs>,
+    pub finish_reason: Option<&'static str>,
+}
+
+/// `choices[].logprobs` of the completions API.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    pub top_logprobs: Vec<BTreeMap<String, f32>>,
+    pub text_offset: Vec<usize>,
 }
 
 #[derive(Debug, Serialize)]
@@ -172,4 +281,32 @@ pub struct ModelCard {
     pub created: u64,
     pub owned_by: &'static str,
     pub max_model_len: usize,
+}
+
+/// `POST /tokenize`: text (`prompt`) or chat `messages` rendered with the template.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizeRequest {
+    pub model: Option<String>,
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<ChatMessage>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TokenizeResponse {
+    pub tokens: Vec<u32>,
+    pub count: usize,
+    pub max_model_len: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetokenizeRequest {
+    pub model: Option<String>,
+    pub tokens: Vec<u32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DetokenizeResponse {
+    pub prompt: String,
 }

@@ -1,18 +1,68 @@
-//! The small routes: models, health, metrics, and the 404 fallback.
+//! The small routes (models, health, metrics, tokenize, detokenize, the 404 fallback) and
+//! helpers the endpoints share.
 
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, StatusCode, Uri};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::de::DeserializeOwned;
 
-use crate::openai::{ModelCard, ModelList};
-use crate::{ApiError, AppState};
+use crate::openai::{
+    DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
+};
+use crate::validate::messages_from;
+use crate::{ApiError, AppState, ServedModel};
 
 pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// A response id: the prefix, the time and a process-wide counter.
+pub(crate) fn reply_id(prefix: &str, salt: usize) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{prefix}-{:x}{nanos:08x}{n:06x}{salt:x}", unix_now())
+}
+
+pub(crate) fn json_event<T: serde::Serialize>(value: &T) -> Event {
+    Event::default().data(serde_json::to_string(value).unwrap_or_else(|_| "{}".into()))
+}
+
+/// The body, or 413 / 400 when it could not be read.
+pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(crate::MAX_BODY_BYTES)
+        } else {
+            ApiError::invalid("body", e.body_text())
+        }
+    })
+}
+
+pub(crate) fn check_model(model: &ServedModel, requested: &str) -> Result<(), ApiError> {
+    if requested != model.name {
+        return Err(ApiError::ModelNotFound(requested.to_string()));
+    }
+    Ok(())
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let param = e.path().to_string();
+        ApiError::invalid(param.trim_start_matches('.'), e.inner().to_string())
+    })
 }
 
 pub(crate) async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
@@ -27,6 +77,57 @@ pub(crate) async fn models(State(state): State<AppState>) -> Result<Json<ModelLi
             max_model_len: model.max_model_len,
         }],
     }))
+}
+
+/// `POST /tokenize`: a `prompt`, or chat `messages` rendered with the model's template.
+pub(crate) async fn tokenize(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<TokenizeResponse>, ApiError> {
+    let body = body_bytes(body)?;
+    let req: TokenizeRequest = parse(&body)?;
+    let model = state.model()?;
+    if let Some(name) = &req.model {
+        check_model(model, name)?;
+    }
+    let text = match (req.prompt, req.messages) {
+        (Some(p), None) => p,
+        (None, Some(m)) => model
+            .template
+            .render(&messages_from(&m)?)
+            .map_err(|e| ApiError::invalid("messages", e.to_string()))?,
+        _ => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "give exactly one of 'prompt' and 'messages'",
+            ))
+        }
+    };
+    let tokens = model.encode(&text, "prompt")?;
+    Ok(Json(TokenizeResponse {
+        count: tokens.len(),
+        tokens,
+        max_model_len: model.max_model_len,
+    }))
+}
+
+/// `POST /detokenize`: token ids back to text.
+pub(crate) async fn detokenize(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<DetokenizeResponse>, ApiError> {
+    let body = body_bytes(body)?;
+    let req: DetokenizeRequest = parse(&body)?;
+    let model = state.model()?;
+    if let Some(name) = &req.model {
+        check_model(model, name)?;
+    }
+    let tokens = model.check_ids(req.tokens, "tokens")?;
+    let prompt = model
+        .tokenizer
+        .decode(&tokens, false)
+        .map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
+    Ok(Json(DetokenizeResponse { prompt }))
 }
 
 /// 503 until the model is loaded, 200 after.

@@ -1,99 +1,307 @@
 //! Turning a request body into validated parameters. Every rule is a 400 that names its
 //! parameter; fields the server does not support are refused by name, never ignored.
 
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 use wick_core::SamplingParams;
 
-use crate::openai::{ChatCompletionRequest, MessageContent, Stop, CHAT_FIELDS};
+use crate::openai::{
+    ChatCompletionRequest, CompletionRequest, MessageContent, Prompt, SamplingFields, Stop,
+    CHAT_FIELDS, COMPLETION_FIELDS, SAMPLING_FIELDS,
+};
 use crate::template::TemplateMessage;
 use crate::ApiError;
 
 const MAX_STOP_STRINGS: usize = 4;
+const MAX_N: usize = 16;
+const MAX_TOP_LOGPROBS: usize = 20;
 const ROLES: &[&str] = &["system", "developer", "user", "assistant"];
+
+/// Sampling and control, checked; shared by both endpoints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidSampling {
+    pub params: SamplingParams,
+    pub max_tokens: Option<usize>,
+    pub stop: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// Choices per prompt.
+    pub n: usize,
+    pub ignore_eos: bool,
+    pub user: Option<String>,
+}
 
 /// A chat request that passed every check.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidChat {
     pub model: String,
     pub messages: Vec<TemplateMessage>,
-    pub max_tokens: Option<usize>,
-    pub sampling: SamplingParams,
-    pub stop: Vec<String>,
-    pub stream: bool,
-    pub include_usage: bool,
-    pub user: Option<String>,
+    pub sampling: ValidSampling,
 }
 
-/// Parses and checks a `POST /v1/chat/completions` body.
-pub fn parse_chat(body: &[u8]) -> Result<ValidChat, ApiError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| ApiError::InvalidRequest {
-        message: format!("The request body is not valid JSON: {e}"),
+/// One completions prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptInput {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+/// A completions request that passed every check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidCompletion {
+    pub model: String,
+    pub prompts: Vec<PromptInput>,
+    pub sampling: ValidSampling,
+}
+
+fn invalid_json(message: String) -> ApiError {
+    ApiError::InvalidRequest {
+        message,
         param: None,
         code: Some("invalid_json"),
-    })?;
+    }
+}
+
+/// Parses a JSON object body, refusing unknown fields by name and type errors by path.
+fn parse_object<T: DeserializeOwned>(
+    body: &[u8],
+    fields: &[&[&str]],
+    required: &[&str],
+) -> Result<T, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| invalid_json(format!("The request body is not valid JSON: {e}")))?;
     let Some(obj) = value.as_object() else {
-        return Err(ApiError::InvalidRequest {
-            message: "The request body must be a JSON object.".into(),
-            param: None,
-            code: Some("invalid_json"),
-        });
+        return Err(invalid_json(
+            "The request body must be a JSON object.".into(),
+        ));
     };
-    if let Some(unknown) = obj.keys().find(|k| !CHAT_FIELDS.contains(&k.as_str())) {
+    let known = |k: &str| fields.iter().any(|f| f.contains(&k));
+    if let Some(unknown) = obj.keys().find(|k| !known(k)) {
         return Err(ApiError::InvalidRequest {
             message: format!("Unrecognized request argument supplied: {unknown}"),
             param: Some(unknown.clone()),
             code: Some("unknown_parameter"),
         });
     }
-    for required in ["model", "messages"] {
-        if obj.get(required).is_none_or(Value::is_null) {
+    for &name in required {
+        if obj.get(name).is_none_or(Value::is_null) {
             return Err(ApiError::invalid(
-                required,
-                format!("Missing required parameter: '{required}'."),
+                name,
+                format!("Missing required parameter: '{name}'."),
             ));
         }
     }
-    let req: ChatCompletionRequest = serde_path_to_error::deserialize(value).map_err(|e| {
+    // Type errors name their field; inside the flattened sampling fields serde loses the
+    // path, so it is found by checking them one by one.
+    serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let param = path.trim_start_matches('.').to_string();
+        let param = if param.is_empty() || param == "?" {
+            first_bad_field(obj_clone(body)).unwrap_or_else(|| "body".into())
+        } else {
+            param
+        };
         ApiError::invalid(
-            if param.is_empty() {
-                "body".into()
-            } else {
-                param.clone()
-            },
-            format!("Invalid type for '{param}': {}", e.inner()),
+            param.clone(),
+            format!("Invalid value for '{param}': {}", e.inner()),
         )
-    })?;
-    check(req)
+    })
 }
 
-fn check(req: ChatCompletionRequest) -> Result<ValidChat, ApiError> {
-    refuse_unsupported(&req)?;
-    let messages = messages(&req)?;
-    let max_tokens = match (req.max_completion_tokens, req.max_tokens) {
-        (Some(n), _) => Some(positive("max_completion_tokens", n)?),
-        (None, Some(n)) => Some(positive("max_tokens", n)?),
-        (None, None) => None,
+fn obj_clone(body: &[u8]) -> serde_json::Map<String, Value> {
+    serde_json::from_slice(body).unwrap_or_default()
+}
+
+/// For errors inside the flattened sampling fields: the first field whose value has the
+/// wrong type.
+fn first_bad_field(obj: serde_json::Map<String, Value>) -> Option<String> {
+    obj.into_iter()
+        .find(|(k, v)| {
+            let single = serde_json::json!({ k.clone(): v.clone() });
+            serde_json::from_value::<SamplingFields>(single).is_err()
+        })
+        .map(|(k, _)| k)
+}
+
+/// Parses and checks a `POST /v1/chat/completions` body.
+pub fn parse_chat(body: &[u8]) -> Result<ValidChat, ApiError> {
+    let req: ChatCompletionRequest = parse_object(
+        body,
+        &[CHAT_FIELDS, SAMPLING_FIELDS],
+        &["model", "messages"],
+    )?;
+    refuse_chat_unsupported(&req)?;
+    let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
+        (false, Some(_)) => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "'top_logprobs' needs 'logprobs' set to true",
+            ))
+        }
+        (false, None) => None,
+        (true, n) => Some(in_range(
+            "top_logprobs",
+            n.unwrap_or(0),
+            0,
+            MAX_TOP_LOGPROBS,
+        )?),
     };
-    let temperature = req.temperature.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) {
+    let max_tokens = match req.max_completion_tokens {
+        Some(n) => Some(("max_completion_tokens", n)),
+        None => req.sampling.max_tokens.map(|n| ("max_tokens", n)),
+    };
+    Ok(ValidChat {
+        messages: messages(&req)?,
+        sampling: sampling(&req.sampling, max_tokens, logprobs)?,
+        model: req.model,
+    })
+}
+
+/// Parses and checks a `POST /v1/completions` body.
+pub fn parse_completion(body: &[u8]) -> Result<ValidCompletion, ApiError> {
+    let req: CompletionRequest = parse_object(
+        body,
+        &[COMPLETION_FIELDS, SAMPLING_FIELDS],
+        &["model", "prompt"],
+    )?;
+    if req.echo == Some(true) {
+        return Err(ApiError::unsupported("echo", "true"));
+    }
+    if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::unsupported("suffix", "(insertion)"));
+    }
+    let n = req.sampling.n.unwrap_or(1);
+    if req.best_of.is_some_and(|b| b != n) {
+        return Err(ApiError::unsupported("best_of", "other than n"));
+    }
+    let logprobs = req
+        .logprobs
+        .map(|n| in_range("logprobs", n, 0, MAX_TOP_LOGPROBS))
+        .transpose()?;
+    let prompts = match req.prompt {
+        Prompt::Text(t) => vec![PromptInput::Text(t)],
+        Prompt::Texts(ts) => ts.into_iter().map(PromptInput::Text).collect(),
+        Prompt::Ids(ids) => vec![PromptInput::Ids(ids)],
+        Prompt::IdLists(lists) => lists.into_iter().map(PromptInput::Ids).collect(),
+    };
+    if prompts.is_empty() || prompts.len() > MAX_N {
         return Err(ApiError::invalid(
-            "temperature",
-            format!("{temperature} is not in [0, 2]: 'temperature'"),
+            "prompt",
+            format!("'prompt' takes 1 to {MAX_N} prompts"),
         ));
     }
-    let top_p = req.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
+    if prompts
+        .iter()
+        .any(|p| matches!(p, PromptInput::Ids(ids) if ids.is_empty()))
+    {
+        return Err(ApiError::invalid("prompt", "a token-id prompt is empty"));
+    }
+    // OpenAI's completions default to 16 tokens.
+    let max_tokens = Some(("max_tokens", req.sampling.max_tokens.unwrap_or(16)));
+    Ok(ValidCompletion {
+        sampling: sampling(&req.sampling, max_tokens, logprobs)?,
+        prompts,
+        model: req.model,
+    })
+}
+
+fn in_range(param: &str, n: i64, lo: usize, hi: usize) -> Result<usize, ApiError> {
+    if n < lo as i64 || n > hi as i64 {
         return Err(ApiError::invalid(
-            "top_p",
-            format!("{top_p} is not in (0, 1]: 'top_p'"),
+            param,
+            format!("{n} is not in [{lo}, {hi}]: '{param}'"),
         ));
     }
-    let stop = match req.stop {
+    Ok(n as usize)
+}
+
+fn float_in(
+    param: &str,
+    v: Option<f64>,
+    default: f64,
+    ok: impl Fn(f64) -> bool,
+    range: &str,
+) -> Result<f32, ApiError> {
+    let v = v.unwrap_or(default);
+    if !ok(v) {
+        return Err(ApiError::invalid(
+            param,
+            format!("{v} is not in {range}: '{param}'"),
+        ));
+    }
+    Ok(v as f32)
+}
+
+fn sampling(
+    f: &SamplingFields,
+    max_tokens: Option<(&str, i64)>,
+    logprobs: Option<usize>,
+) -> Result<ValidSampling, ApiError> {
+    let max_tokens = max_tokens
+        .map(|(param, n)| in_range(param, n, 1, usize::MAX >> 1))
+        .transpose()?;
+    let temperature = float_in(
+        "temperature",
+        f.temperature,
+        1.0,
+        |t| (0.0..=2.0).contains(&t),
+        "[0, 2]",
+    )?;
+    let top_p = float_in("top_p", f.top_p, 1.0, |p| p > 0.0 && p <= 1.0, "(0, 1]")?;
+    let min_p = float_in(
+        "min_p",
+        f.min_p,
+        0.0,
+        |p| (0.0..=1.0).contains(&p),
+        "[0, 1]",
+    )?;
+    let penalty = |v| (-2.0..=2.0).contains(&v);
+    let presence_penalty = float_in(
+        "presence_penalty",
+        f.presence_penalty,
+        0.0,
+        penalty,
+        "[-2, 2]",
+    )?;
+    let frequency_penalty = float_in(
+        "frequency_penalty",
+        f.frequency_penalty,
+        0.0,
+        penalty,
+        "[-2, 2]",
+    )?;
+    let repetition_penalty = float_in(
+        "repetition_penalty",
+        f.repetition_penalty,
+        1.0,
+        |v| v > 0.0 && v <= 10.0,
+        "(0, 10]",
+    )?;
+    let top_k = match f.top_k {
+        None | Some(-1) => 0,
+        Some(k) => in_range("top_k", k, 0, u32::MAX as usize)?,
+    };
+    let n = in_range("n", f.n.unwrap_or(1), 1, MAX_N)?;
+    let mut logit_bias = Vec::new();
+    for (k, &v) in f.logit_bias.iter().flatten() {
+        let id = k.parse::<u32>().map_err(|_| {
+            ApiError::invalid(
+                "logit_bias",
+                format!("'logit_bias' key {k:?} is not a token id"),
+            )
+        })?;
+        if !(-100.0..=100.0).contains(&v) {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                format!("'logit_bias' value {v} is not in [-100, 100]"),
+            ));
+        }
+        logit_bias.push((id, v as f32));
+    }
+    let stop = match &f.stop {
         None => Vec::new(),
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(v)) => v,
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
     };
     if stop.len() > MAX_STOP_STRINGS || stop.iter().any(String::is_empty) {
         return Err(ApiError::invalid(
@@ -101,65 +309,43 @@ fn check(req: ChatCompletionRequest) -> Result<ValidChat, ApiError> {
             format!("'stop' takes up to {MAX_STOP_STRINGS} non-empty strings"),
         ));
     }
-    let stream = req.stream.unwrap_or(false);
-    if req.stream_options.is_some() && !stream {
+    let stream = f.stream.unwrap_or(false);
+    if f.stream_options.is_some() && !stream {
         return Err(ApiError::invalid(
             "stream_options",
             "'stream_options' is only allowed when 'stream' is true",
         ));
     }
-    Ok(ValidChat {
-        model: req.model,
-        messages,
-        max_tokens,
-        sampling: SamplingParams {
-            temperature: temperature as f32,
-            top_p: top_p as f32,
-            seed: req.seed.map(|s| s as u64),
+    Ok(ValidSampling {
+        params: SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            min_p,
+            seed: f.seed.map(|s| s as u64),
+            presence_penalty,
+            frequency_penalty,
+            repetition_penalty,
+            logit_bias,
+            logprobs,
         },
+        max_tokens,
         stop,
         stream,
-        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
-        user: req.user,
+        include_usage: f.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        n,
+        ignore_eos: f.ignore_eos.unwrap_or(false),
+        user: f.user.clone(),
     })
 }
 
-fn positive(param: &str, n: i64) -> Result<usize, ApiError> {
-    if n < 1 {
-        return Err(ApiError::invalid(
-            param,
-            format!("{n} is less than the minimum of 1: '{param}'"),
-        ));
-    }
-    Ok(n as usize)
-}
-
-/// Fields OpenAI defines that this server does not implement yet: accepted only at their
-/// neutral values, refused otherwise.
-fn refuse_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
-    if req.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::unsupported("n", "other than 1"));
-    }
-    if req.presence_penalty.is_some_and(|p| p != 0.0) {
-        return Err(ApiError::unsupported("presence_penalty", "other than 0"));
-    }
-    if req.frequency_penalty.is_some_and(|p| p != 0.0) {
-        return Err(ApiError::unsupported("frequency_penalty", "other than 0"));
-    }
-    if req.logprobs == Some(true) {
-        return Err(ApiError::unsupported("logprobs", "true"));
-    }
-    if req.top_logprobs.as_ref().is_some_and(|v| !v.is_null()) {
-        return Err(ApiError::unsupported("top_logprobs", "(any value)"));
-    }
-    if req.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
-        return Err(ApiError::unsupported("logit_bias", "(non-empty)"));
-    }
+/// Chat fields this server does not implement: accepted only at their neutral values.
+fn refuse_chat_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
     if let Some(rf) = &req.response_format {
         if rf.get("type").and_then(Value::as_str) != Some("text") {
             return Err(ApiError::unsupported(
                 "response_format",
-                "other than {\"type\": \"text\"}",
+                "other than {\"type\": \"text\"} (structured output)",
             ));
         }
     }
@@ -173,18 +359,29 @@ fn refuse_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
     {
         return Err(ApiError::unsupported("tool_choice", "other than \"none\""));
     }
+    if req
+        .parallel_tool_calls
+        .as_ref()
+        .is_some_and(|v| !v.is_null())
+    {
+        return Err(ApiError::unsupported(
+            "parallel_tool_calls",
+            "(tool calling)",
+        ));
+    }
     Ok(())
 }
 
-fn messages(req: &ChatCompletionRequest) -> Result<Vec<TemplateMessage>, ApiError> {
-    if req.messages.is_empty() {
+pub(crate) fn messages_from(
+    list: &[crate::openai::ChatMessage],
+) -> Result<Vec<TemplateMessage>, ApiError> {
+    if list.is_empty() {
         return Err(ApiError::invalid(
             "messages",
             "'messages' must not be empty",
         ));
     }
-    req.messages
-        .iter()
+    list.iter()
         .enumerate()
         .map(|(i, m)| {
             if !ROLES.contains(&m.role.as_str()) {
@@ -198,7 +395,13 @@ fn messages(req: &ChatCompletionRequest) -> Result<Vec<TemplateMessage>, ApiErro
                 ));
             }
             let content = match &m.content {
-                None => String::new(),
+                None if m.role == "assistant" => String::new(),
+                None => {
+                    return Err(ApiError::invalid(
+                        format!("messages[{i}].content"),
+                        format!("Missing required parameter: 'messages[{i}].content'."),
+                    ))
+                }
                 Some(MessageContent::Text(t)) => t.clone(),
                 Some(MessageContent::Parts(parts)) => {
                     let mut text = String::new();
@@ -219,12 +422,6 @@ fn messages(req: &ChatCompletionRequest) -> Result<Vec<TemplateMessage>, ApiErro
                     text
                 }
             };
-            if m.content.is_none() && m.role != "assistant" {
-                return Err(ApiError::invalid(
-                    format!("messages[{i}].content"),
-                    format!("Missing required parameter: 'messages[{i}].content'."),
-                ));
-            }
             // Templates know "system"; OpenAI's newer "developer" role means the same.
             let role = if m.role == "developer" {
                 "system"
@@ -240,96 +437,9 @@ fn messages(req: &ChatCompletionRequest) -> Result<Vec<TemplateMessage>, ApiErro
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn param_of(body: &str) -> Option<String> {
-        match parse_chat(body.as_bytes()) {
-            Err(ApiError::InvalidRequest { param, .. }) => param,
-            other => panic!("expected a 400 for {body}, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn a_full_request_parses() {
-        let v = parse_chat(
-            br#"{"model":"m","messages":[{"role":"developer","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]},{"role":"user","content":"hi"}],
-                 "max_completion_tokens":5,"temperature":0,"top_p":0.5,"seed":3,"stop":"x",
-                 "stream":true,"stream_options":{"include_usage":true},"n":1,"user":"u"}"#,
-        )
-        .unwrap();
-        assert_eq!(v.messages[0].role, "system");
-        assert_eq!(v.messages[0].content, "ab");
-        assert_eq!(v.max_tokens, Some(5));
-        assert_eq!(v.sampling.temperature, 0.0);
-        assert_eq!(v.sampling.seed, Some(3));
-        assert_eq!(v.stop, vec!["x".to_string()]);
-        assert!(v.stream && v.include_usage);
-    }
-
-    #[test]
-    fn every_bad_field_is_named() {
-        let m = r#""model":"m","messages":[{"role":"user","content":"hi"}]"#;
-        assert_eq!(param_of("{not json"), None);
-        assert_eq!(param_of("[1]"), None);
-        assert_eq!(param_of(r#"{"model":"m"}"#).as_deref(), Some("messages"));
-        assert_eq!(param_of(r#"{"messages":[]}"#).as_deref(), Some("model"));
-        assert_eq!(
-            param_of(r#"{"model":"m","messages":[]}"#).as_deref(),
-            Some("messages")
-        );
-        assert_eq!(
-            param_of(r#"{"model":"m","messages":[{"role":"wizard","content":"x"}]}"#).as_deref(),
-            Some("messages[0].role")
-        );
-        assert_eq!(
-            param_of(r#"{"model":"m","messages":"hi"}"#).as_deref(),
-            Some("messages")
-        );
-        assert_eq!(
-            param_of(&format!(r#"{{{m},"temperature":"hot"}}"#)).as_deref(),
-            Some("temperature")
-        );
-        assert_eq!(
-            param_of(&format!(r#"{{{m},"temperature":2.5}}"#)).as_deref(),
-            Some("temperature")
-        );
-        assert_eq!(
-            param_of(&format!(r#"{{{m},"top_p":0}}"#)).as_deref(),
-            Some("top_p")
-        );
-        assert_eq!(
-            param_of(&format!(r#"{{{m},"max_tokens":0}}"#)).as_deref(),
-            Some("max_tokens")
-        );
-        assert_eq!(
-            param_of(&format!(r#"{{{m},"max_tokens":1.5}}"#)).as_deref(),
-            Some("max_tokens")
-        );
-        assert_eq!(
-            param_of(&format!(r#"{{{m},"stop":["a","b","c","d","e"]}}"#)).as_deref(),
-            Some("stop")
-        );
-        assert_eq!(param_of(&format!(r#"{{{m},"n":2}}"#)).as_deref(), Some("n"));
-        assert_eq!(
-            param_of(&format!(r#"{{{m},"logprobs":true}}"#)).as_deref(),
-            Some("logprobs")
-        );
-        assert_eq!(
-            param_of(&format!(r#"{{{m},"tools":[]}}"#)).as_deref(),
-            Some("tools")
-        );
-        assert_eq!(
-            param_of(&format!(r#"{{{m},"frobnicate":1}}"#)).as_deref(),
-            Some("frobnicate")
-        );
-        assert_eq!(
-            param_of(&format!(
-                r#"{{{m},"stream_options":{{"include_usage":true}}}}"#
-            ))
-            .as_deref(),
-            Some("stream_options")
-        );
-    }
+fn messages(req: &ChatCompletionRequest) -> Result<Vec<TemplateMessage>, ApiError> {
+    messages_from(&req.messages)
 }
+
+#[cfg(test)]
+mod tests;

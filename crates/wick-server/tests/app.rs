@@ -16,7 +16,7 @@ use wick_server::{app, AppState, MAX_BODY_BYTES};
 
 async fn call(req: Request<Body>) -> (StatusCode, Value) {
     let (handle, _queue) = request_queue(LIMITS);
-    let res = app(AppState::new(handle, Metrics::new()))
+    let res = app(AppState::new(handle, Metrics::new(), None))
         .oneshot(req)
         .await
         .unwrap();
@@ -49,7 +49,7 @@ async fn not_ready_until_the_model_is_loaded() {
 #[tokio::test]
 async fn metrics_are_served_before_ready() {
     let (handle, _queue) = request_queue(LIMITS);
-    let res = app(AppState::new(handle, Metrics::new()))
+    let res = app(AppState::new(handle, Metrics::new(), None))
         .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
         .await
         .unwrap();
@@ -69,4 +69,40 @@ async fn unknown_routes_and_huge_bodies_get_openai_errors() {
     let (status, body) = call(post(vec![b' '; MAX_BODY_BYTES + 10])).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(body["error"]["code"], "payload_too_large");
+}
+
+#[tokio::test]
+async fn an_api_key_guards_the_api_but_not_health_or_metrics() {
+    let (handle, _queue) = request_queue(LIMITS);
+    let app = app(AppState::new(handle, Metrics::new(), Some("sekrit".into())));
+    let get = |path: &str, auth: Option<&str>| {
+        let mut r = Request::get(path);
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        r.body(Body::empty()).unwrap()
+    };
+    let status = |r: axum::response::Response| r.status();
+    let r = app.clone().oneshot(get("/v1/models", None)).await.unwrap();
+    assert_eq!(status(r), StatusCode::UNAUTHORIZED);
+    let r = app
+        .clone()
+        .oneshot(get("/v1/models", Some("Bearer wrong")))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["code"], "invalid_api_key");
+    // The right key gets through (to a 503: no model in this test).
+    let r = app
+        .clone()
+        .oneshot(get("/v1/models", Some("Bearer sekrit")))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let r = app.clone().oneshot(get("/metrics", None)).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = app.clone().oneshot(get("/health", None)).await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
 }

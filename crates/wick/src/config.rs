@@ -27,6 +27,9 @@ pub struct ServeArgs {
     /// GGUF linear weights: native (as stored), q8_0 or f32. [key: model.weight_format]
     #[arg(long, env = "WICK_WEIGHT_FORMAT")]
     pub weight_format: Option<String>,
+    /// Require `Authorization: Bearer <key>` on the API (not on /health and /metrics). [key: server.api_key]
+    #[arg(long, env = "WICK_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Address to listen on. [key: server.host]
     #[arg(long, env = "WICK_HOST")]
     pub host: Option<String>,
@@ -87,6 +90,7 @@ struct FileConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileServer {
+    api_key: Option<String>,
     host: Option<String>,
     port: Option<u16>,
 }
@@ -129,6 +133,7 @@ pub struct Config {
     pub served_model_name: Option<String>,
     pub device: String,
     pub weight_format: String,
+    pub api_key: Option<String>,
     pub host: String,
     pub port: u16,
     pub max_num_seqs: usize,
@@ -175,6 +180,10 @@ impl Config {
                 .weight_format
                 .or(file.model.weight_format)
                 .unwrap_or_else(|| "native".into()),
+            api_key: args
+                .api_key
+                .or(file.server.api_key)
+                .filter(|k| !k.is_empty()),
             host: args
                 .host
                 .or(file.server.host)

@@ -118,7 +118,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         Ok(Loaded { runner, assets: loaded.assets, num_blocks })
     })
     .context("cannot start the engine thread")?;
-    let state = AppState::new(engine.handle, metrics);
+    let state = AppState::new(engine.handle, metrics, cfg.api_key.clone());
     let ready_rx = engine.ready;
     tracing::info!(%addr, model = %cfg.model.display(), "listening; loading the model");
 
@@ -159,6 +159,7 @@ fn served_model(cfg: &Config, ready: Ready) -> anyhow::Result<ServedModel> {
     let template = ChatTemplate::new(&source, a.bos_token.clone(), a.eos_token.clone())?;
     Ok(ServedModel {
         name: cfg.served_model_name.clone().unwrap_or(a.name),
+        vocab_size: a.tokenizer.get_vocab_size(true),
         tokenizer: Arc::new(a.tokenizer),
         template,
         stop_token_ids: a.stop_token_ids,

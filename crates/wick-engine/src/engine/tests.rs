@@ -89,11 +89,7 @@ fn submit(
         prompt,
         max_tokens,
         stop_token_ids: vec![STOP],
-        sampling: SamplingParams {
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: None,
-        },
+        sampling: SamplingParams::greedy(),
         arrived: Instant::now(),
         events: tx,
     })
@@ -131,9 +127,18 @@ fn concurrent_requests_each_get_their_own_tokens() {
     assert_eq!(
         a,
         vec![
-            TokenEvent::Token { id: 5 },
-            TokenEvent::Token { id: 6 },
-            TokenEvent::Token { id: 7 },
+            TokenEvent::Token {
+                id: 5,
+                logprobs: None
+            },
+            TokenEvent::Token {
+                id: 6,
+                logprobs: None
+            },
+            TokenEvent::Token {
+                id: 7,
+                logprobs: None
+            },
             TokenEvent::Finished {
                 reason: FinishReason::Length,
                 prompt_tokens: 2,
@@ -145,8 +150,14 @@ fn concurrent_requests_each_get_their_own_tokens() {
     assert_eq!(
         b,
         vec![
-            TokenEvent::Token { id: 13 },
-            TokenEvent::Token { id: 14 },
+            TokenEvent::Token {
+                id: 13,
+                logprobs: None
+            },
+            TokenEvent::Token {
+                id: 14,
+                logprobs: None
+            },
             TokenEvent::Finished {
                 reason: FinishReason::Stop,
                 prompt_tokens: 1,
@@ -258,7 +269,7 @@ fn tokens(events: &[TokenEvent]) -> Vec<u32> {
     events
         .iter()
         .filter_map(|e| match e {
-            TokenEvent::Token { id } => Some(*id),
+            TokenEvent::Token { id, .. } => Some(*id),
             _ => None,
         })
         .collect()

@@ -1,0 +1,152 @@
+use super::*;
+
+fn params(temperature: f32, top_p: f32, seed: u64) -> SamplingParams {
+    SamplingParams {
+        temperature,
+        top_p,
+        seed: Some(seed),
+        ..SamplingParams::default()
+    }
+}
+
+fn draws(p: SamplingParams, logits: &[f32], n: usize) -> Vec<u32> {
+    let mut s = Sampler::new(p, &[]);
+    (0..n).map(|_| s.sample(logits).id).collect()
+}
+
+#[test]
+fn greedy_takes_the_first_maximum_and_skips_nan() {
+    let mut s = Sampler::new(params(0.0, 1.0, 1), &[]);
+    assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]).id, 1);
+    assert_eq!(s.sample(&[f32::NAN, 0.5, 0.2]).id, 1);
+}
+
+#[test]
+fn same_seed_same_tokens() {
+    let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
+    assert_eq!(
+        draws(params(1.0, 1.0, 7), &logits, 50),
+        draws(params(1.0, 1.0, 7), &logits, 50)
+    );
+    assert_ne!(
+        draws(params(1.0, 1.0, 7), &logits, 50),
+        draws(params(1.0, 1.0, 8), &logits, 50)
+    );
+}
+
+#[test]
+fn top_p_keeps_only_the_nucleus() {
+    // Token 0 has ~88% of the mass, token 1 ~12%, the rest almost nothing.
+    let logits = [5.0, 3.0, -5.0, -5.0, -5.0];
+    assert!(draws(params(1.0, 0.5, 3), &logits, 200)
+        .iter()
+        .all(|&t| t == 0));
+    let d = draws(params(1.0, 0.95, 3), &logits, 400);
+    assert!(d.iter().all(|&t| t <= 1));
+    assert!(d.contains(&1));
+}
+
+#[test]
+fn temperature_follows_the_distribution() {
+    // p = softmax([ln 3, 0]) = [0.75, 0.25]
+    let logits = [3f32.ln(), 0.0];
+    let n = 20_000;
+    let ones = draws(params(1.0, 1.0, 11), &logits, n)
+        .iter()
+        .filter(|&&t| t == 1)
+        .count();
+    let frac = ones as f64 / n as f64;
+    assert!((frac - 0.25).abs() < 0.02, "got {frac}");
+    assert!(draws(params(0.1, 1.0, 11), &logits, 500)
+        .iter()
+        .all(|&t| t == 0));
+}
+
+#[test]
+fn top_k_keeps_the_k_most_likely() {
+    let logits = [1.0, 4.0, 3.0, 2.0, 0.0];
+    let p = SamplingParams {
+        top_k: 2,
+        ..params(2.0, 1.0, 5)
+    };
+    let d = draws(p, &logits, 500);
+    assert!(d.iter().all(|&t| t == 1 || t == 2));
+    assert!(d.contains(&1) && d.contains(&2));
+}
+
+#[test]
+fn min_p_drops_the_unlikely() {
+    // Relative weights 1, e^-1 (0.37), e^-3 (0.05): min_p 0.2 keeps the first two.
+    let logits = [3.0, 2.0, 0.0];
+    let p = SamplingParams {
+        min_p: 0.2,
+        ..params(1.0, 1.0, 5)
+    };
+    let d = draws(p, &logits, 1000);
+    assert!(d.iter().all(|&t| t != 2));
+    assert!(d.contains(&1));
+}
+
+#[test]
+fn logit_bias_can_force_or_forbid() {
+    let logits = [2.0, 1.0, 0.0];
+    let p = SamplingParams {
+        logit_bias: vec![(2, 100.0)],
+        ..params(0.0, 1.0, 1)
+    };
+    assert_eq!(draws(p, &logits, 3), vec![2, 2, 2]);
+    let p = SamplingParams {
+        logit_bias: vec![(0, -100.0)],
+        ..params(1.0, 1.0, 1)
+    };
+    assert!(draws(p, &logits, 300).iter().all(|&t| t != 0));
+}
+
+#[test]
+fn presence_and_frequency_penalties_push_away_from_repeats() {
+    let logits = [1.0, 0.5, 0.0];
+    // Greedy picks 0 forever without a penalty...
+    assert_eq!(draws(params(0.0, 1.0, 1), &logits, 3), vec![0, 0, 0]);
+    // ... a presence penalty of 0.6 makes 0 (0.4) lose to 1 (0.5) once 0 was generated;
+    // then 1 is penalized too (-0.1), and 0 (0.4) beats 2 (0.0).
+    let p = SamplingParams {
+        presence_penalty: 0.6,
+        ..params(0.0, 1.0, 1)
+    };
+    assert_eq!(draws(p, &logits, 3), vec![0, 1, 0]);
+    // A frequency penalty grows with each repeat: 0 (1.0), 0 (0.7), then 1 (0.5 > 0.4).
+    let p = SamplingParams {
+        frequency_penalty: 0.3,
+        ..params(0.0, 1.0, 1)
+    };
+    assert_eq!(draws(p, &logits, 3), vec![0, 0, 1]);
+}
+
+#[test]
+fn repetition_penalty_covers_the_prompt() {
+    let logits = [2.0, 1.5, -1.0];
+    let p = SamplingParams {
+        repetition_penalty: 2.0,
+        ..params(0.0, 1.0, 1)
+    };
+    // Token 0 is in the prompt: 2.0 / 2 = 1.0 < 1.5.
+    let mut s = Sampler::new(p, &[0]);
+    assert_eq!(s.sample(&logits).id, 1);
+}
+
+#[test]
+fn logprobs_are_the_models_log_softmax() {
+    let logits = [2.0f32, 1.0, 0.0];
+    let p = SamplingParams {
+        logprobs: Some(2),
+        ..params(0.0, 1.0, 1)
+    };
+    let out = Sampler::new(p, &[]).sample(&logits);
+    let z: f32 = logits.iter().map(|l| l.exp()).sum();
+    let lp = out.logprobs.unwrap();
+    assert!((lp.logprob - (2f32.exp() / z).ln()).abs() < 1e-5);
+    assert_eq!(lp.top.len(), 2);
+    assert_eq!(lp.top[0].0, 0);
+    assert_eq!(lp.top[1].0, 1);
+    assert!((lp.top[1].1 - (1f32.exp() / z).ln()).abs() < 1e-5);
+}

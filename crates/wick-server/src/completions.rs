@@ -1,0 +1,188 @@
+//! `POST /v1/completions`: raw prompts (text or token ids), one sequence per prompt and
+//! choice, answered as one JSON body or as SSE.
+
+use std::convert::Infallible;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
+
+use crate::generation::{merge, submit, total_usage, Piece, Run};
+use crate::openai::{Completion, CompletionChoice, CompletionLogprobs, Usage};
+use crate::routes::{body_bytes, check_model, json_event, reply_id, unix_now};
+use crate::validate::{parse_completion, PromptInput};
+use crate::{logprobs, ApiError, AppState};
+
+pub(crate) async fn completions(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(body)?;
+    let model = state.model()?;
+    let req = parse_completion(&body)?;
+    check_model(model, &req.model)?;
+    if let Some(user) = &req.sampling.user {
+        tracing::info!(user = %user, "completion");
+    }
+    let prompts: Vec<Vec<u32>> = {
+        let state = state.clone();
+        let inputs = req.prompts.clone();
+        tokio::task::spawn_blocking(move || {
+            let model = state.model()?;
+            inputs
+                .into_iter()
+                .map(|p| match p {
+                    PromptInput::Text(t) => model.encode(&t, "prompt"),
+                    PromptInput::Ids(ids) => model.check_ids(ids, "prompt"),
+                })
+                .collect::<Result<Vec<_>, ApiError>>()
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))??
+    };
+    let runs = submit(&state, model, &prompts, &req.sampling, "prompt").await?;
+    let reply = Reply {
+        id: reply_id("cmpl", runs.len()),
+        created: unix_now(),
+        model: model.name.clone(),
+        state: state.clone(),
+    };
+    Ok(if req.sampling.stream {
+        stream(reply, runs, req.sampling.include_usage, prompts).into_response()
+    } else {
+        complete(reply, runs, &prompts).await?.into_response()
+    })
+}
+
+struct Reply {
+    id: String,
+    created: u64,
+    model: String,
+    state: AppState,
+}
+
+impl Reply {
+    fn body(&self, choices: Vec<CompletionChoice>, usage: Option<Option<Usage>>) -> Completion {
+        Completion {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        }
+    }
+
+    fn logprobs(
+        &self,
+        tokens: &[crate::generation::GenToken],
+        offset: usize,
+        out: &mut Option<CompletionLogprobs>,
+    ) {
+        if tokens.iter().all(|t| t.logprobs.is_none()) {
+            return;
+        }
+        if let Ok(model) = self.state.model() {
+            logprobs::completion(
+                &model.tokenizer,
+                tokens,
+                offset,
+                out.get_or_insert_with(Default::default),
+            );
+        }
+    }
+}
+
+async fn complete(
+    reply: Reply,
+    runs: Vec<Run>,
+    prompts: &[Vec<u32>],
+) -> Result<Json<Completion>, ApiError> {
+    let results = futures::future::join_all(runs.into_iter().map(|mut run| {
+        let reply = &reply;
+        async move {
+            let mut text = String::new();
+            let mut lps = None;
+            while let Some(piece) = run.next().await {
+                match piece {
+                    Piece::Text { text: t, tokens } => {
+                        reply.logprobs(&tokens, text.len(), &mut lps);
+                        text.push_str(&t);
+                    }
+                    Piece::Error(e) => return Err(e),
+                    Piece::Finish { reason, usage } => {
+                        let choice = CompletionChoice {
+                            index: run.index,
+                            text,
+                            logprobs: lps,
+                            finish_reason: Some(reason),
+                        };
+                        return Ok((choice, usage));
+                    }
+                }
+            }
+            Err(ApiError::Internal(
+                "the generation ended without a finish".into(),
+            ))
+        }
+    }))
+    .await;
+    let mut choices = Vec::new();
+    let mut usages = Vec::new();
+    for r in results {
+        let (choice, usage) = r?;
+        choices.push(choice);
+        usages.push(usage);
+    }
+    choices.sort_by_key(|c| c.index);
+    Ok(Json(
+        reply.body(choices, Some(Some(total_usage(prompts, &usages)))),
+    ))
+}
+
+fn stream(
+    reply: Reply,
+    runs: Vec<Run>,
+    include_usage: bool,
+    prompts: Vec<Vec<u32>>,
+) -> impl IntoResponse {
+    let usage_field = include_usage.then_some(None);
+    let total = runs.len();
+    let events = async_stream::stream! {
+        let mut usages = Vec::new();
+        let mut offsets = vec![0usize; total];
+        let mut pieces = merge(runs);
+        while let Some((index, piece)) = pieces.next().await {
+            match piece {
+                Piece::Text { text, tokens } => {
+                    let mut lps = None;
+                    reply.logprobs(&tokens, offsets[index], &mut lps);
+                    offsets[index] += text.len();
+                    let c = CompletionChoice { index, text, logprobs: lps, finish_reason: None };
+                    yield Ok::<_, Infallible>(json_event(&reply.body(vec![c], usage_field)));
+                }
+                Piece::Finish { reason, usage } => {
+                    usages.push(usage);
+                    let c = CompletionChoice { index, text: String::new(), logprobs: None, finish_reason: Some(reason) };
+                    yield Ok(json_event(&reply.body(vec![c], usage_field)));
+                }
+                Piece::Error(e) => {
+                    yield Ok(json_event(&e.body()));
+                    break;
+                }
+            }
+        }
+        if include_usage && usages.len() == total {
+            yield Ok(json_event(&reply.body(vec![], Some(Some(total_usage(&prompts, &usages))))));
+        }
+        yield Ok(Event::default().data("[DONE]"));
+    };
+    (
+        [("x-accel-buffering", "no"), ("cache-control", "no-cache")],
+        Sse::new(events).keep_alive(KeepAlive::default()),
+    )
+}
