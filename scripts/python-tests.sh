@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The openai-client test suite (tests/python) against the real binary on the default model.
+# The virtualenv is cached per requirements file; the binary is the release build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REQ=tests/python/requirements.txt
+VENV=${WICK_CACHE:-$HOME/.cache/wick}/venv-$(sha256sum "$REQ" | cut -c1-12)
+if [ ! -x "$VENV/bin/pytest" ]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q -r "$REQ"
+fi
+export WICK_MODEL=${WICK_MODEL:-$(scripts/fetch-model.sh)}
+export WICK_BIN=${WICK_BIN:-$PWD/target/release/wick}
+[ -x "$WICK_BIN" ] || cargo build --release --bin wick
+cd tests/python
+exec "$VENV/bin/pytest" -q "$@"

@@ -1,0 +1,58 @@
+"""Starts the real `wick` binary on the default model for the openai-client suite.
+
+WICK_BIN (default target/release/wick) and WICK_MODEL (the GGUF) come from
+scripts/python-tests.sh. One server, with an API key, serves the whole session.
+"""
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+
+import openai
+import pytest
+
+API_KEY = "test-key-123"
+MODEL = "smollm2"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server():
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            os.environ.get("WICK_BIN", "target/release/wick"),
+            "serve",
+            "--model", os.environ["WICK_MODEL"],
+            "--port", str(port),
+            "--served-model-name", MODEL,
+            "--api-key", API_KEY,
+        ],
+        env={**os.environ, "RUST_LOG": "warn"},
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        assert proc.poll() is None, "wick exited during start-up"
+        try:
+            with urllib.request.urlopen(base + "/health") as r:
+                if r.status == 200:
+                    break
+        except Exception:
+            pass
+        assert time.time() < deadline, "wick did not become healthy"
+        time.sleep(0.1)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0)
