@@ -2,6 +2,7 @@
 import json
 import urllib.request
 
+import jsonschema
 import openai
 import pytest
 
@@ -144,6 +145,53 @@ def test_sampling_extensions(client):
     assert r.choices[0].finish_reason == "length"
 
 
+def test_json_object_output_parses(client):
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Give me a JSON object with the keys name and age for a person called Bob who is 42."}],
+        response_format={"type": "json_object"},
+        temperature=0,
+        max_tokens=200,
+    )
+    assert r.choices[0].finish_reason == "stop"
+    value = json.loads(r.choices[0].message.content)
+    assert isinstance(value, dict)
+
+
+def test_json_schema_output_validates(client):
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+            "colors": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3},
+        },
+        "required": ["name", "age", "colors"],
+        "additionalProperties": False,
+    }
+    for seed in (1, 2):
+        r = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Describe a person as JSON: name, age and favourite colors."}],
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}},
+            temperature=0.7,
+            seed=seed,
+            max_tokens=200,
+        )
+        assert r.choices[0].finish_reason == "stop"
+        value = json.loads(r.choices[0].message.content)
+        jsonschema.validate(value, schema)
+    # Streaming too.
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Describe a person as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}},
+        temperature=0, max_tokens=200, stream=True,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    jsonschema.validate(json.loads(text), schema)
+
+
 def test_tokenize_detokenize(client):
     tok = _post(client, "/tokenize", {"prompt": "Hello, world!"})
     assert tok["tokens"] == [19556, 28, 905, 17]
@@ -160,7 +208,8 @@ def test_tokenize_detokenize(client):
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"logit_bias": {"999999": 5}}, "logit_bias"),
         ({"top_logprobs": 3}, "top_logprobs"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, "response_format"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
         ({"frobnicate": True}, "frobnicate"),
     ],

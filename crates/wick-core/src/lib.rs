@@ -20,5 +20,6 @@ pub use queue::{
     request_queue, EngineCommand, EngineHandle, QueueLimits, QueueReceiver, Recv, SubmitError,
 };
 pub use request::{
-    EngineRequest, ErrorKind, FinishReason, SamplingParams, TokenEvent, TokenLogprobs,
+    EngineRequest, ErrorKind, FinishReason, SamplingParams, TokenConstraint, TokenEvent,
+    TokenLogprobs,
 };

@@ -205,6 +205,7 @@ mod tests {
             sampling: SamplingParams::default(),
             arrived: Instant::now(),
             events: unbounded_channel().0,
+            constraint: None,
         }
     }
 

@@ -78,6 +78,20 @@ pub struct EngineRequest {
     pub arrived: Instant,
     /// The request's own channel back; dropping its receiver aborts the sequence.
     pub events: UnboundedSender<TokenEvent>,
+    /// Constrained decoding (structured output), compiled before submission.
+    pub constraint: Option<Box<dyn TokenConstraint>>,
+}
+
+/// A grammar that decides which tokens may come next (for example, JSON that matches a
+/// schema). Compiled off the engine thread; the engine masks each step's logits with it and
+/// feeds it every sampled token.
+pub trait TokenConstraint: Send + std::fmt::Debug {
+    /// Sets the logits of every token the grammar forbids now to minus infinity.
+    fn mask(&mut self, logits: &mut [f32]) -> Result<(), String>;
+    /// Advances past a sampled token.
+    fn consume(&mut self, token: u32) -> Result<(), String>;
+    /// Whether the grammar is complete and generation must stop.
+    fn is_finished(&self) -> bool;
 }
 
 /// Why a sequence ended, in OpenAI's words.

@@ -6,9 +6,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 use wick_core::{
     request_queue, EngineCommand, EngineHandle, EngineRequest, ErrorKind, FinishReason, Metrics,
-    QueueLimits, QueueReceiver, Recv, RequestId, ScheduledBatch, TokenEvent, TokenLogprobs,
+    QueueLimits, QueueReceiver, Recv, RequestId, ScheduledBatch, TokenConstraint, TokenEvent,
+    TokenLogprobs,
 };
-use wick_runner::{ModelAssets, Runner, Sampler};
+use wick_runner::{ModelAssets, Runner, Sampled, Sampler};
 use wick_scheduler::{Scheduler, SchedulerConfig, SeqOutcome, Sequence};
 
 /// How long the idle loop waits for a request before looking at its channels again.
@@ -111,6 +112,7 @@ struct Live {
     prompt_len: usize,
     /// Scheduled at least once (it has left the waiting queue's admission count).
     started: bool,
+    constraint: Option<Box<dyn TokenConstraint>>,
     last_token: Option<Instant>,
 }
 
@@ -211,6 +213,7 @@ impl<R: StepRunner> Engine<R> {
                 prompt_len,
                 started: false,
                 last_token: None,
+                constraint: req.constraint,
             },
         );
     }
@@ -301,24 +304,41 @@ impl<R: StepRunner> Engine<R> {
             Ok(l) => l,
             Err(message) => return self.fail_batch(&batch, message),
         };
-        let mut rows = logits.iter();
-        let mut sampled = Vec::with_capacity(logits.len());
+        let mut rows = logits.into_iter();
+        let mut sampled = Vec::with_capacity(rows.len());
         let mut logprobs = HashMap::new();
+        let mut failed = Vec::new();
         for s in batch.seqs.iter().filter(|s| s.sample) {
-            let (Some(row), Some(live)) = (rows.next(), self.live.get_mut(&s.id)) else {
+            let (Some(mut row), Some(live)) = (rows.next(), self.live.get_mut(&s.id)) else {
                 continue;
             };
-            let drawn = live.sampler.sample(row);
-            sampled.push((s.id, drawn.id));
-            if drawn.logprobs.is_some() {
-                logprobs.insert(s.id, drawn.logprobs);
+            match sample(live, &mut row) {
+                Ok(drawn) => {
+                    sampled.push((s.id, drawn.id));
+                    if drawn.logprobs.is_some() {
+                        logprobs.insert(s.id, drawn.logprobs);
+                    }
+                }
+                Err(message) => failed.push((s.id, message)),
             }
         }
         let outcomes = self.sched.postprocess(&sampled);
         let now = Instant::now();
         for o in outcomes {
             let lp = logprobs.remove(&o.id).flatten();
+            let id = o.id;
             self.emit(o, lp, now);
+            // A grammar that is complete ends the sequence, as a stop token would.
+            if self
+                .live
+                .get(&id)
+                .is_some_and(|l| l.constraint.as_ref().is_some_and(|c| c.is_finished()))
+            {
+                self.end(id, FinishReason::Stop);
+            }
+        }
+        for (id, message) in failed {
+            self.fail(id, ErrorKind::Internal, message);
         }
     }
 
@@ -351,6 +371,14 @@ impl<R: StepRunner> Engine<R> {
                     completion_tokens: o.completion_tokens,
                 });
             }
+        }
+    }
+
+    /// Ends one request with an error.
+    fn fail(&mut self, id: RequestId, kind: ErrorKind, message: String) {
+        self.sched.abort(id);
+        if let Some(live) = self.remove(id) {
+            let _ = live.events.send(TokenEvent::Error { kind, message });
         }
     }
 
@@ -405,6 +433,18 @@ impl<R: StepRunner> Engine<R> {
         m.prefix_cache_hits.inc_by(h - self.prefix_seen.1);
         self.prefix_seen = (q, h);
     }
+}
+
+/// Samples one row, masked by the request's grammar if it has one.
+fn sample(live: &mut Live, row: &mut [f32]) -> Result<Sampled, String> {
+    if let Some(c) = live.constraint.as_mut() {
+        c.mask(row)?;
+    }
+    let drawn = live.sampler.sample(row);
+    if let Some(c) = live.constraint.as_mut() {
+        c.consume(drawn.id)?;
+    }
+    Ok(drawn)
 }
 
 #[cfg(test)]

@@ -46,7 +46,15 @@ pub(crate) async fn chat_completions(
         .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))??
     };
     let prompts = [prompt];
-    let runs = submit(&state, model, &prompts, &req.sampling, "messages").await?;
+    let runs = submit(
+        &state,
+        model,
+        &prompts,
+        &req.sampling,
+        &req.response_format,
+        "messages",
+    )
+    .await?;
     let reply = Reply {
         id: reply_id("chatcmpl", runs.len()),
         created: unix_now(),

@@ -14,6 +14,7 @@ use futures::StreamExt;
 use crate::generation::{merge, submit, total_usage, Piece, Run};
 use crate::openai::{Completion, CompletionChoice, CompletionLogprobs, Usage};
 use crate::routes::{body_bytes, check_model, json_event, reply_id, unix_now};
+use crate::structured::ResponseFormat;
 use crate::validate::{parse_completion, PromptInput};
 use crate::{logprobs, ApiError, AppState};
 
@@ -44,7 +45,15 @@ pub(crate) async fn completions(
         .await
         .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))??
     };
-    let runs = submit(&state, model, &prompts, &req.sampling, "prompt").await?;
+    let runs = submit(
+        &state,
+        model,
+        &prompts,
+        &req.sampling,
+        &ResponseFormat::Text,
+        "prompt",
+    )
+    .await?;
     let reply = Reply {
         id: reply_id("cmpl", runs.len()),
         created: unix_now(),

@@ -7,10 +7,13 @@ use std::time::Instant;
 
 use futures::stream::{self, Stream, StreamExt};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
-use wick_core::{EngineRequest, ErrorKind, FinishReason, SubmitError, TokenEvent, TokenLogprobs};
+use wick_core::{
+    EngineRequest, ErrorKind, FinishReason, SubmitError, TokenConstraint, TokenEvent, TokenLogprobs,
+};
 
 use crate::detok::{Detokenizer, StopBuffer};
 use crate::openai::Usage;
+use crate::structured::ResponseFormat;
 use crate::validate::ValidSampling;
 use crate::{ApiError, AppState, ServedModel};
 
@@ -205,8 +208,12 @@ pub(crate) async fn submit(
     model: &ServedModel,
     prompts: &[Vec<u32>],
     sampling: &ValidSampling,
+    format: &ResponseFormat,
     prompt_param: &str,
 ) -> Result<Vec<Run>, ApiError> {
+    let mut constraints = compile(state, format, prompts.len() * sampling.n)
+        .await?
+        .into_iter();
     let mut runs = Vec::with_capacity(prompts.len() * sampling.n);
     for (p, prompt) in prompts.iter().enumerate() {
         let max_tokens = output_budget(model, prompt.len(), sampling.max_tokens, prompt_param)?;
@@ -243,6 +250,7 @@ pub(crate) async fn submit(
                     sampling: params,
                     arrived: Instant::now(),
                     events: tx,
+                    constraint: constraints.next().flatten(),
                 })
                 .map_err(|e| submit_error(state, e))?;
             runs.push(Run {
@@ -260,6 +268,35 @@ pub(crate) async fn submit(
         }
     }
     Ok(runs)
+}
+
+/// One grammar per choice, compiled on a blocking thread (never on the engine's).
+async fn compile(
+    state: &AppState,
+    format: &ResponseFormat,
+    count: usize,
+) -> Result<Vec<Option<Box<dyn TokenConstraint>>>, ApiError> {
+    if *format == ResponseFormat::Text {
+        return Ok((0..count).map(|_| None).collect());
+    }
+    let state = state.clone();
+    let format = format.clone();
+    tokio::task::spawn_blocking(move || {
+        let grammars = state.model()?.grammars.clone().ok_or_else(|| {
+            ApiError::unsupported(
+                "response_format",
+                "(structured output) for this model's tokenizer",
+            )
+        })?;
+        (0..count)
+            .map(|_| {
+                let c = grammars.constraint(&format)?;
+                Ok(c.map(|c| Box::new(c) as Box<dyn TokenConstraint>))
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("grammar task failed: {e}")))?
 }
 
 fn submit_error(state: &AppState, e: SubmitError) -> ApiError {

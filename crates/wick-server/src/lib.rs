@@ -17,6 +17,7 @@ mod generation;
 mod logprobs;
 pub mod openai;
 mod routes;
+mod structured;
 mod template;
 mod validate;
 
@@ -31,6 +32,7 @@ use wick_core::{EngineHandle, Metrics, RequestId};
 
 pub use detok::{token_bytes, Detokenizer, StopBuffer};
 pub use error::ApiError;
+pub use structured::{Grammars, JsonConstraint, ResponseFormat};
 pub use template::{ChatTemplate, TemplateError, TemplateMessage};
 pub use validate::{parse_chat, parse_completion, ValidChat, ValidCompletion};
 
@@ -48,6 +50,9 @@ pub struct ServedModel {
     pub max_model_len: usize,
     /// Token ids below this are valid.
     pub vocab_size: usize,
+    /// Grammar compilation for structured output; `None` if it could not be set up for
+    /// this tokenizer (then `response_format` JSON is refused).
+    pub grammars: Option<Arc<Grammars>>,
 }
 
 impl ServedModel {

@@ -9,6 +9,7 @@ use crate::openai::{
     ChatCompletionRequest, CompletionRequest, MessageContent, Prompt, SamplingFields, Stop,
     CHAT_FIELDS, COMPLETION_FIELDS, SAMPLING_FIELDS,
 };
+use crate::structured::ResponseFormat;
 use crate::template::TemplateMessage;
 use crate::ApiError;
 
@@ -37,6 +38,7 @@ pub struct ValidChat {
     pub model: String,
     pub messages: Vec<TemplateMessage>,
     pub sampling: ValidSampling,
+    pub response_format: ResponseFormat,
 }
 
 /// One completions prompt.
@@ -151,6 +153,7 @@ pub fn parse_chat(body: &[u8]) -> Result<ValidChat, ApiError> {
         None => req.sampling.max_tokens.map(|n| ("max_tokens", n)),
     };
     Ok(ValidChat {
+        response_format: ResponseFormat::parse(req.response_format.as_ref())?,
         messages: messages(&req)?,
         sampling: sampling(&req.sampling, max_tokens, logprobs)?,
         model: req.model,
@@ -341,14 +344,6 @@ fn sampling(
 
 /// Chat fields this server does not implement: accepted only at their neutral values.
 fn refuse_chat_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
-    if let Some(rf) = &req.response_format {
-        if rf.get("type").and_then(Value::as_str) != Some("text") {
-            return Err(ApiError::unsupported(
-                "response_format",
-                "other than {\"type\": \"text\"} (structured output)",
-            ));
-        }
-    }
     if req.tools.as_ref().is_some_and(|v| !v.is_null()) {
         return Err(ApiError::unsupported("tools", "(tool calling)"));
     }

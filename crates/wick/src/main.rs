@@ -16,7 +16,7 @@ use wick_core::{Metrics, QueueLimits};
 use wick_engine::{EngineConfig, Loaded, Ready};
 use wick_runner::{CacheConfig, KvCache, LoadOptions, Runner};
 use wick_scheduler::SchedulerConfig;
-use wick_server::{AppState, ChatTemplate, ServedModel};
+use wick_server::{AppState, ChatTemplate, Grammars, ServedModel};
 
 use crate::config::{Config, ServeArgs};
 
@@ -157,10 +157,28 @@ fn served_model(cfg: &Config, ready: Ready) -> anyhow::Result<ServedModel> {
         CHATML_TEMPLATE.to_string()
     });
     let template = ChatTemplate::new(&source, a.bos_token.clone(), a.eos_token.clone())?;
+    let vocab_size = a.tokenizer.get_vocab_size(true);
+    let tokenizer = Arc::new(a.tokenizer);
+    let eos = a
+        .eos_token
+        .as_deref()
+        .and_then(|t| tokenizer.token_to_id(t))
+        .or(a.stop_token_ids.first().copied());
+    let started = std::time::Instant::now();
+    let grammars = match eos.map(|eos| Grammars::new(Arc::clone(&tokenizer), vocab_size, eos)) {
+        Some(Ok(g)) => Some(Arc::new(g)),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "structured output is unavailable for this tokenizer");
+            None
+        }
+        None => None,
+    };
+    tracing::debug!(elapsed = ?started.elapsed(), "grammar support ready");
     Ok(ServedModel {
         name: cfg.served_model_name.clone().unwrap_or(a.name),
-        vocab_size: a.tokenizer.get_vocab_size(true),
-        tokenizer: Arc::new(a.tokenizer),
+        vocab_size,
+        grammars,
+        tokenizer,
         template,
         stop_token_ids: a.stop_token_ids,
         max_model_len: ready.max_model_len,

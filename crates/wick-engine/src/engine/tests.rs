@@ -92,6 +92,7 @@ fn submit(
         sampling: SamplingParams::greedy(),
         arrived: Instant::now(),
         events: tx,
+        constraint: None,
     })
     .unwrap();
     rx
@@ -379,6 +380,62 @@ fn a_request_that_waits_too_long_gets_a_queue_timeout() {
         1
     );
     assert_eq!(h.num_waiting(), 0);
+    drop(h);
+    t.join().unwrap();
+}
+
+/// Allows only token 9, and is complete after three of them.
+#[derive(Debug)]
+struct OnlyNines {
+    seen: usize,
+}
+
+impl TokenConstraint for OnlyNines {
+    fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
+        for (i, l) in logits.iter_mut().enumerate() {
+            if i != 9 {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        Ok(())
+    }
+    fn consume(&mut self, token: u32) -> Result<(), String> {
+        if token != 9 {
+            return Err(format!("token {token} is not allowed"));
+        }
+        self.seen += 1;
+        Ok(())
+    }
+    fn is_finished(&self) -> bool {
+        self.seen == 3
+    }
+}
+
+#[test]
+fn a_constraint_masks_sampling_and_ends_the_sequence_when_complete() {
+    let (h, metrics, t) = spawn(false);
+    let (tx, rx) = unbounded_channel();
+    h.submit(EngineRequest {
+        id: RequestId(1),
+        prompt: vec![1, 2],
+        max_tokens: 20,
+        stop_token_ids: vec![STOP],
+        sampling: SamplingParams::greedy(),
+        arrived: Instant::now(),
+        events: tx,
+        constraint: Some(Box::new(OnlyNines { seen: 0 })),
+    })
+    .unwrap();
+    let events = collect(rx);
+    assert_eq!(tokens(&events), vec![9, 9, 9]);
+    assert!(matches!(
+        events.last(),
+        Some(TokenEvent::Finished {
+            reason: FinishReason::Stop,
+            ..
+        })
+    ));
+    wait_until(|| metrics.kv_blocks_used.get() == 0);
     drop(h);
     t.join().unwrap();
 }

@@ -70,7 +70,11 @@ fn every_bad_chat_field_is_named() {
         ("logit_bias", r#"{"5": 1000}"#),
         ("top_logprobs", "3"),
         ("tools", "[]"),
-        ("response_format", r#"{"type":"json_object"}"#),
+        ("response_format", r#"{"type":"xml"}"#),
+        (
+            "response_format",
+            r#"{"type":"json_schema","json_schema":{"name":"x"}}"#,
+        ),
         ("stream", "\"yes\""),
         ("seed", "\"s\""),
         ("frobnicate", "1"),
