@@ -20,6 +20,21 @@ use crate::routes::{body_bytes, check_model, json_event, reply_id, unix_now};
 use crate::validate::parse_chat;
 use crate::{logprobs, ApiError, AppState};
 
+/// Chat completion: JSON, or with `stream: true` an SSE stream of `ChatCompletionChunk`s
+/// ending with `data: [DONE]`.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    request_body = crate::openai::ChatCompletionRequest,
+    responses(
+        (status = 200, description = "The completion (or an SSE stream)", body = ChatCompletion),
+        (status = 400, description = "Bad input, naming the parameter", body = crate::error::ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = crate::error::ErrorBody),
+        (status = 404, description = "Unknown model", body = crate::error::ErrorBody),
+        (status = 429, description = "Waiting queue full (see Retry-After)", body = crate::error::ErrorBody),
+        (status = 503, description = "Loading, or could not start in time", body = crate::error::ErrorBody),
+    )
+)]
 pub(crate) async fn chat_completions(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,

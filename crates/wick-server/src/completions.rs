@@ -18,6 +18,20 @@ use crate::structured::ResponseFormat;
 use crate::validate::{parse_completion, PromptInput};
 use crate::{logprobs, ApiError, AppState};
 
+/// Text completion of raw prompts: JSON, or with `stream: true` SSE.
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    request_body = crate::openai::CompletionRequest,
+    responses(
+        (status = 200, description = "The completion (or an SSE stream)", body = Completion),
+        (status = 400, description = "Bad input, naming the parameter", body = crate::error::ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = crate::error::ErrorBody),
+        (status = 404, description = "Unknown model", body = crate::error::ErrorBody),
+        (status = 429, description = "Waiting queue full (see Retry-After)", body = crate::error::ErrorBody),
+        (status = 503, description = "Loading, or could not start in time", body = crate::error::ErrorBody),
+    )
+)]
 pub(crate) async fn completions(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,

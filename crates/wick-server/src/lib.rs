@@ -16,6 +16,7 @@ mod error;
 mod generation;
 mod logprobs;
 pub mod openai;
+mod openapi;
 mod routes;
 mod structured;
 mod template;
@@ -32,6 +33,7 @@ use wick_core::{EngineHandle, Metrics, RequestId};
 
 pub use detok::{token_bytes, Detokenizer, StopBuffer};
 pub use error::ApiError;
+pub use openapi::ApiDoc;
 pub use structured::{Grammars, JsonConstraint, ResponseFormat};
 pub use template::{ChatTemplate, TemplateError, TemplateMessage};
 pub use validate::{parse_chat, parse_completion, ValidChat, ValidCompletion};
@@ -151,6 +153,7 @@ pub fn app(state: AppState) -> Router {
         .merge(api)
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics))
+        .route("/openapi.json", get(openapi::openapi_json))
         .fallback(routes::not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)

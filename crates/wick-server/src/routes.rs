@@ -65,6 +65,7 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     })
 }
 
+#[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList)))]
 pub(crate) async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
     let model = state.model()?;
     Ok(Json(ModelList {
@@ -80,6 +81,12 @@ pub(crate) async fn models(State(state): State<AppState>) -> Result<Json<ModelLi
 }
 
 /// `POST /tokenize`: a `prompt`, or chat `messages` rendered with the model's template.
+#[utoipa::path(
+    post,
+    path = "/tokenize",
+    request_body = TokenizeRequest,
+    responses((status = 200, body = TokenizeResponse), (status = 400, body = crate::error::ErrorBody))
+)]
 pub(crate) async fn tokenize(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
@@ -112,6 +119,12 @@ pub(crate) async fn tokenize(
 }
 
 /// `POST /detokenize`: token ids back to text.
+#[utoipa::path(
+    post,
+    path = "/detokenize",
+    request_body = DetokenizeRequest,
+    responses((status = 200, body = DetokenizeResponse), (status = 400, body = crate::error::ErrorBody))
+)]
 pub(crate) async fn detokenize(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
@@ -131,6 +144,7 @@ pub(crate) async fn detokenize(
 }
 
 /// 503 until the model is loaded, 200 after.
+#[utoipa::path(get, path = "/health", responses((status = 200), (status = 503, body = crate::error::ErrorBody)))]
 pub(crate) async fn health(State(state): State<AppState>) -> Response {
     match state.model() {
         Ok(_) => (StatusCode::OK, Json(serde_json::json!({"status": "ok"}))).into_response(),
@@ -138,6 +152,8 @@ pub(crate) async fn health(State(state): State<AppState>) -> Response {
     }
 }
 
+/// Prometheus text exposition.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain")))]
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
     (
         [(

@@ -106,3 +106,62 @@ async fn an_api_key_guards_the_api_but_not_health_or_metrics() {
     let r = app.clone().oneshot(get("/health", None)).await.unwrap();
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
 }
+
+#[tokio::test]
+async fn openapi_describes_every_route_from_the_handler_types() {
+    let (status, doc) = call(Request::get("/openapi.json").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    for path in [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/tokenize",
+        "/detokenize",
+        "/health",
+        "/metrics",
+    ] {
+        assert!(
+            doc["paths"][path].is_object(),
+            "no {path} in {}",
+            doc["paths"]
+        );
+    }
+    let schemas = &doc["components"]["schemas"];
+    let chat = serde_json::to_string(&schemas["ChatCompletionRequest"]).unwrap();
+    for field in ["messages", "model", "top_logprobs", "response_format"] {
+        assert!(
+            chat.contains(&format!("\"{field}\"")),
+            "ChatCompletionRequest lacks {field}: {chat}"
+        );
+    }
+    // The shared sampling fields are one schema both requests include.
+    assert!(chat.contains("#/components/schemas/SamplingFields"));
+    let completion = serde_json::to_string(&schemas["CompletionRequest"]).unwrap();
+    assert!(completion.contains("#/components/schemas/SamplingFields"));
+    let sampling = serde_json::to_string(&schemas["SamplingFields"]).unwrap();
+    for field in [
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "n",
+        "seed",
+        "stop",
+        "logit_bias",
+        "ignore_eos",
+        "stream_options",
+    ] {
+        assert!(
+            sampling.contains(&format!("\"{field}\"")),
+            "SamplingFields lacks {field}"
+        );
+    }
+    for name in [
+        "ErrorBody",
+        "ChatCompletion",
+        "ChatCompletionChunk",
+        "Completion",
+    ] {
+        assert!(schemas[name].is_object(), "no schema {name}");
+    }
+}
