@@ -399,3 +399,51 @@ fn a_model_that_cannot_load_is_a_clear_start_up_error() {
         assert!(err.contains(needle), "stderr: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_generator_measures_a_tiny_load() {
+    let s = Server::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (json_path, svg_path) = (dir.path().join("bench.json"), dir.path().join("bench.svg"));
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_wick"))
+        .args([
+            "bench",
+            "--url",
+            &s.base,
+            "--requests",
+            "4",
+            "--sweep",
+            "1,2",
+            "--max-tokens",
+            "5",
+            "--quiet",
+        ])
+        .arg("--json")
+        .arg(&json_path)
+        .arg("--plot")
+        .arg(&svg_path)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("TTFT ms p50/p90/p99"), "{table}");
+    let reports: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let reports = reports.as_array().unwrap();
+    assert_eq!(reports.len(), 2);
+    for r in reports {
+        assert_eq!(r["errors"], 0);
+        // ignore_eos: every request generates exactly max_tokens.
+        assert_eq!(r["output_tokens"], 20);
+        assert!(r["ttft_ms"]["p50"].as_f64().unwrap() > 0.0);
+        assert!(r["itl_ms"]["p99"].as_f64().unwrap() >= r["itl_ms"]["p50"].as_f64().unwrap());
+        assert!(r["output_tokens_per_s"].as_f64().unwrap() > 0.0);
+    }
+    let svg = std::fs::read_to_string(&svg_path).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+}

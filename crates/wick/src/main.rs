@@ -1,6 +1,7 @@
 //! The `wick` binary: `wick serve` reads the configuration, binds the listener, starts the
 //! engine thread (which loads the model and reports back), and serves the HTTP API.
 
+mod bench;
 mod config;
 
 use std::future::IntoFuture;
@@ -38,6 +39,8 @@ struct Cli {
 enum Command {
     /// Serve a model over the OpenAI API.
     Serve(ServeArgs),
+    /// Load-test an OpenAI-compatible server (this one or another) over streaming requests.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,14 +52,17 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")
+    };
     let result = match cli.command {
-        Command::Serve(args) => Config::resolve(args).and_then(|cfg| {
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the async runtime")?
-                .block_on(serve(cfg))
-        }),
+        Command::Serve(args) => {
+            Config::resolve(args).and_then(|cfg| runtime()?.block_on(serve(cfg)))
+        }
+        Command::Bench(args) => runtime().and_then(|rt| rt.block_on(bench::run(args)).map(drop)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

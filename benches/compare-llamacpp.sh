@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Side by side: llama.cpp's llama-server and Wick on the same GGUF, same threads and
+# parallelism, the same load from `wick bench`, alternating, several rounds. Prints each
+# figure (median over rounds) and the ratio Wick / llama.cpp.
+#
+#   benches/compare-llamacpp.sh            # defaults below
+#   ROUNDS=3 REQUESTS=32 MAX_TOKENS=128 CONCURRENCY="1 16" benches/compare-llamacpp.sh
+#
+# llama-server comes from ../shared/peers/build-llama-server.sh (built once, ~10 min).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-3}
+REQUESTS=${REQUESTS:-32}
+MAX_TOKENS=${MAX_TOKENS:-128}
+CONCURRENCY=${CONCURRENCY:-"1 16"}
+PARALLEL=${PARALLEL:-16}
+THREADS=${THREADS:-$(nproc)}
+SHARED=${WICK_SHARED:-../shared}
+OUT=${OUT:-target/compare}
+mkdir -p "$OUT"
+
+MODEL=$(scripts/fetch-model.sh)
+LLAMA=$(bash "$SHARED/peers/build-llama-server.sh" | tail -n 1)
+cargo build --release -q --bin wick
+WICK=target/release/wick
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_healthy() {
+  for _ in $(seq 1 600); do
+    curl -sf "$1/health" >/dev/null 2>&1 && return 0
+    sleep 0.2
+  done
+  echo "server at $1 did not become healthy" >&2; return 1
+}
+
+P1=$(free_port); P2=$(free_port)
+"$LLAMA" -m "$MODEL" --host 127.0.0.1 --port "$P1" -t "$THREADS" -np "$PARALLEL" \
+  -c $((PARALLEL * 1024)) --alias smollm2 >"$OUT/llama-server.log" 2>&1 &
+LPID=$!
+"$WICK" serve --model "$MODEL" --port "$P2" --served-model-name smollm2 \
+  --max-num-seqs "$PARALLEL" >"$OUT/wick.log" 2>&1 &
+WPID=$!
+trap 'kill $LPID $WPID 2>/dev/null || true' EXIT
+wait_healthy "http://127.0.0.1:$P1"
+wait_healthy "http://127.0.0.1:$P2"
+
+# Long prompts for cold prefill, each different from its first word (no cache hits).
+python3 - "$OUT/long-prompts.txt" <<'PY'
+import sys
+words = "river stone lantern harbor meadow engine violin glacier canyon orchard".split()
+with open(sys.argv[1], "w") as f:
+    for i in range(64):
+        body = " ".join(words[(i + j) % len(words)] for j in range(400))
+        f.write(f"Request {i} ({words[i % len(words)]}): summarize this text. {body}\n")
+PY
+
+run() { # name url concurrency requests max_tokens extra... -> JSON file
+  local name=$1 url=$2 c=$3 n=$4 mt=$5; shift 5
+  "$WICK" bench --quiet --url "$url" --model smollm2 --requests "$n" --concurrency "$c" \
+    --max-tokens "$mt" --json "$OUT/$name.json" "$@" >/dev/null
+}
+
+for round in $(seq 1 "$ROUNDS"); do
+  for server in llama wick; do
+    url=http://127.0.0.1:$P1; [ "$server" = wick ] && url=http://127.0.0.1:$P2
+    for c in $CONCURRENCY; do
+      run "$server-c$c-r$round" "$url" "$c" "$REQUESTS" "$MAX_TOKENS"
+    done
+    run "$server-prefill-r$round" "$url" 1 8 1 --prompts "$OUT/long-prompts.txt"
+  done
+  echo "round $round done" >&2
+done
+
+python3 - "$OUT" "$ROUNDS" "$CONCURRENCY" <<'PY'
+import json, statistics, sys
+out, rounds, levels = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
+def med(name, key):
+    vals = []
+    for r in range(1, rounds + 1):
+        rep = json.load(open(f"{out}/{name}-r{r}.json"))[0]
+        v = rep
+        for k in key.split("."):
+            v = v[k]
+        vals.append(v)
+    return statistics.median(vals)
+rows = []
+for c in levels:
+    for label, key in [("output tokens/s", "output_tokens_per_s"), ("total tokens/s", "total_tokens_per_s"),
+                       ("TTFT p50 ms", "ttft_ms.p50"), ("ITL p50 ms", "itl_ms.p50"), ("ITL p99 ms", "itl_ms.p99"),
+                       ("errors", "errors")]:
+        rows.append((f"c={c} {label}", med(f"llama-c{c}", key), med(f"wick-c{c}", key)))
+# Cold prefill: prompt tokens / TTFT, one request at a time.
+def prefill(name):
+    vals = []
+    for r in range(1, rounds + 1):
+        rep = json.load(open(f"{out}/{name}-prefill-r{r}.json"))[0]
+        tokens = rep["total_tokens_per_s"] * rep["duration_s"] - rep["output_tokens"]
+        vals.append(tokens / rep["requests"] / (rep["ttft_ms"]["p50"] / 1000))
+    return statistics.median(vals)
+rows.append(("cold prefill tokens/s (~700-token prompts)", prefill("llama"), prefill("wick")))
+print(f"{'figure':<44} {'llama.cpp':>12} {'wick':>12} {'wick/llama':>11}")
+for name, l, w in rows:
+    ratio = w / l if l else float("nan")
+    print(f"{name:<44} {l:>12.1f} {w:>12.1f} {ratio:>11.2f}")
+PY
