@@ -82,23 +82,7 @@ async fn concurrent_streams_each_equal_their_solo_output() {
         .map(|c| c["messages"][0]["content"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(prompts.len(), 8);
-    let mut solo = Vec::new();
-    for p in &prompts {
-        let v = s.complete(&chat(p, 32)).await;
-        solo.push(
-            v["choices"][0]["message"]["content"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-        );
-    }
-    let runs = prompts.iter().map(|p| {
-        let mut body = chat(p, 32);
-        body["stream"] = json!(true);
-        let s = &s;
-        async move { stream_text(&s.stream(&body).await).0 }
-    });
-    let together = futures::future::join_all(runs).await;
+    let (solo, together) = s.solo_and_together(&prompts, 32).await;
     for (i, (a, b)) in solo.iter().zip(&together).enumerate() {
         assert_eq!(a, b, "prompt {i}: solo and concurrent outputs differ");
     }

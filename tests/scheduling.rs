@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::server::{chat, stream_text, Server};
+use common::server::{chat, Server};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -58,23 +58,7 @@ async fn preemption_under_a_small_cache_keeps_every_output_equal_to_its_solo_run
     ])
     .await;
     let prompts = prompts(16);
-    let mut solo = Vec::new();
-    for p in &prompts {
-        let v = s.complete(&chat(p, 32)).await;
-        solo.push(
-            v["choices"][0]["message"]["content"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-        );
-    }
-    let runs = prompts.iter().map(|p| {
-        let mut body = chat(p, 32);
-        body["stream"] = json!(true);
-        let s = &s;
-        async move { stream_text(&s.stream(&body).await).0 }
-    });
-    let together = futures::future::join_all(runs).await;
+    let (solo, together) = s.solo_and_together(&prompts, 32).await;
     for (i, (a, b)) in solo.iter().zip(&together).enumerate() {
         assert_eq!(a, b, "prompt {i}: output changed under preemption");
     }

@@ -161,3 +161,30 @@ pub fn stream_text(events: &[String]) -> (String, Option<String>) {
     }
     (text, finish)
 }
+
+impl Server {
+    /// Each prompt's greedy output alone (one after another), then all of them at once as
+    /// concurrent streams: the two lists, in prompt order.
+    pub async fn solo_and_together(
+        &self,
+        prompts: &[String],
+        max_tokens: usize,
+    ) -> (Vec<String>, Vec<String>) {
+        let mut solo = Vec::new();
+        for p in prompts {
+            let v = self.complete(&chat(p, max_tokens)).await;
+            solo.push(
+                v["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        let runs = prompts.iter().map(|p| {
+            let mut body = chat(p, max_tokens);
+            body["stream"] = serde_json::json!(true);
+            async move { stream_text(&self.stream(&body).await).0 }
+        });
+        (solo, futures::future::join_all(runs).await)
+    }
+}

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
 
-use crate::generation::{merge, submit, total_usage, Piece, Run};
+use crate::generation::{finish_all, merge, submit, total_usage, GenToken, Piece, Run};
 use crate::openai::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatLogprobs, Choice, ChunkChoice,
     Delta, Usage,
@@ -91,7 +91,7 @@ struct Reply {
 }
 
 impl Reply {
-    fn logprobs(&self, tokens: &[crate::generation::GenToken]) -> Option<ChatLogprobs> {
+    fn logprobs(&self, tokens: &[GenToken]) -> Option<ChatLogprobs> {
         let model = self.state.model().ok()?;
         logprobs::chat(&model.tokenizer, tokens)
     }
@@ -102,58 +102,26 @@ async fn complete(
     runs: Vec<Run>,
     prompts: &[Vec<u32>],
 ) -> Result<Json<ChatCompletion>, ApiError> {
-    let results = futures::future::join_all(runs.into_iter().map(|mut run| {
-        let reply = &reply;
-        async move {
-            let mut content = String::new();
-            let mut lps: Option<ChatLogprobs> = None;
-            while let Some(piece) = run.next().await {
-                match piece {
-                    Piece::Text { text, tokens } => {
-                        content.push_str(&text);
-                        if let Some(l) = reply.logprobs(&tokens) {
-                            lps.get_or_insert_with(Default::default)
-                                .content
-                                .extend(l.content);
-                        }
-                    }
-                    Piece::Error(e) => return Err(e),
-                    Piece::Finish { reason, usage } => {
-                        let message = AssistantMessage {
-                            role: "assistant",
-                            content,
-                        };
-                        let choice = Choice {
-                            index: run.index,
-                            message,
-                            logprobs: lps,
-                            finish_reason: Some(reason),
-                        };
-                        return Ok((choice, usage));
-                    }
-                }
-            }
-            Err(ApiError::Internal(
-                "the generation ended without a finish".into(),
-            ))
-        }
-    }))
-    .await;
-    let mut choices = Vec::new();
-    let mut usages = Vec::new();
-    for r in results {
-        let (choice, usage) = r?;
-        choices.push(choice);
-        usages.push(usage);
-    }
-    choices.sort_by_key(|c| c.index);
+    let (done, usage) = finish_all(runs, prompts).await?;
+    let choices = done
+        .into_iter()
+        .map(|f| Choice {
+            index: f.index,
+            logprobs: reply.logprobs(&f.tokens),
+            message: AssistantMessage {
+                role: "assistant",
+                content: f.text,
+            },
+            finish_reason: Some(f.reason),
+        })
+        .collect();
     Ok(Json(ChatCompletion {
         id: reply.id,
         object: "chat.completion",
         created: reply.created,
         model: reply.model,
         choices,
-        usage: total_usage(prompts, &usages),
+        usage,
     }))
 }
 

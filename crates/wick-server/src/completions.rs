@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
 
-use crate::generation::{merge, submit, total_usage, Piece, Run};
+use crate::generation::{finish_all, merge, submit, total_usage, GenToken, Piece, Run};
 use crate::openai::{Completion, CompletionChoice, CompletionLogprobs, Usage};
 use crate::routes::{body_bytes, check_model, json_event, reply_id, unix_now};
 use crate::structured::ResponseFormat;
@@ -100,12 +100,7 @@ impl Reply {
         }
     }
 
-    fn logprobs(
-        &self,
-        tokens: &[crate::generation::GenToken],
-        offset: usize,
-        out: &mut Option<CompletionLogprobs>,
-    ) {
+    fn logprobs(&self, tokens: &[GenToken], offset: usize, out: &mut Option<CompletionLogprobs>) {
         if tokens.iter().all(|t| t.logprobs.is_none()) {
             return;
         }
@@ -125,46 +120,21 @@ async fn complete(
     runs: Vec<Run>,
     prompts: &[Vec<u32>],
 ) -> Result<Json<Completion>, ApiError> {
-    let results = futures::future::join_all(runs.into_iter().map(|mut run| {
-        let reply = &reply;
-        async move {
-            let mut text = String::new();
+    let (done, usage) = finish_all(runs, prompts).await?;
+    let choices = done
+        .into_iter()
+        .map(|f| {
             let mut lps = None;
-            while let Some(piece) = run.next().await {
-                match piece {
-                    Piece::Text { text: t, tokens } => {
-                        reply.logprobs(&tokens, text.len(), &mut lps);
-                        text.push_str(&t);
-                    }
-                    Piece::Error(e) => return Err(e),
-                    Piece::Finish { reason, usage } => {
-                        let choice = CompletionChoice {
-                            index: run.index,
-                            text,
-                            logprobs: lps,
-                            finish_reason: Some(reason),
-                        };
-                        return Ok((choice, usage));
-                    }
-                }
+            reply.logprobs(&f.tokens, 0, &mut lps);
+            CompletionChoice {
+                index: f.index,
+                text: f.text,
+                logprobs: lps,
+                finish_reason: Some(f.reason),
             }
-            Err(ApiError::Internal(
-                "the generation ended without a finish".into(),
-            ))
-        }
-    }))
-    .await;
-    let mut choices = Vec::new();
-    let mut usages = Vec::new();
-    for r in results {
-        let (choice, usage) = r?;
-        choices.push(choice);
-        usages.push(usage);
-    }
-    choices.sort_by_key(|c| c.index);
-    Ok(Json(
-        reply.body(choices, Some(Some(total_usage(prompts, &usages)))),
-    ))
+        })
+        .collect();
+    Ok(Json(reply.body(choices, Some(Some(usage)))))
 }
 
 fn stream(

@@ -321,6 +321,63 @@ fn submit_error(state: &AppState, e: SubmitError) -> ApiError {
     }
 }
 
+/// One choice's whole output, for a non-streaming answer.
+pub(crate) struct Finished {
+    pub index: usize,
+    pub text: String,
+    /// Every token with its log-probabilities, in order.
+    pub tokens: Vec<GenToken>,
+    pub reason: &'static str,
+}
+
+/// Runs every choice to its end; returns them in index order, and the usage of all.
+pub(crate) async fn finish_all(
+    runs: Vec<Run>,
+    prompts: &[Vec<u32>],
+) -> Result<(Vec<Finished>, Usage), ApiError> {
+    let results = futures::future::join_all(runs.into_iter().map(|mut run| async move {
+        let mut text = String::new();
+        let mut tokens = Vec::new();
+        while let Some(piece) = run.next().await {
+            match piece {
+                Piece::Text {
+                    text: t,
+                    tokens: ts,
+                } => {
+                    tokens.extend(ts);
+                    text.push_str(&t);
+                }
+                Piece::Error(e) => return Err(e),
+                Piece::Finish { reason, usage } => {
+                    let index = run.index;
+                    return Ok((
+                        Finished {
+                            index,
+                            text,
+                            tokens,
+                            reason,
+                        },
+                        usage,
+                    ));
+                }
+            }
+        }
+        Err(ApiError::Internal(
+            "the generation ended without a finish".into(),
+        ))
+    }))
+    .await;
+    let mut done = Vec::with_capacity(results.len());
+    let mut usages = Vec::with_capacity(results.len());
+    for r in results {
+        let (f, u) = r?;
+        done.push(f);
+        usages.push(u);
+    }
+    done.sort_by_key(|f| f.index);
+    Ok((done, total_usage(prompts, &usages)))
+}
+
 /// Usage over several choices: each prompt counted once.
 pub(crate) fn total_usage(prompts: &[Vec<u32>], per_choice: &[Usage]) -> Usage {
     let prompt_tokens = prompts.iter().map(Vec::len).sum();
