@@ -6,7 +6,8 @@
 #   benches/compare-llamacpp.sh            # defaults below
 #   ROUNDS=3 REQUESTS=32 MAX_TOKENS=128 CONCURRENCY="1 16" benches/compare-llamacpp.sh
 #
-# llama-server comes from ../shared/peers/build-llama-server.sh (built once, ~10 min).
+# llama-server comes from ../shared/peers/build-llama-server.sh (built once, ~10 min), or
+# from $LLAMA_SERVER when set (for example a build without AMX where AMX tiles fault).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
@@ -20,7 +21,7 @@ OUT=${OUT:-target/compare}
 mkdir -p "$OUT"
 
 MODEL=$(scripts/fetch-model.sh)
-LLAMA=$(bash "$SHARED/peers/build-llama-server.sh" | tail -n 1)
+LLAMA=${LLAMA_SERVER:-$(bash "$SHARED/peers/build-llama-server.sh" | tail -n 1)}
 cargo build --release -q --bin wick
 WICK=target/release/wick
 
