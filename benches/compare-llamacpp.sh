@@ -45,15 +45,18 @@ trap 'kill $LPID $WPID 2>/dev/null || true' EXIT
 wait_healthy "http://127.0.0.1:$P1"
 wait_healthy "http://127.0.0.1:$P2"
 
-# Long prompts for cold prefill, each different from its first word (no cache hits).
-python3 - "$OUT/long-prompts.txt" <<'PY'
+# Long prompts for cold prefill, different in every round and request from their first
+# words (no prefix-cache hit on either server).
+long_prompts() { # round -> file
+  python3 - "$OUT/long-prompts-r$1.txt" "$1" <<'PY'
 import sys
 words = "river stone lantern harbor meadow engine violin glacier canyon orchard".split()
 with open(sys.argv[1], "w") as f:
-    for i in range(64):
-        body = " ".join(words[(i + j) % len(words)] for j in range(400))
-        f.write(f"Request {i} ({words[i % len(words)]}): summarize this text. {body}\n")
+    for i in range(8):
+        body = " ".join(words[(i * 3 + j) % len(words)] for j in range(400))
+        f.write(f"Round {sys.argv[2]} request {i}: summarize this text. {body}\n")
 PY
+}
 
 run() { # name url concurrency requests max_tokens extra... -> JSON file
   local name=$1 url=$2 c=$3 n=$4 mt=$5; shift 5
@@ -67,7 +70,8 @@ for round in $(seq 1 "$ROUNDS"); do
     for c in $CONCURRENCY; do
       run "$server-c$c-r$round" "$url" "$c" "$REQUESTS" "$MAX_TOKENS"
     done
-    run "$server-prefill-r$round" "$url" 1 8 1 --prompts "$OUT/long-prompts.txt"
+    long_prompts "$round-$server"
+    run "$server-prefill-r$round" "$url" 1 8 1 --prompts "$OUT/long-prompts-r$round-$server.txt"
   done
   echo "round $round done" >&2
 done

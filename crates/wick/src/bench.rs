@@ -98,6 +98,8 @@ pub struct Report {
     pub concurrency: usize,
     pub requests: usize,
     pub errors: usize,
+    /// Up to three distinct error messages.
+    pub error_messages: Vec<String>,
     pub duration_s: f64,
     pub output_tokens: usize,
     pub output_tokens_per_s: f64,
@@ -203,7 +205,7 @@ impl Client {
                 let Ok(v) = serde_json::from_str::<Value>(data) else {
                     continue;
                 };
-                if let Some(e) = v.get("error") {
+                if let Some(e) = v.get("error").filter(|e| !e.is_null()) {
                     s.error = Some(e.to_string());
                 }
                 if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
@@ -271,10 +273,17 @@ async fn level(
     let ok: Vec<&Sample> = samples.iter().filter(|s| s.error.is_none()).collect();
     let output: usize = ok.iter().map(|s| s.output_tokens).sum();
     let prompt: usize = ok.iter().map(|s| s.prompt_tokens).sum();
+    let mut error_messages: Vec<String> = Vec::new();
+    for e in samples.iter().filter_map(|s| s.error.clone()) {
+        if error_messages.len() < 3 && !error_messages.contains(&e) {
+            error_messages.push(e);
+        }
+    }
     Report {
         concurrency,
         requests,
         errors: samples.len() - ok.len(),
+        error_messages,
         duration_s: duration,
         output_tokens: output,
         output_tokens_per_s: output as f64 / duration,
@@ -396,8 +405,11 @@ fn plot(reports: &[Report]) -> String {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<Report>> {
+    // A fresh connection per request: some servers close idle keep-alive connections, and a
+    // reused one that was just closed fails the request before it is sent.
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(3600))
+        .pool_max_idle_per_host(0)
         .build()
         .context("HTTP client")?;
     let url = args.url.trim_end_matches('/').to_string();
