@@ -378,10 +378,20 @@ fn a_model_that_cannot_load_is_a_clear_start_up_error() {
             .arg(&model)
             .output()
             .unwrap();
-        assert!(!out.status.success());
+        assert_eq!(out.status.code(), Some(1));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "stderr: {err}");
     }
+    // A bad configuration is a usage error: exit code 2, naming the key.
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "[scheduler]\nmax_num_seq = 4\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wick"))
+        .args(["serve", "--model", "m.gguf", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_num_seq"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

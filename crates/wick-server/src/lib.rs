@@ -152,6 +152,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(api)
         .route("/health", get(routes::health))
+        .route("/health/live", get(routes::live))
         .route("/metrics", get(routes::metrics))
         .route("/openapi.json", get(openapi::openapi_json))
         .fallback(routes::not_found)

@@ -16,6 +16,7 @@ use utoipa::OpenApi;
         crate::routes::tokenize,
         crate::routes::detokenize,
         crate::routes::health,
+        crate::routes::live,
         crate::routes::metrics,
     ),
     // Streamed responses are sequences of these (one per SSE `data:` line).

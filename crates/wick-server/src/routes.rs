@@ -143,7 +143,13 @@ pub(crate) async fn detokenize(
     Ok(Json(DetokenizeResponse { prompt }))
 }
 
-/// 503 until the model is loaded, 200 after.
+/// Liveness: 200 while the process serves HTTP at all, loaded or not.
+#[utoipa::path(get, path = "/health/live", responses((status = 200)))]
+pub(crate) async fn live() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "alive"}))
+}
+
+/// Readiness: 503 until the model is loaded, 200 after.
 #[utoipa::path(get, path = "/health", responses((status = 200), (status = 503, body = crate::error::ErrorBody)))]
 pub(crate) async fn health(State(state): State<AppState>) -> Response {
     match state.model() {

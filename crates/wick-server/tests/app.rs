@@ -44,6 +44,10 @@ async fn not_ready_until_the_model_is_loaded() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     let (status, _) = call(Request::get("/v1/models").body(Body::empty()).unwrap()).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    // Alive all the same.
+    let (status, body) = call(Request::get("/health/live").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["status"], "alive");
 }
 
 #[tokio::test]

@@ -59,9 +59,14 @@ fn main() -> ExitCode {
             .context("cannot start the async runtime")
     };
     let result = match cli.command {
-        Command::Serve(args) => {
-            Config::resolve(args).and_then(|cfg| runtime()?.block_on(serve(cfg)))
-        }
+        Command::Serve(args) => match Config::resolve(args) {
+            Ok(cfg) => runtime().and_then(|rt| rt.block_on(serve(cfg))),
+            Err(e) => {
+                // A configuration error is a usage error, like a bad flag.
+                eprintln!("wick: invalid configuration: {e:#}");
+                return ExitCode::from(2);
+            }
+        },
         Command::Bench(args) => runtime().and_then(|rt| rt.block_on(bench::run(args)).map(drop)),
     };
     match result {
