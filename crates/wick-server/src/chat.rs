@@ -16,7 +16,7 @@ use crate::openai::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatLogprobs, Choice, ChunkChoice,
     Delta, Usage,
 };
-use crate::routes::{body_bytes, check_model, json_event, reply_id, unix_now};
+use crate::routes::{blocking, body_bytes, check_model, json_event, reply_id, unix_now};
 use crate::validate::parse_chat;
 use crate::{logprobs, ApiError, AppState};
 
@@ -49,7 +49,7 @@ pub(crate) async fn chat_completions(
     let prompt = {
         let state = state.clone();
         let messages = req.messages.clone();
-        tokio::task::spawn_blocking(move || {
+        blocking(move || {
             let model = state.model()?;
             let text = model
                 .template
@@ -57,8 +57,7 @@ pub(crate) async fn chat_completions(
                 .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
             model.encode(&text, "messages")
         })
-        .await
-        .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))??
+        .await?
     };
     let prompts = [prompt];
     let runs = submit(

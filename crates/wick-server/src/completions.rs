@@ -13,7 +13,7 @@ use futures::StreamExt;
 
 use crate::generation::{finish_all, merge, submit, total_usage, GenToken, Piece, Run};
 use crate::openai::{Completion, CompletionChoice, CompletionLogprobs, Usage};
-use crate::routes::{body_bytes, check_model, json_event, reply_id, unix_now};
+use crate::routes::{blocking, body_bytes, check_model, json_event, reply_id, unix_now};
 use crate::structured::ResponseFormat;
 use crate::validate::{parse_completion, PromptInput};
 use crate::{logprobs, ApiError, AppState};
@@ -46,7 +46,7 @@ pub(crate) async fn completions(
     let prompts: Vec<Vec<u32>> = {
         let state = state.clone();
         let inputs = req.prompts.clone();
-        tokio::task::spawn_blocking(move || {
+        blocking(move || {
             let model = state.model()?;
             inputs
                 .into_iter()
@@ -56,8 +56,7 @@ pub(crate) async fn completions(
                 })
                 .collect::<Result<Vec<_>, ApiError>>()
         })
-        .await
-        .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))??
+        .await?
     };
     let runs = submit(
         &state,

@@ -13,6 +13,7 @@ use wick_core::{
 
 use crate::detok::{Detokenizer, StopBuffer};
 use crate::openai::Usage;
+use crate::routes::blocking;
 use crate::structured::ResponseFormat;
 use crate::validate::ValidSampling;
 use crate::{ApiError, AppState, ServedModel};
@@ -281,7 +282,7 @@ async fn compile(
     }
     let state = state.clone();
     let format = format.clone();
-    tokio::task::spawn_blocking(move || {
+    blocking(move || {
         let grammars = state.model()?.grammars.clone().ok_or_else(|| {
             ApiError::unsupported(
                 "response_format",
@@ -296,7 +297,6 @@ async fn compile(
             .collect()
     })
     .await
-    .map_err(|e| ApiError::Internal(format!("grammar task failed: {e}")))?
 }
 
 fn submit_error(state: &AppState, e: SubmitError) -> ApiError {

@@ -35,6 +35,17 @@ pub(crate) fn reply_id(prefix: &str, salt: usize) -> String {
     format!("{prefix}-{:x}{nanos:08x}{n:06x}{salt:x}", unix_now())
 }
 
+/// Runs CPU work (templating, tokenizing, grammar compilation) off the async reactor.
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("blocking task failed: {e}")))?
+}
+
 pub(crate) fn json_event<T: serde::Serialize>(value: &T) -> Event {
     Event::default().data(serde_json::to_string(value).unwrap_or_else(|_| "{}".into()))
 }

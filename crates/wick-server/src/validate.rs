@@ -95,11 +95,11 @@ fn parse_object<T: DeserializeOwned>(
     }
     // Type errors name their field; inside the flattened sampling fields serde loses the
     // path, so it is found by checking them one by one.
-    serde_path_to_error::deserialize(value).map_err(|e| {
+    serde_path_to_error::deserialize(&value).map_err(|e| {
         let path = e.path().to_string();
         let param = path.trim_start_matches('.').to_string();
         let param = if param.is_empty() || param == "?" {
-            first_bad_field(obj_clone(body)).unwrap_or_else(|| "body".into())
+            first_bad_field(obj).unwrap_or_else(|| "body".into())
         } else {
             param
         };
@@ -110,19 +110,15 @@ fn parse_object<T: DeserializeOwned>(
     })
 }
 
-fn obj_clone(body: &[u8]) -> serde_json::Map<String, Value> {
-    serde_json::from_slice(body).unwrap_or_default()
-}
-
 /// For errors inside the flattened sampling fields: the first field whose value has the
 /// wrong type.
-fn first_bad_field(obj: serde_json::Map<String, Value>) -> Option<String> {
-    obj.into_iter()
+fn first_bad_field(obj: &serde_json::Map<String, Value>) -> Option<String> {
+    obj.iter()
         .find(|(k, v)| {
-            let single = serde_json::json!({ k.clone(): v.clone() });
+            let single = serde_json::json!({ k.as_str(): v });
             serde_json::from_value::<SamplingFields>(single).is_err()
         })
-        .map(|(k, _)| k)
+        .map(|(k, _)| k.clone())
 }
 
 /// Parses and checks a `POST /v1/chat/completions` body.
@@ -154,7 +150,7 @@ pub fn parse_chat(body: &[u8]) -> Result<ValidChat, ApiError> {
     };
     Ok(ValidChat {
         response_format: ResponseFormat::parse(req.response_format.as_ref())?,
-        messages: messages(&req)?,
+        messages: messages_from(&req.messages)?,
         sampling: sampling(&req.sampling, max_tokens, logprobs)?,
         model: req.model,
     })
@@ -430,10 +426,6 @@ pub(crate) fn messages_from(
             })
         })
         .collect()
-}
-
-fn messages(req: &ChatCompletionRequest) -> Result<Vec<TemplateMessage>, ApiError> {
-    messages_from(&req.messages)
 }
 
 #[cfg(test)]
