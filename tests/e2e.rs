@@ -293,43 +293,97 @@ async fn stop_strings_are_cut_and_never_emitted() {
     assert_eq!(finish.as_deref(), Some("stop"));
 }
 
+/// The series docs/metrics.md lists: (name, type).
+fn documented_metrics() -> Vec<(String, String)> {
+    let doc = std::fs::read_to_string(common::repo_root().join("docs/metrics.md")).unwrap();
+    doc.lines()
+        .filter(|l| l.starts_with("| `wick_"))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            (cells[1].trim_matches('`').to_string(), cells[2].to_string())
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_have_the_series_and_pass_promtool() {
-    let s = Server::start(&[]).await;
-    s.complete(&chat("Say yes.", 4)).await;
-    let mut body = chat("Say no.", 4);
+async fn metrics_have_every_documented_series_for_both_kinds_of_request() {
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let s = Server::start(&["--metrics-port", &metrics_port]).await;
+    let documented = documented_metrics();
+    assert!(documented.len() >= 20, "{documented:?}");
+    let per_request: Vec<&str> = documented
+        .iter()
+        .filter(|(n, t)| {
+            t == "histogram"
+                && !n.starts_with("wick_step_")
+                && n != "wick_inter_token_latency_seconds"
+        })
+        .map(|(n, _)| n.as_str())
+        .collect();
+    // Each per-request histogram counts the non-streaming request, then the streaming one.
+    let mut body = chat("Say yes.", 4);
+    body["ignore_eos"] = json!(true);
+    s.complete(&body).await;
+    for name in &per_request {
+        assert_eq!(
+            s.metric(&format!("{name}_count")).await,
+            1.0,
+            "{name}, non-streaming"
+        );
+    }
     body["stream"] = json!(true);
     s.stream(&body).await;
+    for name in &per_request {
+        assert_eq!(
+            s.metric(&format!("{name}_count")).await,
+            2.0,
+            "{name}, streaming"
+        );
+    }
     let text = s.metrics().await;
-    for name in [
-        "wick_requests_running",
-        "wick_requests_waiting",
-        "wick_kv_cache_blocks_used",
-        "wick_kv_cache_blocks",
-        "wick_prompt_tokens_total",
-        "wick_generation_tokens_total",
-        "wick_time_to_first_token_seconds",
-        "wick_inter_token_latency_seconds",
-        "wick_e2e_request_latency_seconds",
-    ] {
+    for (name, kind) in &documented {
         assert!(
             text.contains(&format!("# HELP {name} ")),
             "no help for {name}"
         );
         assert!(
-            text.contains(&format!("# TYPE {name} ")),
-            "no type for {name}"
+            text.contains(&format!("# TYPE {name} {kind}\n")),
+            "no type {kind} for {name}"
         );
     }
     assert_eq!(s.metric("wick_kv_cache_blocks").await, 1024.0);
     assert!(s.metric("wick_prompt_tokens_total").await > 20.0);
-    assert!(s.metric("wick_generation_tokens_total").await >= 2.0);
+    assert_eq!(s.metric("wick_generation_tokens_total").await, 8.0);
+    assert_eq!(s.metric("wick_request_generation_tokens_sum").await, 8.0);
     assert_eq!(
-        s.metric("wick_e2e_request_latency_seconds_count").await,
+        s.metric("wick_inter_token_latency_seconds_count").await,
+        6.0
+    );
+    assert!(s.metric("wick_step_batch_size_count").await >= 8.0);
+    assert_eq!(
+        s.metric("wick_request_success_total{finish_reason=\"length\"}")
+            .await,
         2.0
     );
-    assert!(s.metric("wick_time_to_first_token_seconds_count").await >= 2.0);
+    let usage = s.metric("wick_kv_cache_usage_ratio").await;
+    assert!((0.0..=1.0).contains(&usage));
     promtool_check(&text);
+
+    // The same series on the separate metrics port.
+    let other = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 200);
+    assert!(other
+        .text()
+        .await
+        .unwrap()
+        .contains("# TYPE wick_request_queue_time_seconds histogram"));
 }
 
 /// `promtool check metrics`, when promtool is installed (`.ci/run` installs it; CI requires it).

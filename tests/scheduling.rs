@@ -152,7 +152,7 @@ async fn a_flood_gets_429s_with_retry_after_and_every_accepted_request_completes
         }
     }
     assert_eq!(
-        s.metric("wick_requests_rejected_total{reason=\"queue_full\"}")
+        s.metric("wick_request_failure_total{error_type=\"queue_full\"}")
             .await,
         limited.len() as f64
     );

@@ -23,19 +23,22 @@ impl Server {
     /// Starts `wick serve` on the default model with `extra` flags; waits for `/health`.
     pub async fn start(extra: &[&str]) -> Server {
         let model = super::model_path();
+        let model = model.to_str().expect("UTF-8 model path");
+        let mut args = vec!["--model", model, "--served-model-name", "smollm2"];
+        args.extend_from_slice(extra);
+        Server::start_with(&args, &[]).await
+    }
+
+    /// Starts `wick serve` with exactly `args` (and a free `--port`) and extra environment
+    /// variables; waits for `/health`.
+    pub async fn start_with(args: &[&str], env: &[(&str, &str)]) -> Server {
         let port = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_wick"))
             .arg("serve")
-            .arg("--model")
-            .arg(&model)
-            .args([
-                "--port",
-                &port.to_string(),
-                "--served-model-name",
-                "smollm2",
-            ])
-            .args(extra)
+            .args(["--port", &port.to_string()])
+            .args(args)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -57,6 +60,32 @@ impl Server {
             }
             assert!(Instant::now() < deadline, "wick did not become healthy");
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn child_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends SIGTERM, as Kubernetes does to stop a pod.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits (up to `limit`) for the process to exit; its status.
+    pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "wick did not exit in {limit:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

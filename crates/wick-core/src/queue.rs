@@ -1,4 +1,4 @@
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +43,8 @@ struct Admission {
     waiting_tokens: AtomicUsize,
     /// Requests finished per second (an f64's bits), measured by the engine.
     completion_rate: AtomicU64,
+    /// Set once at shutdown: the engine ends every request it still has, with an error.
+    end_all: AtomicBool,
 }
 
 impl Admission {
@@ -115,6 +117,13 @@ impl EngineHandle {
     }
 
     /// Requests accepted and not yet started.
+    /// At shutdown, once the drain timeout has run out: the engine ends every request it
+    /// still has with [`crate::ErrorKind::Shutdown`]. Not a queued command, so it cannot be
+    /// refused by a full queue.
+    pub fn end_all(&self) {
+        self.admission.end_all.store(true, Ordering::Release);
+    }
+
     pub fn num_waiting(&self) -> usize {
         self.admission.waiting.load(Ordering::Relaxed)
     }
@@ -147,6 +156,11 @@ impl QueueReceiver {
     }
 
     /// A request with `prompt_tokens` left the waiting queue (started, or ended unstarted).
+    /// Whether [`EngineHandle::end_all`] was called.
+    pub fn end_all_requested(&self) -> bool {
+        self.admission.end_all.load(Ordering::Acquire)
+    }
+
     pub fn release(&self, prompt_tokens: usize) {
         self.admission.release(prompt_tokens);
     }
@@ -177,6 +191,7 @@ pub fn request_queue(limits: QueueLimits) -> (EngineHandle, QueueReceiver) {
         waiting: AtomicUsize::new(0),
         waiting_tokens: AtomicUsize::new(0),
         completion_rate: AtomicU64::new(0f64.to_bits()),
+        end_all: AtomicBool::new(false),
     });
     (
         EngineHandle {
@@ -199,6 +214,7 @@ mod tests {
     fn req(id: u64, tokens: usize) -> EngineRequest {
         EngineRequest {
             id: RequestId(id),
+            tag: format!("t{id}"),
             prompt: vec![1; tokens],
             max_tokens: 1,
             stop_token_ids: vec![],

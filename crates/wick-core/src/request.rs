@@ -70,6 +70,8 @@ pub struct TokenLogprobs {
 #[derive(Debug)]
 pub struct EngineRequest {
     pub id: RequestId,
+    /// The request's `x-request-id` (the client's or a generated one), for log lines.
+    pub tag: String,
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
     /// Token ids that end the sequence (end of turn, end of text).
@@ -142,4 +144,18 @@ pub enum ErrorKind {
     Rejected,
     /// The engine failed while computing it.
     Internal,
+    /// The server shut down (its drain timeout ran out) before the request ended.
+    Shutdown,
+}
+
+impl ErrorKind {
+    /// The `error_type` label of `wick_request_failure_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::QueueTimeout => crate::metrics::error_type::QUEUE_TIMEOUT,
+            ErrorKind::Rejected => crate::metrics::error_type::REJECTED,
+            ErrorKind::Internal => crate::metrics::error_type::INTERNAL,
+            ErrorKind::Shutdown => crate::metrics::error_type::SHUTDOWN,
+        }
+    }
 }

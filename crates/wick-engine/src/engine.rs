@@ -107,8 +107,15 @@ where
 /// A request the engine is serving.
 struct Live {
     events: UnboundedSender<TokenEvent>,
+    /// The request's x-request-id, for log lines.
+    tag: String,
     sampler: Sampler,
     arrived: Instant,
+    /// When it was first scheduled (queue time ends, prefill begins).
+    scheduled: Option<Instant>,
+    /// When its first token was sampled.
+    first_token: Option<Instant>,
+    generated: usize,
     prompt_len: usize,
     /// Scheduled at least once (it has left the waiting queue's admission count).
     started: bool,
@@ -156,6 +163,9 @@ impl<R: StepRunner> Engine<R> {
             if !self.take_commands() && !self.sched.has_work() {
                 return;
             }
+            if self.queue.end_all_requested() && !self.live.is_empty() {
+                self.end_all();
+            }
             self.reap_closed();
             self.expire_waiting();
             if self.sched.has_work() {
@@ -197,6 +207,8 @@ impl<R: StepRunner> Engine<R> {
         let seq = Sequence::new(req.id, req.prompt, req.max_tokens, req.stop_token_ids);
         if let Err(e) = self.sched.add(seq) {
             self.queue.release(prompt_len);
+            self.metrics.failure(ErrorKind::Rejected.as_str());
+            tracing::info!(request_id = %req.tag, error = %e, "refused");
             let _ = req.events.send(TokenEvent::Error {
                 kind: ErrorKind::Rejected,
                 message: e.to_string(),
@@ -208,8 +220,12 @@ impl<R: StepRunner> Engine<R> {
             req.id,
             Live {
                 events: req.events,
+                tag: req.tag,
                 sampler,
                 arrived: req.arrived,
+                scheduled: None,
+                first_token: None,
+                generated: 0,
                 prompt_len,
                 started: false,
                 last_token: None,
@@ -245,10 +261,8 @@ impl<R: StepRunner> Engine<R> {
         for id in expired {
             self.sched.abort(id);
             if let Some(live) = self.remove(id) {
-                self.metrics
-                    .requests_rejected
-                    .with_label_values(&["queue_timeout"])
-                    .inc();
+                self.metrics.failure(ErrorKind::QueueTimeout.as_str());
+                tracing::info!(request_id = %live.tag, "queue timeout");
                 let _ = live.events.send(TokenEvent::Error {
                     kind: ErrorKind::QueueTimeout,
                     message: format!(
@@ -291,15 +305,26 @@ impl<R: StepRunner> Engine<R> {
         if batch.is_empty() {
             return;
         }
+        let started = Instant::now();
+        let _span =
+            tracing::debug_span!("step", seqs = batch.seqs.len(), tokens = batch.num_tokens())
+                .entered();
         for s in &batch.seqs {
             if let Some(live) = self.live.get_mut(&s.id) {
                 if !live.started {
                     live.started = true;
+                    live.scheduled = Some(started);
+                    self.metrics
+                        .queue_time
+                        .observe((started - live.arrived).as_secs_f64());
                     self.queue.release(live.prompt_len);
                 }
             }
         }
         self.metrics.step_tokens.observe(batch.num_tokens() as f64);
+        self.metrics
+            .step_batch_size
+            .observe(batch.seqs.len() as f64);
         let logits = match self.runner.step(&batch) {
             Ok(l) => l,
             Err(message) => return self.fail_batch(&batch, message),
@@ -340,6 +365,9 @@ impl<R: StepRunner> Engine<R> {
         for (id, message) in failed {
             self.fail(id, ErrorKind::Internal, message);
         }
+        self.metrics
+            .step_duration
+            .observe(started.elapsed().as_secs_f64());
     }
 
     fn emit(&mut self, o: SeqOutcome, logprobs: Option<TokenLogprobs>, now: Instant) {
@@ -357,6 +385,8 @@ impl<R: StepRunner> Engine<R> {
                 .observe((now - t).as_secs_f64()),
         }
         live.last_token = Some(now);
+        live.first_token.get_or_insert(now);
+        live.generated += 1;
         self.metrics.generation_tokens.inc();
         if let Some(id) = o.token {
             let _ = live.events.send(TokenEvent::Token { id, logprobs });
@@ -378,6 +408,8 @@ impl<R: StepRunner> Engine<R> {
     fn fail(&mut self, id: RequestId, kind: ErrorKind, message: String) {
         self.sched.abort(id);
         if let Some(live) = self.remove(id) {
+            self.metrics.failure(kind.as_str());
+            tracing::warn!(request_id = %live.tag, error = %message, "request failed");
             let _ = live.events.send(TokenEvent::Error { kind, message });
         }
     }
@@ -386,25 +418,45 @@ impl<R: StepRunner> Engine<R> {
     fn fail_batch(&mut self, batch: &ScheduledBatch, message: String) {
         tracing::error!(error = %message, "engine step failed");
         for s in &batch.seqs {
-            self.sched.abort(s.id);
-            if let Some(live) = self.remove(s.id) {
-                let _ = live.events.send(TokenEvent::Error {
-                    kind: ErrorKind::Internal,
-                    message: message.clone(),
-                });
-            }
+            self.fail(s.id, ErrorKind::Internal, message.clone());
+        }
+    }
+
+    /// Shutdown after the drain timeout: every request still here ends with an error.
+    fn end_all(&mut self) {
+        let ids: Vec<RequestId> = self.live.keys().copied().collect();
+        tracing::warn!(
+            requests = ids.len(),
+            "drain timeout: ending the requests still in flight"
+        );
+        for id in ids {
+            self.fail(
+                id,
+                ErrorKind::Shutdown,
+                "the server is shutting down and its drain timeout ran out before this request ended".into(),
+            );
         }
     }
 
     fn finish_metrics(&mut self, live: &Live, reason: FinishReason) {
-        self.metrics
-            .e2e_request_latency
-            .observe(live.arrived.elapsed().as_secs_f64());
-        self.metrics
-            .request_success
+        let now = Instant::now();
+        let m = &self.metrics;
+        m.e2e_request_latency
+            .observe((now - live.arrived).as_secs_f64());
+        m.request_success
             .with_label_values(&[reason.as_str()])
             .inc();
-        let now = Instant::now();
+        m.prompt_length.observe(live.prompt_len as f64);
+        m.generation_length.observe(live.generated as f64);
+        if let (Some(scheduled), Some(first)) = (live.scheduled, live.first_token) {
+            m.prefill_time.observe((first - scheduled).as_secs_f64());
+            let decode = (now - first).as_secs_f64();
+            m.decode_time.observe(decode);
+            if live.generated > 1 {
+                m.time_per_output_token
+                    .observe(decode / (live.generated - 1) as f64);
+            }
+        }
         self.finishes.push_back(now);
         while self
             .finishes
@@ -424,7 +476,10 @@ impl<R: StepRunner> Engine<R> {
         let m = &self.metrics;
         m.requests_running.set(self.sched.num_running() as i64);
         m.requests_waiting.set(self.sched.num_waiting() as i64);
-        m.kv_blocks_used.set(self.sched.num_blocks_used() as i64);
+        let used = self.sched.num_blocks_used();
+        m.kv_blocks_used.set(used as i64);
+        let total = m.kv_blocks_total.get().max(1);
+        m.kv_cache_usage.set(used as f64 / total as f64);
         let p = self.sched.num_preemptions();
         m.preemptions.inc_by(p - self.preemptions_seen);
         self.preemptions_seen = p;

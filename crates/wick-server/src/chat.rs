@@ -8,7 +8,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use futures::StreamExt;
 
 use crate::generation::{finish_all, merge, submit, total_usage, GenToken, Piece, Run};
@@ -18,7 +18,7 @@ use crate::openai::{
 };
 use crate::routes::{blocking, body_bytes, check_model, json_event, reply_id, unix_now};
 use crate::validate::parse_chat;
-use crate::{logprobs, ApiError, AppState};
+use crate::{logprobs, ApiError, AppState, RequestTag};
 
 /// Chat completion: JSON, or with `stream: true` an SSE stream of `ChatCompletionChunk`s
 /// ending with `data: [DONE]`.
@@ -37,6 +37,7 @@ use crate::{logprobs, ApiError, AppState};
 )]
 pub(crate) async fn chat_completions(
     State(state): State<AppState>,
+    Extension(tag): Extension<RequestTag>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
@@ -62,6 +63,7 @@ pub(crate) async fn chat_completions(
     let prompts = [prompt];
     let runs = submit(
         &state,
+        &tag,
         model,
         &prompts,
         &req.sampling,

@@ -8,7 +8,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use futures::StreamExt;
 
 use crate::generation::{finish_all, merge, submit, total_usage, GenToken, Piece, Run};
@@ -16,7 +16,7 @@ use crate::openai::{Completion, CompletionChoice, CompletionLogprobs, Usage};
 use crate::routes::{blocking, body_bytes, check_model, json_event, reply_id, unix_now};
 use crate::structured::ResponseFormat;
 use crate::validate::{parse_completion, PromptInput};
-use crate::{logprobs, ApiError, AppState};
+use crate::{logprobs, ApiError, AppState, RequestTag};
 
 /// Text completion of raw prompts: JSON, or with `stream: true` SSE.
 #[utoipa::path(
@@ -34,6 +34,7 @@ use crate::{logprobs, ApiError, AppState};
 )]
 pub(crate) async fn completions(
     State(state): State<AppState>,
+    Extension(tag): Extension<RequestTag>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
@@ -60,6 +61,7 @@ pub(crate) async fn completions(
     };
     let runs = submit(
         &state,
+        &tag,
         model,
         &prompts,
         &req.sampling,

@@ -29,6 +29,11 @@ pub enum ApiError {
     NotReady,
     #[error("The server is shutting down.")]
     EngineStopped,
+    #[error("The server is shutting down and accepts no new requests; retry on another replica.")]
+    ShuttingDown,
+    /// Ended by shutdown after the drain timeout.
+    #[error("{0}")]
+    Drained(String),
     #[error("{0}")]
     Internal(String),
     #[error("Not found: {0}")]
@@ -63,9 +68,11 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::NotReady | ApiError::EngineStopped | ApiError::QueueTimeout(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::NotReady
+            | ApiError::EngineStopped
+            | ApiError::QueueTimeout(_)
+            | ApiError::ShuttingDown
+            | ApiError::Drained(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -93,6 +100,9 @@ impl ApiError {
                 None,
                 Some("service_unavailable"),
             ),
+            ApiError::ShuttingDown | ApiError::Drained(_) => {
+                ("service_unavailable_error", None, Some("shutting_down"))
+            }
             ApiError::Internal(_) => ("server_error", None, Some("internal_error")),
         };
         ErrorBody {

@@ -16,7 +16,7 @@ use crate::openai::Usage;
 use crate::routes::blocking;
 use crate::structured::ResponseFormat;
 use crate::validate::ValidSampling;
-use crate::{ApiError, AppState, ServedModel};
+use crate::{ApiError, AppState, RequestTag, ServedModel};
 
 /// One generated token, with its log-probabilities if asked for.
 #[derive(Debug, Clone)]
@@ -138,6 +138,7 @@ impl Generation {
                             code: Some("context_length_exceeded"),
                         },
                         ErrorKind::Internal => ApiError::Internal(message),
+                        ErrorKind::Shutdown => ApiError::Drained(message),
                     };
                     return self.end(Piece::Error(e), String::new());
                 }
@@ -206,6 +207,7 @@ pub(crate) fn output_budget(
 /// one's first event, so that an engine refusal becomes this request's status code.
 pub(crate) async fn submit(
     state: &AppState,
+    tag: &RequestTag,
     model: &ServedModel,
     prompts: &[Vec<u32>],
     sampling: &ValidSampling,
@@ -241,6 +243,7 @@ pub(crate) async fn submit(
                 .engine()
                 .submit(EngineRequest {
                     id: state.next_id(),
+                    tag: tag.0.to_string(),
                     prompt: prompt.clone(),
                     max_tokens,
                     stop_token_ids: if sampling.ignore_eos {
@@ -308,9 +311,7 @@ fn submit_error(state: &AppState, e: SubmitError) -> ApiError {
         } => {
             state
                 .metrics()
-                .requests_rejected
-                .with_label_values(&["queue_full"])
-                .inc();
+                .failure(wick_core::metrics::error_type::QUEUE_FULL);
             ApiError::QueueFull {
                 waiting,
                 waiting_tokens,

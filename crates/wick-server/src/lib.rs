@@ -17,6 +17,7 @@ mod generation;
 mod logprobs;
 pub mod openai;
 mod openapi;
+mod ops;
 mod routes;
 mod structured;
 mod template;
@@ -34,6 +35,7 @@ use wick_core::{EngineHandle, Metrics, RequestId};
 pub use detok::{token_bytes, Detokenizer, StopBuffer};
 pub use error::ApiError;
 pub use openapi::ApiDoc;
+pub use ops::{RequestTag, REQUEST_ID_HEADER};
 pub use structured::{Grammars, JsonConstraint, ResponseFormat};
 pub use template::{ChatTemplate, TemplateError, TemplateMessage};
 pub use validate::{parse_chat, parse_completion, ValidChat, ValidCompletion};
@@ -88,6 +90,7 @@ struct Inner {
     model: OnceLock<ServedModel>,
     metrics: Metrics,
     next_id: AtomicU64,
+    drain: Arc<ops::Drain>,
 }
 
 /// Shared by every handler; cheap to clone.
@@ -107,6 +110,7 @@ impl AppState {
                 model: OnceLock::new(),
                 metrics,
                 next_id: AtomicU64::new(1),
+                drain: Arc::default(),
             }),
         }
     }
@@ -132,6 +136,20 @@ impl AppState {
         &self.inner.metrics
     }
 
+    pub(crate) fn drain(&self) -> &Arc<ops::Drain> {
+        &self.inner.drain
+    }
+
+    /// Whether shutdown has begun (see [`AppState::start_draining`]).
+    pub fn is_draining(&self) -> bool {
+        self.inner.drain.is_draining()
+    }
+
+    /// The engine's queue, for shutdown ([`EngineHandle::end_all`]).
+    pub fn engine_handle(&self) -> &EngineHandle {
+        &self.inner.engine
+    }
+
     pub(crate) fn next_id(&self) -> RequestId {
         RequestId(self.inner.next_id.fetch_add(1, Ordering::Relaxed))
     }
@@ -148,6 +166,10 @@ pub fn app(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_key,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            ops::count_in_flight,
         ));
     Router::new()
         .merge(api)
@@ -157,5 +179,14 @@ pub fn app(state: AppState) -> Router {
         .route("/openapi.json", get(openapi::openapi_json))
         .fallback(routes::not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(ops::tag_requests))
+        .with_state(state)
+}
+
+/// `/metrics` alone, for `--metrics-port`.
+pub fn metrics_app(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(routes::metrics))
+        .fallback(routes::not_found)
         .with_state(state)
 }

@@ -160,9 +160,12 @@ pub(crate) async fn live() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "alive"}))
 }
 
-/// Readiness: 503 until the model is loaded, 200 after.
+/// Readiness: 503 until the model is loaded, 200 after, 503 again once shutdown begins.
 #[utoipa::path(get, path = "/health", responses((status = 200), (status = 503, body = crate::error::ErrorBody)))]
 pub(crate) async fn health(State(state): State<AppState>) -> Response {
+    if state.is_draining() {
+        return ApiError::ShuttingDown.into_response();
+    }
     match state.model() {
         Ok(_) => (StatusCode::OK, Json(serde_json::json!({"status": "ok"}))).into_response(),
         Err(e) => e.into_response(),

@@ -14,10 +14,18 @@ pub struct ServeArgs {
     /// TOML configuration file (see config/default.toml).
     #[arg(long, env = "WICK_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Model: a .gguf file, or a Hugging Face directory (config.json, tokenizer.json,
-    /// tokenizer_config.json, *.safetensors). [key: model.path]
+    /// Model: a .gguf file; a Hugging Face directory (config.json, tokenizer.json,
+    /// tokenizer_config.json, *.safetensors); or a Hugging Face Hub repository `org/name`,
+    /// downloaded into the Hub cache (HF_HOME; HF_HUB_OFFLINE=1 uses the cache only;
+    /// HF_TOKEN for gated repositories). [key: model.path]
     #[arg(long, env = "WICK_MODEL")]
     pub model: Option<PathBuf>,
+    /// With a Hub repository: the .gguf file to use when it has several. [key: model.file]
+    #[arg(long, env = "WICK_MODEL_FILE")]
+    pub model_file: Option<String>,
+    /// With a Hub repository: the branch, tag or commit. [key: model.revision]
+    #[arg(long, env = "WICK_REVISION")]
+    pub revision: Option<String>,
     /// Name clients use in `model` (default: the file or directory name). [key: model.served_model_name]
     #[arg(long, env = "WICK_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
@@ -36,6 +44,23 @@ pub struct ServeArgs {
     /// Port to listen on. [key: server.port]
     #[arg(long, env = "WICK_PORT")]
     pub port: Option<u16>,
+    /// Also serve /metrics alone on this port (on the same host); 0 means off. [key: server.metrics_port]
+    #[arg(long, env = "WICK_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
+    /// Seconds that requests in flight get to finish after SIGTERM/SIGINT before they are
+    /// ended with an error. [key: server.drain_timeout]
+    #[arg(long, env = "WICK_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<f64>,
+    /// Log format: human or json. [key: logging.format]
+    #[arg(long, env = "WICK_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Log filter, e.g. info or wick_engine=debug,info (RUST_LOG, if set, wins). [key: logging.level]
+    #[arg(long, env = "WICK_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Export traces (request and engine-step spans) over OTLP/HTTP to this endpoint, e.g.
+    /// http://collector:4318/v1/traces; empty means off. [key: logging.otlp_endpoint]
+    #[arg(long, env = "WICK_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Most sequences computed at once. [key: scheduler.max_num_seqs]
     #[arg(long, env = "WICK_MAX_NUM_SEQS")]
     pub max_num_seqs: Option<usize>,
@@ -85,6 +110,16 @@ struct FileConfig {
     scheduler: FileScheduler,
     #[serde(default)]
     queue: FileQueue,
+    #[serde(default)]
+    logging: FileLogging,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLogging {
+    format: Option<String>,
+    level: Option<String>,
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -93,12 +128,16 @@ struct FileServer {
     api_key: Option<String>,
     host: Option<String>,
     port: Option<u16>,
+    metrics_port: Option<u16>,
+    drain_timeout: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileModel {
     path: Option<PathBuf>,
+    file: Option<String>,
+    revision: Option<String>,
     served_model_name: Option<String>,
     device: Option<String>,
     weight_format: Option<String>,
@@ -129,13 +168,23 @@ struct FileQueue {
 /// The resolved configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// A path, or a Hub repository id (see [`crate::hub`]).
     pub model: PathBuf,
+    pub model_file: Option<String>,
+    pub revision: String,
     pub served_model_name: Option<String>,
     pub device: String,
     pub weight_format: String,
     pub api_key: Option<String>,
     pub host: String,
     pub port: u16,
+    /// None: /metrics only on the main port.
+    pub metrics_port: Option<u16>,
+    /// Seconds.
+    pub drain_timeout: f64,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub otlp_endpoint: Option<String>,
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     pub block_size: usize,
@@ -171,6 +220,11 @@ impl Config {
         };
         let cfg = Config {
             model,
+            model_file: args.model_file.or(file.model.file),
+            revision: args
+                .revision
+                .or(file.model.revision)
+                .unwrap_or_else(|| "main".into()),
             served_model_name: args.served_model_name.or(file.model.served_model_name),
             device: args
                 .device
@@ -189,6 +243,28 @@ impl Config {
                 .or(file.server.host)
                 .unwrap_or_else(|| "127.0.0.1".into()),
             port: args.port.or(file.server.port).unwrap_or(8080),
+            metrics_port: args
+                .metrics_port
+                .or(file.server.metrics_port)
+                .filter(|&p| p != 0),
+            drain_timeout: args
+                .drain_timeout
+                .or(file.server.drain_timeout)
+                .unwrap_or(30.0),
+            log_format: args
+                .log_format
+                .or(file.logging.format)
+                .map(|f| f.parse())
+                .transpose()?
+                .unwrap_or(LogFormat::Human),
+            log_level: args
+                .log_level
+                .or(file.logging.level)
+                .unwrap_or_else(|| "info".into()),
+            otlp_endpoint: args
+                .otlp_endpoint
+                .or(file.logging.otlp_endpoint)
+                .filter(|e| !e.is_empty()),
             max_num_seqs: args
                 .max_num_seqs
                 .or(file.scheduler.max_num_seqs)
@@ -260,6 +336,17 @@ impl Config {
                 bail!("{key} must be at least 1");
             }
         }
+        if !(self.drain_timeout >= 0.0 && self.drain_timeout.is_finite()) {
+            bail!("server.drain_timeout must be a number of seconds, 0 or more");
+        }
+        if let Some(e) = &self.otlp_endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                bail!("logging.otlp_endpoint must be an http:// or https:// URL, not {e:?}");
+            }
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
+            bail!("logging.level: {:?} is not a log filter (try info, debug or wick_engine=debug,info)", self.log_level);
+        }
         if !(self.max_queue_time >= 0.0 && self.max_queue_time.is_finite()) {
             bail!("queue.max_queue_time must be a number of seconds, 0 or more");
         }
@@ -267,6 +354,24 @@ impl Config {
             bail!("scheduler.kv_cache_memory must be more than 0");
         }
         Ok(())
+    }
+}
+
+/// How log lines are written (to stderr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "human" | "text" => Ok(LogFormat::Human),
+            "json" => Ok(LogFormat::Json),
+            other => bail!("logging.format must be human or json, not {other:?}"),
+        }
     }
 }
 

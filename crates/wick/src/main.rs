@@ -3,6 +3,8 @@
 
 mod bench;
 mod config;
+mod hub;
+mod telemetry;
 
 use std::future::IntoFuture;
 use std::process::ExitCode;
@@ -38,20 +40,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve a model over the OpenAI API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Load-test an OpenAI-compatible server (this one or another) over streaming requests.
     Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let runtime = || {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -59,15 +54,33 @@ fn main() -> ExitCode {
             .context("cannot start the async runtime")
     };
     let result = match cli.command {
-        Command::Serve(args) => match Config::resolve(args) {
-            Ok(cfg) => runtime().and_then(|rt| rt.block_on(serve(cfg))),
+        Command::Serve(args) => match Config::resolve(*args) {
+            Ok(cfg) => {
+                let telemetry = match telemetry::init(
+                    cfg.log_format,
+                    &cfg.log_level,
+                    cfg.otlp_endpoint.as_deref(),
+                ) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("wick: invalid configuration: {e:#}");
+                        return ExitCode::from(2);
+                    }
+                };
+                let r = runtime().and_then(|rt| rt.block_on(serve(cfg)));
+                drop(telemetry);
+                r
+            }
             Err(e) => {
                 // A configuration error is a usage error, like a bad flag.
                 eprintln!("wick: invalid configuration: {e:#}");
                 return ExitCode::from(2);
             }
         },
-        Command::Bench(args) => runtime().and_then(|rt| rt.block_on(bench::run(args)).map(drop)),
+        Command::Bench(args) => {
+            let _ = telemetry::init(config::LogFormat::Human, "info", None);
+            runtime().and_then(|rt| rt.block_on(bench::run(args)).map(drop))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -109,8 +122,14 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             .then(|| Duration::from_secs_f64(cfg.max_queue_time)),
     };
     let (blocks, memory, block_size) = (cfg.kv_cache_blocks, cfg.kv_cache_memory, cfg.block_size);
-    let path = cfg.model.clone();
+    let (spec, file, revision) = (
+        cfg.model.clone(),
+        cfg.model_file.clone(),
+        cfg.revision.clone(),
+    );
     let engine = wick_engine::start(engine_cfg, metrics.clone(), move || {
+        // On the engine thread, so that /health/live answers during a Hub download.
+        let path = hub::resolve(&spec, file.as_deref(), &revision).map_err(|e| format!("{e:#}"))?;
         let loaded = wick_runner::load(&path, &device, &LoadOptions { weight_format })
             .map_err(|e| e.to_string())?;
         let num_blocks = match memory {
@@ -133,8 +152,30 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let ready_rx = engine.ready;
     tracing::info!(%addr, model = %cfg.model.display(), "listening; loading the model");
 
+    let drain_timeout = Duration::from_secs_f64(cfg.drain_timeout);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(port) = cfg.metrics_port {
+        let maddr = format!("{}:{port}", cfg.host);
+        let mlistener = TcpListener::bind(&maddr)
+            .await
+            .with_context(|| format!("cannot listen on {maddr} (metrics)"))?;
+        let mut stopped = stop_rx.clone();
+        let app = wick_server::metrics_app(state.clone());
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(mlistener, app)
+                .with_graceful_shutdown(stop)
+                .await
+            {
+                tracing::error!(error = %e, "metrics listener failed");
+            }
+        });
+        tracing::info!(addr = %maddr, "serving /metrics");
+    }
     let server = axum::serve(listener, wick_server::app(state.clone()))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(drain(state.clone(), drain_timeout, stop_tx))
         .into_future();
     tokio::pin!(server);
     let ready = tokio::select! {
@@ -186,7 +227,14 @@ fn served_model(cfg: &Config, ready: Ready) -> anyhow::Result<ServedModel> {
     };
     tracing::debug!(elapsed = ?started.elapsed(), "grammar support ready");
     Ok(ServedModel {
-        name: cfg.served_model_name.clone().unwrap_or(a.name),
+        // A Hub model is served as its repository id, a file as its name.
+        name: cfg.served_model_name.clone().unwrap_or_else(|| {
+            if cfg.model.exists() {
+                a.name
+            } else {
+                cfg.model.display().to_string()
+            }
+        }),
         vocab_size,
         grammars,
         tokenizer,
@@ -194,6 +242,31 @@ fn served_model(cfg: &Config, ready: Ready) -> anyhow::Result<ServedModel> {
         stop_token_ids: a.stop_token_ids,
         max_model_len: ready.max_model_len,
     })
+}
+
+/// Graceful drain: on SIGTERM or SIGINT, readiness and new requests turn 503 at once while
+/// the requests in flight finish; after `timeout` the engine ends the rest with an error.
+/// Returning lets axum stop accepting and close the (now idle) connections.
+async fn drain(state: AppState, timeout: Duration, stop: tokio::sync::watch::Sender<bool>) {
+    shutdown_signal().await;
+    state.start_draining();
+    if state.wait_idle(timeout).await {
+        tracing::info!("drained: every request finished");
+    } else {
+        tracing::warn!(
+            in_flight = state.in_flight(),
+            timeout_s = timeout.as_secs_f64(),
+            "drain timeout: ending the requests still in flight"
+        );
+        state.engine_handle().end_all();
+        if !state.wait_idle(Duration::from_secs(5)).await {
+            tracing::warn!(
+                in_flight = state.in_flight(),
+                "exiting with requests unfinished"
+            );
+        }
+    }
+    let _ = stop.send(true);
 }
 
 async fn shutdown_signal() {
@@ -215,5 +288,5 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    tracing::info!("shutting down: finishing open requests");
+    tracing::info!("shutdown signal: draining");
 }

@@ -86,6 +86,7 @@ fn submit(
     let (tx, rx) = unbounded_channel();
     h.submit(EngineRequest {
         id: RequestId(id),
+        tag: format!("t{id}"),
         prompt,
         max_tokens,
         stop_token_ids: vec![STOP],
@@ -375,7 +376,7 @@ fn a_request_that_waits_too_long_gets_a_queue_timeout() {
     ));
     assert_eq!(
         metrics
-            .requests_rejected
+            .request_failure
             .with_label_values(&["queue_timeout"])
             .get(),
         1
@@ -418,6 +419,7 @@ fn a_constraint_masks_sampling_and_ends_the_sequence_when_complete() {
     let (tx, rx) = unbounded_channel();
     h.submit(EngineRequest {
         id: RequestId(1),
+        tag: "t1".into(),
         prompt: vec![1, 2],
         max_tokens: 20,
         stop_token_ids: vec![STOP],
@@ -439,4 +441,58 @@ fn a_constraint_masks_sampling_and_ends_the_sequence_when_complete() {
     wait_until(|| metrics.kv_blocks_used.get() == 0);
     drop(h);
     t.join().unwrap();
+}
+
+#[test]
+fn end_all_ends_every_request_with_a_shutdown_error_and_counts_it() {
+    let (h, metrics, t) = spawn(false);
+    // It counts 1..15 at 2 ms a step: still running when end_all arrives after its first token.
+    let mut rx = submit(&h, 1, vec![0], 60);
+    assert!(matches!(rx.blocking_recv(), Some(TokenEvent::Token { .. })));
+    h.end_all();
+    let events = collect(rx);
+    assert!(
+        matches!(
+            events.last(),
+            Some(TokenEvent::Error {
+                kind: ErrorKind::Shutdown,
+                ..
+            })
+        ),
+        "{events:?}"
+    );
+    assert_eq!(
+        metrics
+            .request_failure
+            .with_label_values(&["shutdown"])
+            .get(),
+        1
+    );
+    drop(h);
+    t.join().unwrap();
+}
+
+#[test]
+fn per_request_histograms_are_recorded_at_the_end() {
+    let (h, metrics, t) = spawn(false);
+    let events = collect(submit(&h, 1, vec![0, 1, 2], 5));
+    assert!(matches!(events.last(), Some(TokenEvent::Finished { .. })));
+    drop(h);
+    t.join().unwrap();
+    for (name, hist) in [
+        ("queue", &metrics.queue_time),
+        ("prefill", &metrics.prefill_time),
+        ("decode", &metrics.decode_time),
+        ("tpot", &metrics.time_per_output_token),
+        ("prompt", &metrics.prompt_length),
+        ("generation", &metrics.generation_length),
+        ("batch", &metrics.step_batch_size),
+        ("step", &metrics.step_duration),
+    ] {
+        assert!(hist.get_sample_count() >= 1, "{name} not recorded");
+    }
+    assert_eq!(metrics.prompt_length.get_sample_sum(), 3.0);
+    assert_eq!(metrics.generation_length.get_sample_sum(), 5.0);
+    // Four tokens after the first, each after a step of at least 2 ms.
+    assert!(metrics.time_per_output_token.get_sample_sum() >= 0.002);
 }

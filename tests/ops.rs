@@ -1,0 +1,248 @@
+//! Operations, end to end on the real binary: graceful drain on SIGTERM, configuration
+//! precedence, x-request-id, the metrics port, and a model from an offline Hugging Face cache.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use common::server::{chat, Server};
+
+/// A streaming request that runs for `max_tokens` steps (end of turn ignored).
+fn long_stream(max_tokens: usize) -> Value {
+    let mut body = chat("Count from one to a thousand.", max_tokens);
+    body["stream"] = json!(true);
+    body["ignore_eos"] = json!(true);
+    body
+}
+
+/// Reads an SSE body to its end; its `data:` payloads.
+async fn read_events<B: AsRef<[u8]>>(
+    first: String,
+    mut body: impl futures::Stream<Item = reqwest::Result<B>> + Unpin,
+) -> Vec<String> {
+    let mut text = first;
+    while let Some(chunk) = body.next().await {
+        text.push_str(&String::from_utf8_lossy(
+            chunk.expect("stream chunk").as_ref(),
+        ));
+    }
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+async fn status_of(s: &Server, path: &str) -> Option<u16> {
+    s.client
+        .get(s.url(path))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_stream_to_its_end_refuses_new_work_and_exits_0() {
+    let mut s = Server::start(&["--drain-timeout", "60"]).await;
+    let r = s.post(&long_stream(400)).await;
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    let first = body.next().await.expect("a first chunk").expect("chunk");
+    let first = String::from_utf8_lossy(&first).into_owned();
+
+    s.terminate();
+    // Readiness turns 503 at once; liveness stays 200.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status_of(&s, "/health").await != Some(503) {
+        assert!(Instant::now() < deadline, "/health did not turn 503");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status_of(&s, "/health/live").await, Some(200));
+    // New work is refused with an OpenAI-shaped 503 while the stream goes on.
+    let refused = s.post(&chat("Hello", 4)).await;
+    assert_eq!(refused.status(), 503);
+    let err: Value = refused.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "shutting_down", "{err}");
+    assert!(s.child_running(), "exited before the stream ended");
+
+    let events = read_events(first, body).await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let (text, finish) = common::server::stream_text(&events);
+    assert_eq!(
+        finish.as_deref(),
+        Some("length"),
+        "the stream ran to its end"
+    );
+    assert!(!text.is_empty());
+    assert!(events.iter().all(|e| !e.contains("\"error\"")));
+
+    let status = s.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_drain_timeout_a_stream_ends_with_a_clear_error() {
+    let mut s = Server::start(&["--drain-timeout", "0.5"]).await;
+    // Far longer than the drain timeout.
+    let r = s.post(&long_stream(4000)).await;
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    let first = body.next().await.expect("a first chunk").expect("chunk");
+    s.terminate();
+    let events = read_events(String::from_utf8_lossy(&first).into_owned(), body).await;
+    let error = events
+        .iter()
+        .find(|e| e.contains("\"error\""))
+        .expect("an error event");
+    let v: Value = serde_json::from_str(error).unwrap();
+    assert_eq!(v["error"]["code"], "shutting_down", "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("drain timeout"));
+    let status = s.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(0));
+}
+
+async fn served_name(s: &Server) -> String {
+    let v: Value = s
+        .client
+        .get(s.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["data"][0]["id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_file_then_environment_then_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("wick.toml");
+    let model = common::model_path();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = {:?}\nserved_model_name = \"from-file\"\n[scheduler]\nkv_cache_blocks = 300\n",
+            model.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let file_only = Server::start_with(&["--config", cfg], &[]).await;
+    assert_eq!(served_name(&file_only).await, "from-file");
+    assert_eq!(file_only.metric("wick_kv_cache_blocks").await, 300.0);
+    drop(file_only);
+
+    let env = [("WICK_SERVED_MODEL_NAME", "from-env")];
+    let with_env = Server::start_with(&["--config", cfg], &env).await;
+    assert_eq!(served_name(&with_env).await, "from-env");
+    drop(with_env);
+
+    let with_flag =
+        Server::start_with(&["--config", cfg, "--served-model-name", "from-flag"], &env).await;
+    assert_eq!(served_name(&with_flag).await, "from-flag");
+    // Keys the layers above do not set still come from the file.
+    assert_eq!(with_flag.metric("wick_kv_cache_blocks").await, 300.0);
+}
+
+#[test]
+fn bad_configuration_values_exit_2_naming_the_key() {
+    for (env, needle) in [
+        (("WICK_LOG_FORMAT", "xml"), "logging.format"),
+        (("WICK_DRAIN_TIMEOUT", "-1"), "server.drain_timeout"),
+        (
+            ("WICK_OTLP_ENDPOINT", "collector:4318"),
+            "logging.otlp_endpoint",
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wick"))
+            .args(["serve", "--model", "m.gguf"])
+            .env(env.0, env.1)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{env:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{env:?}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_request_id_is_echoed_or_generated() {
+    let s = Server::start(&[]).await;
+    let given = s
+        .client
+        .post(s.url("/v1/chat/completions"))
+        .header("x-request-id", "trace-me-42")
+        .json(&chat("Hi", 2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(given.status(), 200);
+    assert_eq!(given.headers()["x-request-id"], "trace-me-42");
+
+    let mut body = chat("Hi", 2);
+    body["stream"] = json!(true);
+    let made = s.post(&body).await;
+    let id = made.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(id.len(), 32);
+    assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
+    made.text().await.unwrap();
+
+    // Errors carry it too, and an unusable one is replaced.
+    let missing = s
+        .client
+        .get(s.url("/v2/nothing"))
+        .header("x-request-id", "has spaces in it")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let replaced = missing.headers()["x-request-id"].to_str().unwrap();
+    assert_eq!(replaced.len(), 32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_loads_from_an_offline_hugging_face_cache() {
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub/models--wick-test--smollm2-gguf");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::create_dir_all(repo.join("snapshots").join(commit)).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    std::os::unix::fs::symlink(
+        common::model_path(),
+        repo.join("snapshots")
+            .join(commit)
+            .join("smollm2.Q4_1.gguf"),
+    )
+    .unwrap();
+    let home_s = home.path().to_str().unwrap();
+    let env = [("HF_HOME", home_s), ("HF_HUB_OFFLINE", "1")];
+    let s = Server::start_with(&["--model", "wick-test/smollm2-gguf"], &env).await;
+    assert_eq!(served_name(&s).await, "wick-test/smollm2-gguf");
+    let mut body = chat("Say hi.", 3);
+    body["model"] = json!("wick-test/smollm2-gguf");
+    let v = s.complete(&body).await;
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
+    drop(s);
+
+    // Offline and not cached: a clear start-up error, exit 1.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wick"))
+        .args(["serve", "--port", "0", "--model", "wick-test/absent"])
+        .envs(env)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("wick-test/absent") && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
+}
