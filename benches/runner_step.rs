@@ -61,8 +61,15 @@ fn bench(c: &mut Criterion) {
     let formats = std::env::var("WICK_BENCH_FORMATS").unwrap_or_else(|_| "q8_0,f32,native".into());
     for fmt in formats.split(',') {
         let weight_format: WeightFormat = fmt.parse().expect("weight format");
-        let loaded = wick_runner::load(&path, &Device::Cpu, &LoadOptions { weight_format })
-            .expect("load model");
+        let loaded = wick_runner::load(
+            &path,
+            &Device::Cpu,
+            &LoadOptions {
+                weight_format,
+                dtype: None,
+            },
+        )
+        .expect("load model");
         let mut runner = Runner::new(
             loaded.model,
             CacheConfig {

@@ -495,3 +495,74 @@ async fn the_load_generator_measures_a_tiny_load() {
     let svg = std::fs::read_to_string(&svg_path).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("polyline"));
 }
+
+/// `wick parity` (the GPU check's numerics step), run here CPU against CPU: identical weights
+/// agree exactly and pass; re-quantized weights differ measurably and fail with exit code 1.
+#[test]
+fn parity_passes_the_same_weights_and_catches_different_ones() {
+    let model = common::model_path();
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wick"))
+            .args(["parity", "--prompts", "4", "--tokens", "12", "--model"])
+            .arg(&model)
+            .args(extra)
+            .output()
+            .unwrap();
+        let report: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.code(), report)
+    };
+    let (code, same) = run(&[]);
+    assert_eq!(code, Some(0), "{same}");
+    assert_eq!(same["steps"], 48);
+    assert_eq!(same["max_abs_dlogp"], 0.0);
+    assert_eq!(same["argmax_agreement"], 1.0);
+    let (code, q8) = run(&["--weight-format", "q8_0"]);
+    assert_eq!(code, Some(1), "{q8}");
+    assert!(q8["max_abs_dlogp"].as_f64().unwrap() > 0.05, "{q8}");
+    assert_eq!(q8["pass"], false);
+}
+
+/// The GGUF's tokenizer written as Hugging Face files encodes text exactly as the GGUF does.
+#[test]
+fn export_tokenizer_writes_an_equivalent_tokenizer_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wick"))
+        .args(["export-tokenizer", "--model"])
+        .arg(common::model_path())
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exported = tokenizers::Tokenizer::from_file(dir.path().join("tokenizer.json")).unwrap();
+    let gguf = wick_runner::load(
+        &common::model_path(),
+        &wick_runner::Device::Cpu,
+        &wick_runner::LoadOptions::default(),
+    )
+    .unwrap()
+    .assets
+    .tokenizer;
+    for text in [
+        "Hello, world!",
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n",
+        "  spaces,\ttabs and ünïcödé → 🚀",
+    ] {
+        assert_eq!(
+            exported.encode(text, false).unwrap().get_ids(),
+            gguf.encode(text, false).unwrap().get_ids(),
+            "{text:?}"
+        );
+    }
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(cfg["chat_template"].as_str().unwrap().contains("im_start"));
+    assert_eq!(cfg["eos_token"], "<|im_end|>");
+}

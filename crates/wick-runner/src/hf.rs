@@ -96,14 +96,20 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-fn weights(dir: &Path, cfg: &LlamaConfig, tied: bool, device: &Device) -> Result<Weights> {
+fn weights(
+    dir: &Path,
+    cfg: &LlamaConfig,
+    tied: bool,
+    device: &Device,
+    dtype: DType,
+) -> Result<Weights> {
     let files = safetensors_files(dir)?;
     // SAFETY: the files are mapped read-only and not modified while the model loads.
     let st = unsafe { MmapedSafetensors::multi(&files) }
         .map_err(|e| RunnerError::invalid(dir, e.to_string()))?;
     let get = |name: &str| -> Result<Tensor> {
         st.load(name, &Device::Cpu)
-            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.to_dtype(dtype))
             .map_err(|e| RunnerError::invalid(dir, format!("tensor {name}: {e}")))
     };
     let vector = |name: &str| -> Result<Tensor> { Ok(get(name)?.to_device(device)?) };
@@ -208,9 +214,19 @@ fn assets(dir: &Path, cfg: &LlamaConfig, hf: &HfConfig) -> Result<ModelAssets> {
     })
 }
 
-pub(crate) fn load(dir: &Path, device: &Device) -> Result<(LlamaConfig, Weights, ModelAssets)> {
+pub(crate) fn load(
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<(LlamaConfig, Weights, ModelAssets)> {
     let (cfg, hf) = config(dir)?;
-    let w = weights(dir, &cfg, hf.tie_word_embeddings.unwrap_or(false), device)?;
+    let w = weights(
+        dir,
+        &cfg,
+        hf.tie_word_embeddings.unwrap_or(false),
+        device,
+        dtype,
+    )?;
     let assets = assets(dir, &cfg, &hf)?;
     Ok((cfg, w, assets))
 }

@@ -30,29 +30,33 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// On the CPU the cache is host memory unless `force_tensor_path` (tests use it to check
-    /// the device path against the host one).
+    /// On the CPU with f32 activations the cache is host memory unless `force_tensor_path`
+    /// (tests use it to check the device path against the host one); otherwise tensors of
+    /// `dtype` on `device`.
     pub fn new(
         model: &LlamaConfig,
         cfg: CacheConfig,
         device: &Device,
+        dtype: DType,
         force_tensor_path: bool,
     ) -> Result<Self> {
         let slots = cfg.num_blocks * cfg.block_size;
         let kv_dim = model.kv_dim();
         let layers = (0..model.num_layers)
             .map(|_| {
-                Ok(if device.is_cpu() && !force_tensor_path {
-                    LayerCache::Host {
-                        k: vec![0.0; slots * kv_dim],
-                        v: vec![0.0; slots * kv_dim],
-                    }
-                } else {
-                    LayerCache::Device {
-                        k: Tensor::zeros((slots, kv_dim), DType::F32, device)?,
-                        v: Tensor::zeros((slots, kv_dim), DType::F32, device)?,
-                    }
-                })
+                Ok(
+                    if device.is_cpu() && dtype == DType::F32 && !force_tensor_path {
+                        LayerCache::Host {
+                            k: vec![0.0; slots * kv_dim],
+                            v: vec![0.0; slots * kv_dim],
+                        }
+                    } else {
+                        LayerCache::Device {
+                            k: Tensor::zeros((slots, kv_dim), dtype, device)?,
+                            v: Tensor::zeros((slots, kv_dim), dtype, device)?,
+                        }
+                    },
+                )
             })
             .collect::<Result<_>>()?;
         Ok(Self { cfg, layers })
@@ -62,9 +66,9 @@ impl KvCache {
         self.cfg
     }
 
-    /// Bytes one block takes: keys and values, every layer, f32.
-    pub fn bytes_per_block(model: &LlamaConfig, block_size: usize) -> usize {
-        2 * model.num_layers * block_size * model.kv_dim() * std::mem::size_of::<f32>()
+    /// Bytes one block takes: keys and values, every layer, in `dtype`.
+    pub fn bytes_per_block(model: &LlamaConfig, block_size: usize, dtype: DType) -> usize {
+        2 * model.num_layers * block_size * model.kv_dim() * dtype.size_in_bytes()
     }
 
     pub fn uses_host_memory(&self) -> bool {
@@ -174,7 +178,12 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(cfg: &LlamaConfig, max_positions: usize, device: &Device) -> Result<Self> {
+    pub fn new(
+        cfg: &LlamaConfig,
+        max_positions: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let half = cfg.head_dim / 2;
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
@@ -186,8 +195,8 @@ impl Rope {
                 sin.push(angle.sin() as f32);
             }
         }
-        let cos_t = Tensor::from_slice(&cos, (max_positions, half), device)?;
-        let sin_t = Tensor::from_slice(&sin, (max_positions, half), device)?;
+        let cos_t = Tensor::from_slice(&cos, (max_positions, half), device)?.to_dtype(dtype)?;
+        let sin_t = Tensor::from_slice(&sin, (max_positions, half), device)?.to_dtype(dtype)?;
         Ok(Self {
             style: cfg.rope_style,
             half,
@@ -403,11 +412,12 @@ fn attention_tensor(
         };
         let (kc, vc) = (gather(k_cache)?, gather(v_cache)?);
         let qs = q.narrow(1, s.q_start, s.q_len)?.contiguous()?; // [nh, q_len, hd]
-        let mut att = (qs.matmul(&kc.t()?.contiguous()?)? * scale)?;
+                                                                 // Scores, mask and softmax in f32 whatever the activations' dtype.
+        let mut att = (qs.matmul(&kc.t()?.contiguous()?)?.to_dtype(DType::F32)? * scale)?;
         if let Some(mask) = &dm.masks[i] {
             att = att.broadcast_add(mask)?;
         }
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(vc.dtype())?;
         let o = att.matmul(&vc.contiguous()?)?; // [nh, q_len, hd]
         outs.push(o.transpose(0, 1)?.reshape((s.q_len, qd))?);
     }

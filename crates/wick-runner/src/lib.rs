@@ -24,7 +24,9 @@ pub use config::{LlamaConfig, RopeStyle};
 pub use error::RunnerError;
 pub use kv_cache::{CacheConfig, KvCache};
 pub use model::Llama;
-pub use runner::{load, parse_device, LoadOptions, LoadedModel, ModelAssets, Runner, WeightFormat};
+pub use runner::{
+    load, parse_device, parse_dtype, LoadOptions, LoadedModel, ModelAssets, Runner, WeightFormat,
+};
 pub use sampling::{argmax, logprobs, Sampled, Sampler};
 pub use tokenizer::tokenizer_from_gguf;
 

@@ -2,7 +2,7 @@
 //! Weight names and structure follow candle's own Llama; the KV cache and the attention
 //! metadata come in as arguments instead of living inside the model.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::kv_cache::{attention, AttentionMetadata, Heads, KvCache, Rope};
 use crate::linear::Linear;
@@ -32,17 +32,24 @@ pub struct Llama {
     w: Weights,
     rope: Rope,
     device: Device,
+    dtype: DType,
 }
 
 impl Llama {
-    pub(crate) fn new(cfg: LlamaConfig, w: Weights, device: &Device) -> Result<Self> {
-        let rope = Rope::new(&cfg, cfg.max_position_embeddings, device)?;
+    /// `dtype` is the activations' (and the KV cache's) type: the dense weights are in it.
+    pub(crate) fn new(cfg: LlamaConfig, w: Weights, device: &Device, dtype: DType) -> Result<Self> {
+        let rope = Rope::new(&cfg, cfg.max_position_embeddings, device, dtype)?;
         Ok(Self {
             cfg,
             w,
             rope,
             device: device.clone(),
+            dtype,
         })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     pub fn config(&self) -> &LlamaConfig {

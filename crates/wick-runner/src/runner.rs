@@ -85,19 +85,48 @@ impl std::str::FromStr for WeightFormat {
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     pub weight_format: WeightFormat,
+    /// Activations, KV cache and dense weights of a Hugging Face model: f32, bf16 or f16.
+    /// `None`: f32 on the CPU, bf16 on a GPU. GGUF models compute in f32 (the quantized
+    /// kernels take f32 activations).
+    pub dtype: Option<DType>,
+}
+
+/// `auto`, `f32`, `bf16` or `f16`.
+pub fn parse_dtype(spec: &str) -> Result<Option<DType>> {
+    match spec {
+        "auto" => Ok(None),
+        "f32" => Ok(Some(DType::F32)),
+        "bf16" => Ok(Some(DType::BF16)),
+        "f16" => Ok(Some(DType::F16)),
+        other => Err(RunnerError::Unsupported(format!(
+            "dtype {other:?} (expected auto, f32, bf16 or f16)"
+        ))),
+    }
 }
 
 /// Loads a GGUF file, or a Hugging Face directory, onto `device`.
 pub fn load(path: &Path, device: &Device, opts: &LoadOptions) -> Result<LoadedModel> {
-    let (cfg, weights, assets) = if path.is_dir() {
+    let (cfg, weights, assets, dtype) = if path.is_dir() {
         if !path.join("config.json").exists() {
             return Err(RunnerError::NotAModel {
                 path: path.to_path_buf(),
             });
         }
-        hf::load(path, device)?
+        let dtype = opts.dtype.unwrap_or(if device.is_cpu() {
+            DType::F32
+        } else {
+            DType::BF16
+        });
+        let (c, w, a) = hf::load(path, device, dtype)?;
+        (c, w, a, dtype)
     } else if path.exists() {
-        gguf::load(path, device, opts.weight_format)?
+        if opts.dtype.is_some_and(|d| d != DType::F32) {
+            return Err(RunnerError::Unsupported(
+                "a dtype other than f32 for a GGUF model (its quantized kernels take f32 activations)".into(),
+            ));
+        }
+        let (c, w, a) = gguf::load(path, device, opts.weight_format)?;
+        (c, w, a, DType::F32)
     } else {
         return Err(RunnerError::Io {
             path: path.to_path_buf(),
@@ -105,7 +134,7 @@ pub fn load(path: &Path, device: &Device, opts: &LoadOptions) -> Result<LoadedMo
         });
     };
     Ok(LoadedModel {
-        model: Llama::new(cfg, weights, device)?,
+        model: Llama::new(cfg, weights, device, dtype)?,
         assets,
     })
 }
@@ -118,13 +147,13 @@ pub struct Runner {
 
 impl Runner {
     pub fn new(model: Llama, cache: CacheConfig) -> Result<Self> {
-        let kv = KvCache::new(model.config(), cache, model.device(), false)?;
+        let kv = KvCache::new(model.config(), cache, model.device(), model.dtype(), false)?;
         Ok(Self { model, kv })
     }
 
     /// A runner that uses the tensor (device) attention path even on the CPU.
     pub fn with_tensor_attention(model: Llama, cache: CacheConfig) -> Result<Self> {
-        let kv = KvCache::new(model.config(), cache, model.device(), true)?;
+        let kv = KvCache::new(model.config(), cache, model.device(), model.dtype(), true)?;
         Ok(Self { model, kv })
     }
 

@@ -35,6 +35,10 @@ pub struct ServeArgs {
     /// GGUF linear weights: native (as stored), q8_0 or f32. [key: model.weight_format]
     #[arg(long, env = "WICK_WEIGHT_FORMAT")]
     pub weight_format: Option<String>,
+    /// Activations and KV cache of a Hugging Face model: auto (f32 on the CPU, bf16 on a
+    /// GPU), f32, bf16 or f16. GGUF models compute in f32. [key: model.dtype]
+    #[arg(long, env = "WICK_DTYPE")]
+    pub dtype: Option<String>,
     /// Require `Authorization: Bearer <key>` on the API (not on /health and /metrics). [key: server.api_key]
     #[arg(long, env = "WICK_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -141,6 +145,7 @@ struct FileModel {
     served_model_name: Option<String>,
     device: Option<String>,
     weight_format: Option<String>,
+    dtype: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -175,6 +180,7 @@ pub struct Config {
     pub served_model_name: Option<String>,
     pub device: String,
     pub weight_format: String,
+    pub dtype: String,
     pub api_key: Option<String>,
     pub host: String,
     pub port: u16,
@@ -234,6 +240,10 @@ impl Config {
                 .weight_format
                 .or(file.model.weight_format)
                 .unwrap_or_else(|| "native".into()),
+            dtype: args
+                .dtype
+                .or(file.model.dtype)
+                .unwrap_or_else(|| "auto".into()),
             api_key: args
                 .api_key
                 .or(file.server.api_key)
@@ -335,6 +345,12 @@ impl Config {
             if v == 0 {
                 bail!("{key} must be at least 1");
             }
+        }
+        if wick_runner::parse_dtype(&self.dtype).is_err() {
+            bail!(
+                "model.dtype must be auto, f32, bf16 or f16, not {:?}",
+                self.dtype
+            );
         }
         if !(self.drain_timeout >= 0.0 && self.drain_timeout.is_finite()) {
             bail!("server.drain_timeout must be a number of seconds, 0 or more");

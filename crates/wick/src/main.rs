@@ -5,6 +5,7 @@ mod bench;
 mod config;
 mod hub;
 mod telemetry;
+mod tools;
 
 use std::future::IntoFuture;
 use std::process::ExitCode;
@@ -43,6 +44,10 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Load-test an OpenAI-compatible server (this one or another) over streaming requests.
     Bench(bench::BenchArgs),
+    /// Compare a model's log-probabilities on a device against the CPU (the GPU check).
+    Parity(tools::ParityArgs),
+    /// Write a GGUF file's tokenizer as tokenizer.json + tokenizer_config.json.
+    ExportTokenizer(tools::ExportTokenizerArgs),
 }
 
 fn main() -> ExitCode {
@@ -77,6 +82,15 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
+        Command::Parity(args) => {
+            let _ = telemetry::init(config::LogFormat::Human, "warn", None);
+            match tools::parity(args) {
+                Ok(true) => Ok(()),
+                Ok(false) => return ExitCode::FAILURE,
+                Err(e) => Err(e),
+            }
+        }
+        Command::ExportTokenizer(args) => tools::export_tokenizer(args),
         Command::Bench(args) => {
             let _ = telemetry::init(config::LogFormat::Human, "info", None);
             runtime().and_then(|rt| rt.block_on(bench::run(args)).map(drop))
@@ -94,6 +108,7 @@ fn main() -> ExitCode {
 async fn serve(cfg: Config) -> anyhow::Result<()> {
     let device = wick_runner::parse_device(&cfg.device)?;
     let weight_format = cfg.weight_format.parse()?;
+    let dtype = wick_runner::parse_dtype(&cfg.dtype)?;
     let addr = format!("{}:{}", cfg.host, cfg.port);
     let listener = TcpListener::bind(&addr)
         .await
@@ -130,11 +145,15 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let engine = wick_engine::start(engine_cfg, metrics.clone(), move || {
         // On the engine thread, so that /health/live answers during a Hub download.
         let path = hub::resolve(&spec, file.as_deref(), &revision).map_err(|e| format!("{e:#}"))?;
-        let loaded = wick_runner::load(&path, &device, &LoadOptions { weight_format })
+        let loaded = wick_runner::load(&path, &device, &LoadOptions { weight_format, dtype })
             .map_err(|e| e.to_string())?;
         let num_blocks = match memory {
             Some(bytes) => {
-                let per_block = KvCache::bytes_per_block(loaded.model.config(), block_size);
+                let per_block = KvCache::bytes_per_block(
+                    loaded.model.config(),
+                    block_size,
+                    loaded.model.dtype(),
+                );
                 let n = (bytes / per_block as u64) as usize;
                 if n == 0 {
                     return Err(format!("scheduler.kv_cache_memory is smaller than one KV block ({per_block} bytes)"));

@@ -1,0 +1,271 @@
+//! Device tools for the GPU check (`scripts/gpu-check.sh`):
+//! - `wick parity`: the same weights on two devices (or dtypes, or weight formats), greedy
+//!   on the reference, teacher-forced on the other, one batched step for all prompts at a
+//!   time (prefill, then decode steps over the paged KV cache); reports how far the
+//!   log-probabilities of the reference's tokens differ.
+//! - `wick export-tokenizer`: a GGUF file's tokenizer and chat template as `tokenizer.json`
+//!   and `tokenizer_config.json`, so a Hugging Face model directory can be written around them.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde_json::json;
+use wick_core::{BlockId, RequestId, ScheduledBatch, ScheduledSeq};
+use wick_runner::{CacheConfig, LoadOptions, Runner};
+
+const PROMPTS: &[&str] = &[
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea,",
+    "def fibonacci(n):",
+    "Water boils at a temperature of",
+    "The three primary colors are",
+    "In 1969, the first humans to walk on the Moon",
+    "A good recipe for pancakes starts with",
+    "The quick brown fox jumps over the lazy dog because",
+    "Photosynthesis is the process by which",
+    "To install a Python package, you can run",
+    "The largest planet in our solar system is",
+    "My favourite book is",
+    "Rust's borrow checker ensures that",
+    "The Pythagorean theorem states that",
+    "Dear hiring manager, I am writing to",
+    "The stock market fell today after",
+];
+
+#[derive(Debug, Args)]
+pub struct ParityArgs {
+    /// Model: a .gguf file or a Hugging Face directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The device under test.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Its dtype (auto: f32 on the CPU, bf16 on a GPU, for safetensors models).
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// Its GGUF weight format.
+    #[arg(long, default_value = "native")]
+    pub weight_format: String,
+    /// The reference device (f32, native weights).
+    #[arg(long, default_value = "cpu")]
+    pub reference_device: String,
+    /// Prompts run together (at most 16).
+    #[arg(long, default_value_t = 8)]
+    pub prompts: usize,
+    /// Greedy tokens per prompt.
+    #[arg(long, default_value_t = 32)]
+    pub tokens: usize,
+    /// |Δ log p| counted as agreeing.
+    #[arg(long, default_value_t = 0.05)]
+    pub tolerance: f64,
+    /// Fraction of steps that must agree within the tolerance; below it the exit code is 1.
+    #[arg(long, default_value_t = 0.99)]
+    pub min_within: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportTokenizerArgs {
+    /// The GGUF file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Directory to write tokenizer.json and tokenizer_config.json into.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max
+        + logits
+            .iter()
+            .map(|&l| (l as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    logits.iter().map(|&l| l as f64 - lse).collect()
+}
+
+/// Steps `prompts` through `runner` together: the prompts in one step, then one token each
+/// per step, chosen by `next` from (sequence, logits). Returns every sequence's logits rows.
+fn run(
+    runner: &mut Runner,
+    prompts: &[Vec<u32>],
+    tokens: usize,
+    block_size: usize,
+    mut next: impl FnMut(usize, usize, &[f32]) -> u32,
+) -> anyhow::Result<Vec<Vec<Vec<f32>>>> {
+    let per_seq = (prompts.iter().map(Vec::len).max().unwrap_or(0) + tokens).div_ceil(block_size);
+    let tables: Vec<Vec<BlockId>> = (0..prompts.len())
+        .map(|s| {
+            (0..per_seq)
+                .map(|b| BlockId((s * per_seq + b) as u32))
+                .collect()
+        })
+        .collect();
+    let mut rows = vec![Vec::new(); prompts.len()];
+    let mut feed: Vec<Vec<u32>> = prompts.to_vec();
+    let mut pos = vec![0usize; prompts.len()];
+    for step in 0..tokens {
+        let seqs = (0..prompts.len())
+            .map(|s| ScheduledSeq {
+                id: RequestId(s as u64),
+                tokens: feed[s].clone(),
+                start_pos: pos[s],
+                block_table: tables[s].clone(),
+                sample: true,
+            })
+            .collect();
+        let logits = runner
+            .step(&ScheduledBatch { seqs })
+            .map_err(|e| anyhow::anyhow!("step {step}: {e}"))?;
+        for (s, l) in logits.into_iter().enumerate() {
+            pos[s] += feed[s].len();
+            feed[s] = vec![next(s, step, &l)];
+            rows[s].push(l);
+        }
+    }
+    Ok(rows)
+}
+
+fn load(
+    args: &ParityArgs,
+    device: &str,
+    opts: &LoadOptions,
+) -> anyhow::Result<wick_runner::LoadedModel> {
+    let device = wick_runner::parse_device(device)?;
+    wick_runner::load(&args.model, &device, opts)
+        .with_context(|| format!("cannot load {}", args.model.display()))
+}
+
+pub fn parity(args: ParityArgs) -> anyhow::Result<bool> {
+    if args.prompts == 0 || args.prompts > PROMPTS.len() || args.tokens == 0 {
+        bail!(
+            "--prompts must be 1 to {} and --tokens at least 1",
+            PROMPTS.len()
+        );
+    }
+    let block_size = 16;
+    let reference_opts = LoadOptions {
+        dtype: None,
+        ..Default::default()
+    };
+    let test_opts = LoadOptions {
+        weight_format: args.weight_format.parse()?,
+        dtype: wick_runner::parse_dtype(&args.dtype)?,
+    };
+    let loaded = load(&args, &args.reference_device, &reference_opts)?;
+    let prompts = encode(&loaded.assets.tokenizer, args.prompts)?;
+    let cache = CacheConfig {
+        num_blocks: blocks_for(&prompts, args.tokens, block_size),
+        block_size,
+    };
+    let mut reference = Runner::new(loaded.model, cache)?;
+    let started = std::time::Instant::now();
+    // Greedy on the reference.
+    let mut chosen = vec![Vec::new(); prompts.len()];
+    let ref_rows = run(
+        &mut reference,
+        &prompts,
+        args.tokens,
+        block_size,
+        |s, _, l| {
+            let t = wick_runner::argmax(l);
+            chosen[s].push(t);
+            t
+        },
+    )?;
+    let ref_secs = started.elapsed().as_secs_f64();
+    drop(reference);
+    let mut under_test = Runner::new(load(&args, &args.device, &test_opts)?.model, cache)?;
+    let started = std::time::Instant::now();
+    let test_rows = run(
+        &mut under_test,
+        &prompts,
+        args.tokens,
+        block_size,
+        |s, step, _| chosen[s][step],
+    )?;
+    let test_secs = started.elapsed().as_secs_f64();
+
+    let (mut diffs, mut argmax_same) = (Vec::new(), 0usize);
+    for s in 0..prompts.len() {
+        for step in 0..args.tokens {
+            let t = chosen[s][step] as usize;
+            let (a, b) = (&ref_rows[s][step], &test_rows[s][step]);
+            diffs.push((log_softmax(a)[t] - log_softmax(b)[t]).abs());
+            argmax_same += (wick_runner::argmax(b) as usize == t) as usize;
+        }
+    }
+    let n = diffs.len() as f64;
+    let within = diffs.iter().filter(|&&d| d <= args.tolerance).count() as f64 / n;
+    let mean = diffs.iter().sum::<f64>() / n;
+    let max = diffs.iter().copied().fold(0.0, f64::max);
+    let pass = within >= args.min_within;
+    let report = json!({
+        "model": args.model.display().to_string(),
+        "reference": format!("{} f32", args.reference_device),
+        "under_test": format!("{} {} {}", args.device, args.dtype, args.weight_format),
+        "sequences": prompts.len(),
+        "steps": diffs.len(),
+        "tolerance_nats": args.tolerance,
+        "within_tolerance": within,
+        "mean_abs_dlogp": mean,
+        "max_abs_dlogp": max,
+        "argmax_agreement": argmax_same as f64 / n,
+        "reference_seconds": ref_secs,
+        "under_test_seconds": test_secs,
+        "pass": pass,
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(pass)
+}
+
+fn encode(t: &tokenizers::Tokenizer, n: usize) -> anyhow::Result<Vec<Vec<u32>>> {
+    PROMPTS[..n]
+        .iter()
+        .map(|p| {
+            t.encode(*p, false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| anyhow::anyhow!("tokenize: {e}"))
+        })
+        .collect()
+}
+
+fn blocks_for(prompts: &[Vec<u32>], tokens: usize, block_size: usize) -> usize {
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    prompts.len() * (longest + tokens).div_ceil(block_size)
+}
+
+pub fn export_tokenizer(args: ExportTokenizerArgs) -> anyhow::Result<()> {
+    let loaded = wick_runner::load(
+        &args.model,
+        &wick_runner::Device::Cpu,
+        &LoadOptions::default(),
+    )
+    .with_context(|| format!("cannot load {}", args.model.display()))?;
+    let a = loaded.assets;
+    std::fs::create_dir_all(&args.out)?;
+    a.tokenizer
+        .save(args.out.join("tokenizer.json"), false)
+        .map_err(|e| anyhow::anyhow!("cannot write tokenizer.json: {e}"))?;
+    let cfg = json!({
+        "chat_template": a.chat_template,
+        "bos_token": a.bos_token,
+        "eos_token": a.eos_token,
+        "model_max_length": a.max_model_len,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    });
+    std::fs::write(
+        args.out.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&cfg)?,
+    )?;
+    let eos_id = a
+        .eos_token
+        .as_deref()
+        .and_then(|t| a.tokenizer.token_to_id(t));
+    println!(
+        "{}",
+        json!({"vocab_size": a.tokenizer.get_vocab_size(true), "eos_token_id": eos_id, "stop_token_ids": a.stop_token_ids})
+    );
+    Ok(())
+}
