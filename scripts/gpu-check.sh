@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The GPU check (issue 7), meant for the GPU machine: no Rust toolchain, no network, CUDA 13,
+# Python with torch, transformers and safetensors. It needs, carried from the build machine:
+#   $WICK_BIN       the CUDA binary (`make cuda` -> target/cuda/release/wick)
+#   $TOKENIZER_DIR  tokenizer.json + tokenizer_config.json (`wick export-tokenizer`)
+# `make gpu-check-bundle` prepares both under target/gpu-check/.
+#
+# Steps: (1) write a random-weight Llama of a realistic size (default 1b) in the Hugging Face
+# layout; (2) `wick parity`: log-probabilities on CUDA against the CPU on the same weights, in
+# f32 (gate: within 0.05 nats at 99% of steps) and in bf16 (reported); (3) serve it on CUDA
+# and run the load generator at concurrency 1, 16 and 64; (4) transformers' `generate` on
+# the same model and batch sizes, for the ratio. Prints every figure; exit 1 if parity fails.
+#
+# Locally (CPU smoke test of the script itself): DEVICE=cpu SIZE=tiny CONCURRENCY="1 4"
+# scripts/gpu-check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+WICK_BIN=${WICK_BIN:-target/gpu-check/wick}
+TOKENIZER_DIR=${TOKENIZER_DIR:-target/gpu-check/tokenizer}
+DEVICE=${DEVICE:-cuda}
+SIZE=${SIZE:-1b}
+CONCURRENCY=${CONCURRENCY:-"1 16 64"}
+MAX_TOKENS=${MAX_TOKENS:-128}
+PORT=${PORT:-18080}
+WORK=${WORK:-/tmp/wick-gpu-check}
+PY=${PYTHON:-python3}
+OUT=${OUT:-$WORK/out}
+mkdir -p "$WORK" "$OUT"
+MODEL_DIR="$WORK/model-$SIZE"
+status=0
+say() { printf '\n== %s\n' "$*"; }
+
+[ -x "$WICK_BIN" ] || { echo "no executable at WICK_BIN=$WICK_BIN" >&2; exit 2; }
+# The wheels' CUDA libraries (torch's cuBLAS, cuRAND, NVRTC) when the system has none.
+if [ "$DEVICE" = cuda ]; then
+  extra=$("$PY" - <<'PYEOF' 2>/dev/null
+import glob, os, site
+dirs = set()
+for sp in site.getsitepackages():
+    for lib in glob.glob(os.path.join(sp, "nvidia", "**", "lib"), recursive=True):
+        dirs.add(lib)
+print(":".join(sorted(dirs)))
+PYEOF
+)
+  export LD_LIBRARY_PATH="${extra}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  say "GPU"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+  missing=$(ldd "$WICK_BIN" | grep "not found" || true)
+  [ -z "$missing" ] || { echo "missing libraries:"; echo "$missing"; }
+fi
+
+say "model: random Llama, size $SIZE"
+if [ ! -f "$MODEL_DIR/model.safetensors" ]; then
+  "$PY" scripts/gpu/make_model.py --out "$MODEL_DIR" --tokenizer "$TOKENIZER_DIR" --size "$SIZE" || exit 2
+fi
+
+say "parity: $DEVICE f32 against cpu f32 (gate: |dlogp| <= 0.05 at 99% of steps)"
+if ! "$WICK_BIN" parity --model "$MODEL_DIR" --device "$DEVICE" --dtype f32 --prompts 8 --tokens 32 \
+    | tee "$OUT/parity-f32.json"; then
+  status=1
+fi
+say "parity: $DEVICE bf16 against cpu f32 (reported, not gated)"
+"$WICK_BIN" parity --model "$MODEL_DIR" --device "$DEVICE" --dtype bf16 --prompts 8 --tokens 32 \
+  --min-within 0 | tee "$OUT/parity-bf16.json"
+
+say "serving on $DEVICE (bf16), load generator at concurrency $CONCURRENCY, $MAX_TOKENS output tokens"
+max_c=$(echo "$CONCURRENCY" | tr ' ' '\n' | sort -n | tail -1)
+"$WICK_BIN" serve --model "$MODEL_DIR" --device "$DEVICE" --port "$PORT" \
+  --max-num-seqs "$max_c" --max-num-batched-tokens 4096 --kv-cache-memory 8GiB \
+  --served-model-name gpu-check --log-level warn &
+server=$!
+trap 'kill $server 2>/dev/null' EXIT
+for _ in $(seq 1 600); do
+  curl -fsS "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && break
+  kill -0 $server 2>/dev/null || { echo "wick exited during start-up" >&2; exit 1; }
+  sleep 0.5
+done
+for c in $CONCURRENCY; do
+  n=$(( c < 4 ? 8 : c * 2 ))
+  "$WICK_BIN" bench --url "http://127.0.0.1:$PORT" --concurrency "$c" --requests "$n" \
+    --max-tokens "$MAX_TOKENS" --quiet --json "$OUT/bench-c$c.json" || status=1
+done
+kill -TERM $server; wait $server 2>/dev/null
+
+say "reference: transformers generate, same model, batch sizes $CONCURRENCY"
+if "$PY" -c "import torch, transformers" 2>/dev/null; then
+  "$PY" scripts/gpu/hf_generate.py --model "$MODEL_DIR" --batches "$(echo $CONCURRENCY | tr ' ' ',')" \
+    --new-tokens "$MAX_TOKENS" | tee "$OUT/transformers.jsonl"
+else
+  echo "torch/transformers not installed: no reference" | tee "$OUT/transformers.jsonl"
+fi
+
+say "summary"
+"$PY" - "$OUT" $CONCURRENCY <<'PYEOF'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+ref = {}
+for line in (out / "transformers.jsonl").read_text().splitlines():
+    try:
+        r = json.loads(line)
+        ref[r["batch"]] = r["output_tokens_per_s"]
+    except Exception:
+        pass
+for name in ("parity-f32", "parity-bf16"):
+    p = json.loads((out / f"{name}.json").read_text())
+    print(f"{name}: within 0.05 nats {p['within_tolerance']*100:.1f}%, mean {p['mean_abs_dlogp']:.4f}, "
+          f"max {p['max_abs_dlogp']:.4f}, argmax {p['argmax_agreement']*100:.1f}%, pass {p['pass']}")
+print(f"{'clients':>7} {'wick out tok/s':>15} {'TTFT p50 ms':>12} {'ITL p50 ms':>11} {'errors':>6} {'transformers tok/s':>19} {'ratio':>6}")
+for c in sys.argv[2:]:
+    r = json.loads((out / f"bench-c{c}.json").read_text())[0]
+    t = ref.get(int(c))
+    ratio = f"{r['output_tokens_per_s'] / t:.2f}" if t else "-"
+    print(f"{c:>7} {r['output_tokens_per_s']:>15.1f} {r['ttft_ms']['p50']:>12.1f} {r['itl_ms']['p50']:>11.1f} "
+          f"{r['errors']:>6} {t if t else '-':>19} {ratio:>6}")
+PYEOF
+exit $status
