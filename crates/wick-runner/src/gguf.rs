@@ -1,9 +1,9 @@
 //! Loading a Llama-architecture GGUF file (the default model is one).
 //!
 //! Weight format ([`WeightFormat`]): by default the linear layers keep the file's own weights,
-//! fused (QKV, gate+up) by stacking their blocks; on the CPU, Q4_1 runs through
-//! [`Linear::q4_1_split`] on candle's SIMD Q4_0 kernel. Re-quantizing to Q8_0 is faster still
-//! but measurably less faithful (see `benches/runner_step.rs` and the numerics test).
+//! fused (QKV, gate+up) by stacking their blocks; on the CPU, Q4_1 and Q8_0 run on Wick's
+//! packed VNNI kernels ([`Linear::packed`]). `q8_0` re-quantizes every matrix to Q8_0 for
+//! candle's kernels and `f32` dequantizes (both for comparison; see `benches/runner_step.rs`).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -84,8 +84,8 @@ impl Reader<'_> {
             f => f,
         };
         if format == WeightFormat::Native && same_dtype {
-            if dtype == GgmlDType::Q4_1 && self.device.is_cpu() {
-                return Linear::q4_1_split(&stack_rows(&parts, &Device::Cpu)?);
+            if matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0) && self.device.is_cpu() {
+                return Linear::packed(&stack_rows(&parts, &Device::Cpu)?);
             }
             let stacked = stack_rows(&parts, &self.device)?;
             return Ok(Linear::Plain(QMatMul::from_qtensor(stacked)?));

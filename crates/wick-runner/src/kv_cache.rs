@@ -7,6 +7,8 @@
 //! written with `scatter_set` and read per sequence with `index_select`.
 
 use candle_core::{DType, Device, Tensor};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::{LlamaConfig, Result, RopeStyle};
@@ -19,7 +21,8 @@ pub struct CacheConfig {
 }
 
 enum LayerCache {
-    Host { k: Vec<f32>, v: Vec<f32> },
+    /// f16, as llama.cpp keeps its cache: half the memory and bandwidth of f32.
+    Host { k: Vec<f16>, v: Vec<f16> },
     Device { k: Tensor, v: Tensor },
 }
 
@@ -47,8 +50,8 @@ impl KvCache {
                 Ok(
                     if device.is_cpu() && dtype == DType::F32 && !force_tensor_path {
                         LayerCache::Host {
-                            k: vec![0.0; slots * kv_dim],
-                            v: vec![0.0; slots * kv_dim],
+                            k: vec![f16::ZERO; slots * kv_dim],
+                            v: vec![f16::ZERO; slots * kv_dim],
                         }
                     } else {
                         LayerCache::Device {
@@ -66,9 +69,20 @@ impl KvCache {
         self.cfg
     }
 
-    /// Bytes one block takes: keys and values, every layer, in `dtype`.
-    pub fn bytes_per_block(model: &LlamaConfig, block_size: usize, dtype: DType) -> usize {
-        2 * model.num_layers * block_size * model.kv_dim() * dtype.size_in_bytes()
+    /// Bytes one block takes: keys and values, every layer, in `dtype` (f16 on the host
+    /// path, which f32 activations on the CPU use).
+    pub fn bytes_per_block(
+        model: &LlamaConfig,
+        block_size: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> usize {
+        let elem = if device.is_cpu() && dtype == DType::F32 {
+            2
+        } else {
+            dtype.size_in_bytes()
+        };
+        2 * model.num_layers * block_size * model.kv_dim() * elem
     }
 
     pub fn uses_host_memory(&self) -> bool {
@@ -268,16 +282,33 @@ pub(crate) fn attention(
 }
 
 fn attention_host(
-    k_cache: &mut [f32],
-    v_cache: &mut [f32],
+    k_cache: &mut [f16],
+    v_cache: &mut [f16],
     heads: Heads,
     rope: &Rope,
     qkv: &Tensor,
     meta: &AttentionMetadata,
 ) -> Result<Tensor> {
+    let mut qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = Vec::new();
+    attention_host_slices(k_cache, v_cache, heads, rope, &mut qkv, meta, &mut out);
+    let n = meta.num_tokens();
+    Ok(Tensor::from_vec(out, (n, heads.q_dim()), &Device::Cpu)?)
+}
+
+/// The host path on plain memory: rotates `qkv` (`[tokens, q_dim + 2 * kv_dim]`) in place,
+/// stores its keys and values, and writes `[tokens, q_dim]` into `out`.
+fn attention_host_slices(
+    k_cache: &mut [f16],
+    v_cache: &mut [f16],
+    heads: Heads,
+    rope: &Rope,
+    qkv: &mut [f32],
+    meta: &AttentionMetadata,
+    out: &mut Vec<f32>,
+) {
     let (qd, kd, hd) = (heads.q_dim(), heads.kv_dim(), heads.head_dim);
     let row = qd + 2 * kd;
-    let mut qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
     for (t, x) in qkv.chunks_exact_mut(row).enumerate() {
         let pos = meta.positions[t];
         for head in x[..qd + kd].chunks_exact_mut(hd) {
@@ -285,12 +316,13 @@ fn attention_host(
         }
         let seq = &meta.seqs[meta.token_seq[t]];
         let slot = seq.slots[pos];
-        k_cache[slot * kd..(slot + 1) * kd].copy_from_slice(&x[qd..qd + kd]);
-        v_cache[slot * kd..(slot + 1) * kd].copy_from_slice(&x[qd + kd..]);
+        k_cache[slot * kd..(slot + 1) * kd].convert_from_f32_slice(&x[qd..qd + kd]);
+        v_cache[slot * kd..(slot + 1) * kd].convert_from_f32_slice(&x[qd + kd..]);
     }
     let n = meta.num_tokens();
-    let mut out = vec![0f32; n * qd];
-    let (k_cache, v_cache) = (&*k_cache, &*v_cache);
+    out.clear();
+    out.resize(n * qd, 0.0);
+    let (k_cache, v_cache, qkv) = (&*k_cache, &*v_cache, &*qkv);
     let work: usize = meta.positions.iter().map(|p| p + 1).sum();
     let one = |(t, out_t): (usize, &mut [f32])| {
         let seq = &meta.seqs[meta.token_seq[t]];
@@ -304,44 +336,80 @@ fn attention_host(
     } else {
         out.chunks_mut(qd).enumerate().for_each(one);
     }
-    Ok(Tensor::from_vec(out, (n, qd), &Device::Cpu)?)
+}
+
+impl KvCache {
+    /// Attention of one layer on the host cache, on plain memory (see
+    /// `attention_host_slices`); an error if this cache lives on a device.
+    pub(crate) fn attention_host(
+        &mut self,
+        layer: usize,
+        heads: Heads,
+        rope: &Rope,
+        qkv: &mut [f32],
+        meta: &AttentionMetadata,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        match &mut self.layers[layer] {
+            LayerCache::Host { k, v } => {
+                attention_host_slices(k, v, heads, rope, qkv, meta, out);
+                Ok(())
+            }
+            LayerCache::Device { .. } => Err(crate::RunnerError::Step(
+                "the host attention path needs a host KV cache".into(),
+            )),
+        }
+    }
 }
 
 /// Attention of one query token over the slots `ctx`, every head; the order of every sum is
-/// fixed, whatever else shares the step.
+/// fixed, whatever else shares the step. Each cached key and value row is widened from f16
+/// once and used by every query head of its group.
 fn attend_token(
     q: &[f32],
     ctx: &[usize],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: &[f16],
+    v_cache: &[f16],
     heads: Heads,
     out: &mut [f32],
 ) {
     let (hd, kd) = (heads.head_dim, heads.kv_dim());
     let group = heads.num_heads / heads.num_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut scores = vec![0f32; ctx.len()];
-    for h in 0..heads.num_heads {
-        let q_h = &q[h * hd..(h + 1) * hd];
-        let off = (h / group) * hd;
-        let mut max = f32::NEG_INFINITY;
-        for (s, &slot) in scores.iter_mut().zip(ctx) {
-            let k = &k_cache[slot * kd + off..slot * kd + off + hd];
-            *s = dot(q_h, k) * scale;
-            max = max.max(*s);
+    let n = ctx.len();
+    // Scores of the group's heads, head-major: [group][ctx].
+    let mut scores = vec![0f32; group * n];
+    let mut row = vec![0f32; hd];
+    let mut max = vec![f32::NEG_INFINITY; group];
+    let mut inv = vec![0f32; group];
+    for g in 0..heads.num_kv_heads {
+        let off = g * hd;
+        max.fill(f32::NEG_INFINITY);
+        for (j, &slot) in ctx.iter().enumerate() {
+            k_cache[slot * kd + off..slot * kd + off + hd].convert_to_f32_slice(&mut row);
+            for (h, m) in max.iter_mut().enumerate() {
+                let qh = g * group + h;
+                let sc = dot(&q[qh * hd..(qh + 1) * hd], &row) * scale;
+                scores[h * n + j] = sc;
+                *m = m.max(sc);
+            }
         }
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+        for h in 0..group {
+            let mut sum = 0f32;
+            for sc in &mut scores[h * n..(h + 1) * n] {
+                *sc = (*sc - max[h]).exp();
+                sum += *sc;
+            }
+            inv[h] = 1.0 / sum;
         }
-        let inv = 1.0 / sum;
-        let o = &mut out[h * hd..(h + 1) * hd];
-        for (&p, &slot) in scores.iter().zip(ctx) {
-            let v = &v_cache[slot * kd + off..slot * kd + off + hd];
-            let w = p * inv;
-            for (o, v) in o.iter_mut().zip(v) {
-                *o += w * v;
+        for (j, &slot) in ctx.iter().enumerate() {
+            v_cache[slot * kd + off..slot * kd + off + hd].convert_to_f32_slice(&mut row);
+            for h in 0..group {
+                let qh = g * group + h;
+                let w = scores[h * n + j] * inv[h];
+                for (o, v) in out[qh * hd..(qh + 1) * hd].iter_mut().zip(&row) {
+                    *o += w * v;
+                }
             }
         }
     }

@@ -15,6 +15,7 @@ mod hf;
 mod kv_cache;
 mod linear;
 mod model;
+mod qgemm;
 mod runner;
 mod sampling;
 mod tokenizer;

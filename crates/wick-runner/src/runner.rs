@@ -143,18 +143,51 @@ pub fn load(path: &Path, device: &Device, opts: &LoadOptions) -> Result<LoadedMo
 pub struct Runner {
     model: Llama,
     kv: KvCache,
+    scratch: crate::model::Scratch,
+    /// The host path's own threads: a step runs inside the pool, so the engine thread hands
+    /// over once per step instead of waking the workers for every matrix product.
+    pool: Option<rayon::ThreadPool>,
+}
+
+fn host_pool(model: &Llama) -> Result<Option<rayon::ThreadPool>> {
+    if !model.runs_on_host() {
+        return Ok(None);
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("wick-cpu-{i}"))
+        .build()
+        .map(Some)
+        .map_err(|e| RunnerError::Step(format!("cannot start the CPU threads: {e}")))
 }
 
 impl Runner {
     pub fn new(model: Llama, cache: CacheConfig) -> Result<Self> {
         let kv = KvCache::new(model.config(), cache, model.device(), model.dtype(), false)?;
-        Ok(Self { model, kv })
+        let pool = host_pool(&model)?;
+        Ok(Self {
+            model,
+            kv,
+            scratch: Default::default(),
+            pool,
+        })
     }
 
     /// A runner that uses the tensor (device) attention path even on the CPU.
     pub fn with_tensor_attention(model: Llama, cache: CacheConfig) -> Result<Self> {
+        if model.runs_on_host() {
+            return Err(RunnerError::Unsupported(
+                "the tensor attention path for a model on the host path".into(),
+            ));
+        }
         let kv = KvCache::new(model.config(), cache, model.device(), model.dtype(), true)?;
-        Ok(Self { model, kv })
+        Ok(Self {
+            model,
+            kv,
+            scratch: Default::default(),
+            pool: None,
+        })
     }
 
     pub fn model(&self) -> &Llama {
@@ -196,6 +229,10 @@ impl Runner {
             return Ok(Vec::new());
         }
         let mut meta = AttentionMetadata::new(spans);
+        if let (Some(pool), true) = (&self.pool, self.kv.uses_host_memory()) {
+            let (model, kv, scratch) = (&self.model, &mut self.kv, &mut self.scratch);
+            return pool.install(|| model.forward_host(&ids, &meta, &last_rows, kv, scratch));
+        }
         if !self.kv.uses_host_memory() {
             meta.prepare_device(self.model.device())?;
         }

@@ -152,6 +152,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 let per_block = KvCache::bytes_per_block(
                     loaded.model.config(),
                     block_size,
+                    loaded.model.device(),
                     loaded.model.dtype(),
                 );
                 let n = (bytes / per_block as u64) as usize;
