@@ -22,8 +22,14 @@ pub struct CacheConfig {
 
 enum LayerCache {
     /// f16, as llama.cpp keeps its cache: half the memory and bandwidth of f32.
-    Host { k: Vec<f16>, v: Vec<f16> },
-    Device { k: Tensor, v: Tensor },
+    Host {
+        k: Vec<f16>,
+        v: Vec<f16>,
+    },
+    Device {
+        k: Tensor,
+        v: Tensor,
+    },
 }
 
 /// Keys and values of every layer, for every block.
@@ -363,8 +369,8 @@ impl KvCache {
 }
 
 /// Attention of one query token over the slots `ctx`, every head; the order of every sum is
-/// fixed, whatever else shares the step. Each cached key and value row is widened from f16
-/// once and used by every query head of its group.
+/// fixed, whatever else shares the step. Each cached key and value row is read once per
+/// group of query heads that shares it.
 fn attend_token(
     q: &[f32],
     ctx: &[usize],
@@ -373,66 +379,132 @@ fn attend_token(
     heads: Heads,
     out: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if heads.head_dim % 16 == 0 && avx512::available() {
+        // SAFETY: AVX-512 F is present (checked just above).
+        unsafe { avx512::attend_token(q, ctx, k_cache, v_cache, heads, out) };
+        return;
+    }
+    attend_token_generic(
+        q,
+        ctx,
+        k_cache,
+        v_cache,
+        heads,
+        out,
+        |q, k| q.iter().zip(k).map(|(a, b)| a * b.to_f32()).sum(),
+        |o, w, v| {
+            for (o, v) in o.iter_mut().zip(v) {
+                *o += w * v.to_f32();
+            }
+        },
+    );
+}
+
+/// The loop structure of attention, with the two inner kernels (a query row against an f16
+/// key row, and `o += w * v` for an f16 value row) passed in.
+#[inline(always)]
+fn attend_token_generic(
+    q: &[f32],
+    ctx: &[usize],
+    k_cache: &[f16],
+    v_cache: &[f16],
+    heads: Heads,
+    out: &mut [f32],
+    dot_f16: impl Fn(&[f32], &[f16]) -> f32,
+    axpy_f16: impl Fn(&mut [f32], f32, &[f16]),
+) {
     let (hd, kd) = (heads.head_dim, heads.kv_dim());
     let group = heads.num_heads / heads.num_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let n = ctx.len();
-    // Scores of the group's heads, head-major: [group][ctx].
+    // Scores of one group's heads, head-major: [group][ctx].
     let mut scores = vec![0f32; group * n];
-    let mut row = vec![0f32; hd];
-    let mut max = vec![f32::NEG_INFINITY; group];
-    let mut inv = vec![0f32; group];
     for g in 0..heads.num_kv_heads {
         let off = g * hd;
-        max.fill(f32::NEG_INFINITY);
-        for (j, &slot) in ctx.iter().enumerate() {
-            k_cache[slot * kd + off..slot * kd + off + hd].convert_to_f32_slice(&mut row);
-            for (h, m) in max.iter_mut().enumerate() {
-                let qh = g * group + h;
-                let sc = dot(&q[qh * hd..(qh + 1) * hd], &row) * scale;
-                scores[h * n + j] = sc;
-                *m = m.max(sc);
-            }
-        }
         for h in 0..group {
-            let mut sum = 0f32;
-            for sc in &mut scores[h * n..(h + 1) * n] {
-                *sc = (*sc - max[h]).exp();
-                sum += *sc;
+            let qh = g * group + h;
+            let q_h = &q[qh * hd..(qh + 1) * hd];
+            let sc = &mut scores[h * n..(h + 1) * n];
+            let mut max = f32::NEG_INFINITY;
+            for (s, &slot) in sc.iter_mut().zip(ctx) {
+                *s = dot_f16(q_h, &k_cache[slot * kd + off..slot * kd + off + hd]) * scale;
+                max = max.max(*s);
             }
-            inv[h] = 1.0 / sum;
+            let mut sum = 0f32;
+            for s in sc.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            sc.iter_mut().for_each(|s| *s *= inv);
         }
         for (j, &slot) in ctx.iter().enumerate() {
-            v_cache[slot * kd + off..slot * kd + off + hd].convert_to_f32_slice(&mut row);
+            let v = &v_cache[slot * kd + off..slot * kd + off + hd];
             for h in 0..group {
                 let qh = g * group + h;
-                let w = scores[h * n + j] * inv[h];
-                for (o, v) in out[qh * hd..(qh + 1) * hd].iter_mut().zip(&row) {
-                    *o += w * v;
-                }
+                axpy_f16(&mut out[qh * hd..(qh + 1) * hd], scores[h * n + j], v);
             }
         }
     }
 }
 
-/// A dot product in eight lanes, so that the compiler vectorizes it.
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    use super::{attend_token_generic, Heads};
+
+    pub fn available() -> bool {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::env::var_os("WICK_NO_AVX512").is_none() && is_x86_feature_detected!("avx512f")
+        })
     }
-    acc.iter().sum::<f32>() + tail
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn attend_token(
+        q: &[f32],
+        ctx: &[usize],
+        k_cache: &[f16],
+        v_cache: &[f16],
+        heads: Heads,
+        out: &mut [f32],
+    ) {
+        attend_token_generic(
+            q,
+            ctx,
+            k_cache,
+            v_cache,
+            heads,
+            out,
+            |q, k| {
+                // SAFETY: AVX-512 F (this function's feature); lengths are whole 16-lane
+                // chunks (head_dim % 16 == 0, checked by the caller).
+                unsafe {
+                    let mut acc = _mm512_setzero_ps();
+                    for i in (0..q.len()).step_by(16) {
+                        let kv = _mm512_cvtph_ps(_mm256_loadu_si256(k.as_ptr().add(i) as *const _));
+                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(i)), kv, acc);
+                    }
+                    _mm512_reduce_add_ps(acc)
+                }
+            },
+            |o, w, v| unsafe {
+                let wv = _mm512_set1_ps(w);
+                for i in (0..o.len()).step_by(16) {
+                    let vv = _mm512_cvtph_ps(_mm256_loadu_si256(v.as_ptr().add(i) as *const _));
+                    let p = o.as_mut_ptr().add(i);
+                    _mm512_storeu_ps(p, _mm512_fmadd_ps(wv, vv, _mm512_loadu_ps(p)));
+                }
+            },
+        )
+    }
 }
+
 
 fn attention_tensor(
     k_cache: &mut Tensor,

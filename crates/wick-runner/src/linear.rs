@@ -25,11 +25,7 @@ impl Linear {
         let format = match w.dtype() {
             GgmlDType::Q4_1 => Format::Q4_1,
             GgmlDType::Q8_0 => Format::Q8_0,
-            other => {
-                return Err(RunnerError::Step(format!(
-                    "no packed kernel for {other:?}"
-                )))
-            }
+            other => return Err(RunnerError::Step(format!("no packed kernel for {other:?}"))),
         };
         let (n, k) = w.shape().dims2()?;
         Ok(Linear::Packed(Packed::new(format, &w.data()?, n, k)?))

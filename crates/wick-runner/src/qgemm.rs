@@ -78,8 +78,22 @@ impl Packed {
             tiles,
             qs: vec![0; tiles * nb * tb],
             d: vec![f16::ZERO; tiles * nb * ROWS],
-            m: vec![f16::ZERO; if format == Format::Q4_1 { tiles * nb * ROWS } else { 0 }],
-            wsum: vec![0; if format == Format::Q8_0 { tiles * nb * ROWS } else { 0 }],
+            m: vec![
+                f16::ZERO;
+                if format == Format::Q4_1 {
+                    tiles * nb * ROWS
+                } else {
+                    0
+                }
+            ],
+            wsum: vec![
+                0;
+                if format == Format::Q8_0 {
+                    tiles * nb * ROWS
+                } else {
+                    0
+                }
+            ],
         };
         let mut vals = [0u8; QK];
         for row in 0..n {
@@ -125,7 +139,8 @@ impl Packed {
     }
 }
 
-/// Activations of a step, quantized per token in blocks of 32: `q = round(x / d)`,
+/// Activations of a step, quantized per token in blocks of 32: `q = round(x / d)` (ties to
+/// even),
 /// `d = max|x| / 127` (rounded to f16, as llama.cpp stores it), `s = d * sum(q)`.
 #[derive(Default)]
 pub(crate) struct Acts {
@@ -139,7 +154,8 @@ pub(crate) struct Acts {
 }
 
 impl Acts {
-    /// Quantizes `x` (`[t, k]`, row-major), reusing this buffer's memory.
+    /// Quantizes `x` (`[t, k]`, row-major), reusing this buffer's memory. Each token's
+    /// blocks depend on that token alone; long inputs are split over the thread pool.
     pub fn quantize(&mut self, x: &[f32], t: usize, k: usize) {
         debug_assert_eq!(x.len(), t * k);
         debug_assert_eq!(k % QK, 0);
@@ -150,23 +166,68 @@ impl Acts {
         self.u.resize(t * k, 0);
         self.d.resize(t * nb, 0.0);
         self.s.resize(t * nb, 0.0);
-        for (i, xb) in x.chunks_exact(QK).enumerate() {
-            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let q = &mut self.q[i * QK..(i + 1) * QK];
-            let u = &mut self.u[i * QK..(i + 1) * QK];
-            let mut sum = 0i32;
-            for ((q, u), v) in q.iter_mut().zip(u.iter_mut()).zip(xb) {
-                let r = (v * id).round() as i32;
-                *q = r as i8;
-                *u = (r + 128) as u8;
-                sum += r;
-            }
-            let d16 = f16::from_f32(d).to_f32();
-            self.d[i] = d16;
-            self.s[i] = f16::from_f32(d * sum as f32).to_f32();
+        type Row<'a> = (
+            (((&'a [f32], &'a mut [i8]), &'a mut [u8]), &'a mut [f32]),
+            &'a mut [f32],
+        );
+        let one = |((((x, q), u), d), s): Row| quantize_row(x, q, u, d, s);
+        if t * k >= 1 << 15 {
+            x.par_chunks_exact(k)
+                .zip(self.q.par_chunks_exact_mut(k))
+                .zip(self.u.par_chunks_exact_mut(k))
+                .zip(self.d.par_chunks_exact_mut(nb))
+                .zip(self.s.par_chunks_exact_mut(nb))
+                .for_each(one);
+        } else {
+            x.chunks_exact(k)
+                .zip(self.q.chunks_exact_mut(k))
+                .zip(self.u.chunks_exact_mut(k))
+                .zip(self.d.chunks_exact_mut(nb))
+                .zip(self.s.chunks_exact_mut(nb))
+                .for_each(one);
         }
+    }
+}
+
+/// One token's blocks. The same source compiled twice: with AVX-512 the compiler vectorizes
+/// the rounding, without it `round_ties_even` is a library call; the results are the same.
+fn quantize_row(x: &[f32], q: &mut [i8], u: &mut [u8], d: &mut [f32], s: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_vnni() {
+        // SAFETY: AVX-512 F/BW are present (checked in `has_vnni`).
+        unsafe { quantize_row_avx512(x, q, u, d, s) };
+        return;
+    }
+    quantize_row_generic(x, q, u, d, s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_row_avx512(x: &[f32], q: &mut [i8], u: &mut [u8], d: &mut [f32], s: &mut [f32]) {
+    quantize_row_generic(x, q, u, d, s)
+}
+
+#[inline(always)]
+fn quantize_row_generic(x: &[f32], q: &mut [i8], u: &mut [u8], d: &mut [f32], s: &mut [f32]) {
+    for ((((xb, qb), ub), d), s) in x
+        .chunks_exact(QK)
+        .zip(q.chunks_exact_mut(QK))
+        .zip(u.chunks_exact_mut(QK))
+        .zip(d.iter_mut())
+        .zip(s.iter_mut())
+    {
+        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let scale = amax / 127.0;
+        let id = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        let mut sum = 0i32;
+        for ((q, u), v) in qb.iter_mut().zip(ub.iter_mut()).zip(xb) {
+            let r = (v * id).round_ties_even() as i32;
+            *q = r as i8;
+            *u = (r + 128) as u8;
+            sum += r;
+        }
+        *d = f16::from_f32(scale).to_f32();
+        *s = f16::from_f32(scale * sum as f32).to_f32();
     }
 }
 
@@ -285,8 +346,8 @@ fn portable(w: &Packed, a: &Acts, ti: usize, t0: usize, tn: usize, out: &mut [f3
                         let mut dot = 0i32;
                         for j in 0..8 {
                             for kk in 0..4 {
-                                dot += (qs[j * 64 + r * 4 + kk] as i8 as i32)
-                                    * xu[4 * j + kk] as i32;
+                                dot +=
+                                    (qs[j * 64 + r * 4 + kk] as i8 as i32) * xu[4 * j + kk] as i32;
                             }
                         }
                         dot -= w.wsum[lane];
@@ -330,7 +391,13 @@ mod x86 {
 
     /// `T` tokens (a compile-time count, so the accumulators stay in registers).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn q4_1<const T: usize>(w: &Packed, a: &Acts, ti: usize, t0: usize, out: &mut [f32]) {
+    pub unsafe fn q4_1<const T: usize>(
+        w: &Packed,
+        a: &Acts,
+        ti: usize,
+        t0: usize,
+        out: &mut [f32],
+    ) {
         let nb = w.nb;
         let mask = _mm512_set1_epi8(0x0F);
         let mut acc = [_mm512_setzero_ps(); T];
@@ -391,7 +458,13 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn q8_0<const T: usize>(w: &Packed, a: &Acts, ti: usize, t0: usize, out: &mut [f32]) {
+    pub unsafe fn q8_0<const T: usize>(
+        w: &Packed,
+        a: &Acts,
+        ti: usize,
+        t0: usize,
+        out: &mut [f32],
+    ) {
         let nb = w.nb;
         let mut acc = [_mm512_setzero_ps(); T];
         for b in 0..nb {
@@ -521,7 +594,9 @@ mod tests {
                     let want: f32 = (0..k).map(|i| dense[r * k + i] * x[ti * k + i]).sum();
                     let got = y[ti * n + r];
                     // The activations' 8-bit quantization: about 0.5% of the products' scale.
-                    let scale: f32 = (0..k).map(|i| (dense[r * k + i] * x[ti * k + i]).abs()).sum();
+                    let scale: f32 = (0..k)
+                        .map(|i| (dense[r * k + i] * x[ti * k + i]).abs())
+                        .sum();
                     assert!(
                         (got - want).abs() <= 0.01 * scale + 1e-4,
                         "{format:?} t{ti} r{r}: {got} vs {want}"
