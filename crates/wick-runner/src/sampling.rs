@@ -118,16 +118,26 @@ impl Sampler {
             probs.select_nth_unstable_by(p.top_k - 1, by_prob);
             probs.truncate(p.top_k);
         }
-        if p.top_p < 1.0 || p.min_p > 0.0 {
-            probs.sort_unstable_by(by_prob);
-        }
         if p.min_p > 0.0 {
-            // The largest weight is exp(0) = 1 (or less after top-k ties): relative to it.
-            let top = probs.first().map(|x| x.0).unwrap_or(0.0);
+            // Relative to the largest weight (exp(0) = 1, or less after top-k ties).
+            let top = probs.iter().map(|x| x.0).fold(0.0, f32::max);
             probs.retain(|(w, _)| *w >= p.min_p * top);
         }
         if p.top_p < 1.0 {
             let total: f32 = probs.iter().map(|(w, _)| w).sum();
+            // Only the head of the distribution is sorted: the `n` largest, doubling `n`
+            // until they hold the top_p mass (usually a few dozen of the whole vocabulary).
+            let mut n = 64;
+            while n < probs.len() {
+                probs.select_nth_unstable_by(n - 1, by_prob);
+                let head: f32 = probs[..n].iter().map(|(w, _)| w).sum();
+                if head >= p.top_p * total {
+                    probs.truncate(n);
+                    break;
+                }
+                n *= 2;
+            }
+            probs.sort_unstable_by(by_prob);
             let mut acc = 0.0;
             let mut keep = probs.len();
             for (i, (w, _)) in probs.iter().enumerate() {

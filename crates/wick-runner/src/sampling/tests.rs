@@ -150,3 +150,37 @@ fn logprobs_are_the_models_log_softmax() {
     assert_eq!(lp.top[1].0, 1);
     assert!((lp.top[1].1 - (1f32.exp() / z).ln()).abs() < 1e-5);
 }
+
+/// The nucleus found by partial selection is the one a full sort gives, for flat and
+/// peaked distributions over a real vocabulary's size.
+#[test]
+fn top_p_on_a_large_vocabulary_equals_the_full_sort() {
+    for (spread, top_p) in [(0.5f32, 0.9f32), (3.0, 0.95), (8.0, 0.5), (0.01, 0.99)] {
+        let logits: Vec<f32> = (0..49_152u32)
+            .map(|i| ((i.wrapping_mul(2_654_435_761) >> 8) as f32 / (1u32 << 24) as f32) * spread)
+            .collect();
+        let s = Sampler::new(params(1.0, top_p, 1), &[]);
+        let got: Vec<u32> = s.candidates(&logits).iter().map(|&(_, id)| id).collect();
+        // Reference: every weight, fully sorted, cut at the top_p mass.
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut all: Vec<(f32, u32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| ((l - max).exp(), i as u32))
+            .collect();
+        // The total in vocabulary order, as the sampler sums it.
+        let total: f32 = all.iter().map(|x| x.0).sum();
+        all.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut acc = 0.0;
+        let keep = all
+            .iter()
+            .position(|x| {
+                acc += x.0;
+                acc >= top_p * total
+            })
+            .map_or(all.len(), |i| i + 1);
+        let want: Vec<u32> = all[..keep].iter().map(|x| x.1).collect();
+        assert_eq!(got.len(), want.len(), "spread {spread}, top_p {top_p}");
+        assert!(got == want, "spread {spread}, top_p {top_p}: same length, other tokens");
+    }
+}
