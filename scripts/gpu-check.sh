@@ -31,6 +31,9 @@ MODEL_DIR="$WORK/model-$SIZE"
 status=0
 say() { printf '\n== %s\n' "$*"; }
 
+if [ ! -x "$WICK_BIN" ] && [ -f "$WICK_BIN.gz" ]; then
+  gunzip -c "$WICK_BIN.gz" >"$WORK/wick" && chmod +x "$WORK/wick" && WICK_BIN="$WORK/wick"
+fi
 [ -x "$WICK_BIN" ] || { echo "no executable at WICK_BIN=$WICK_BIN" >&2; exit 2; }
 # The wheels' CUDA libraries (torch's cuBLAS, cuRAND, NVRTC) when the system has none.
 if [ "$DEVICE" = cuda ]; then
