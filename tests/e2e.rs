@@ -69,20 +69,52 @@ async fn streaming_equals_non_streaming_and_matches_llama_cpp() {
     assert_eq!(short["usage"]["completion_tokens"], 3);
 }
 
+/// 32 concurrent greedy requests (the default `max_num_seqs`: all in the same steps) each give
+/// token for token what they give alone: every kernel's order of operations is independent
+/// of the batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_streams_each_equal_their_solo_output() {
     let s = Server::start(&[]).await;
     let reference = common::reference();
-    let prompts: Vec<String> = reference["cases"]
+    let mut prompts: Vec<String> = reference["cases"]
         .as_array()
         .unwrap()
         .iter()
         .filter(|c| c["kind"] == "chat" && c["messages"].as_array().unwrap().len() == 1)
-        .take(8)
         .map(|c| c["messages"][0]["content"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(prompts.len(), 8);
-    let (solo, together) = s.solo_and_together(&prompts, 32).await;
+    let topics = [
+        "volcanoes",
+        "the moon",
+        "coffee",
+        "chess",
+        "bees",
+        "rain",
+        "trains",
+        "paper",
+        "glass",
+        "whales",
+        "maps",
+        "bread",
+        "clocks",
+        "salt",
+        "kites",
+        "copper",
+        "owls",
+        "bridges",
+        "tea",
+        "snow",
+        "ants",
+        "music",
+    ];
+    prompts.extend(
+        topics
+            .iter()
+            .map(|t| format!("Tell me one surprising fact about {t}.")),
+    );
+    prompts.truncate(32);
+    assert_eq!(prompts.len(), 32);
+    let (solo, together) = s.solo_and_together(&prompts, 24).await;
     for (i, (a, b)) in solo.iter().zip(&together).enumerate() {
         assert_eq!(a, b, "prompt {i}: solo and concurrent outputs differ");
     }
@@ -94,6 +126,9 @@ async fn concurrent_streams_each_equal_their_solo_output() {
         all_steps > one_token_steps,
         "no step had more than one token"
     );
+    let upto_16 = sample(&text, "wick_step_batch_size_bucket{le=\"16\"}");
+    let steps = sample(&text, "wick_step_batch_size_count");
+    assert!(upto_16 < steps, "no step computed more than 16 sequences");
 }
 
 fn sample(text: &str, prefix: &str) -> f64 {

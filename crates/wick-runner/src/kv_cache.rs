@@ -380,7 +380,7 @@ fn attend_token(
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if heads.head_dim % 16 == 0 && avx512::available() {
+    if heads.head_dim.is_multiple_of(16) && avx512::available() {
         // SAFETY: AVX-512 F is present (checked just above).
         unsafe { avx512::attend_token(q, ctx, k_cache, v_cache, heads, out) };
         return;
@@ -392,12 +392,14 @@ fn attend_token(
         v_cache,
         heads,
         out,
-        |q, k| q.iter().zip(k).map(|(a, b)| a * b.to_f32()).sum(),
-        |o, w, v| {
-            for (o, v) in o.iter_mut().zip(v) {
-                *o += w * v.to_f32();
-            }
-        },
+        (
+            |q: &[f32], k: &[f16]| q.iter().zip(k).map(|(a, b)| a * b.to_f32()).sum(),
+            |o: &mut [f32], w: f32, v: &[f16]| {
+                for (o, v) in o.iter_mut().zip(v) {
+                    *o += w * v.to_f32();
+                }
+            },
+        ),
     );
 }
 
@@ -411,8 +413,10 @@ fn attend_token_generic(
     v_cache: &[f16],
     heads: Heads,
     out: &mut [f32],
-    dot_f16: impl Fn(&[f32], &[f16]) -> f32,
-    axpy_f16: impl Fn(&mut [f32], f32, &[f16]),
+    (dot_f16, axpy_f16): (
+        impl Fn(&[f32], &[f16]) -> f32,
+        impl Fn(&mut [f32], f32, &[f16]),
+    ),
 ) {
     let (hd, kd) = (heads.head_dim, heads.kv_dim());
     let group = heads.num_heads / heads.num_kv_heads;
@@ -481,30 +485,32 @@ mod avx512 {
             v_cache,
             heads,
             out,
-            |q, k| {
-                // SAFETY: AVX-512 F (this function's feature); lengths are whole 16-lane
-                // chunks (head_dim % 16 == 0, checked by the caller).
-                unsafe {
-                    let mut acc = _mm512_setzero_ps();
-                    for i in (0..q.len()).step_by(16) {
-                        let kv = _mm512_cvtph_ps(_mm256_loadu_si256(k.as_ptr().add(i) as *const _));
-                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(i)), kv, acc);
+            (
+                |q: &[f32], k: &[f16]| {
+                    // SAFETY: AVX-512 F (this function's feature); lengths are whole 16-lane
+                    // chunks (head_dim % 16 == 0, checked by the caller).
+                    unsafe {
+                        let mut acc = _mm512_setzero_ps();
+                        for i in (0..q.len()).step_by(16) {
+                            let kv =
+                                _mm512_cvtph_ps(_mm256_loadu_si256(k.as_ptr().add(i) as *const _));
+                            acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(i)), kv, acc);
+                        }
+                        _mm512_reduce_add_ps(acc)
                     }
-                    _mm512_reduce_add_ps(acc)
-                }
-            },
-            |o, w, v| unsafe {
-                let wv = _mm512_set1_ps(w);
-                for i in (0..o.len()).step_by(16) {
-                    let vv = _mm512_cvtph_ps(_mm256_loadu_si256(v.as_ptr().add(i) as *const _));
-                    let p = o.as_mut_ptr().add(i);
-                    _mm512_storeu_ps(p, _mm512_fmadd_ps(wv, vv, _mm512_loadu_ps(p)));
-                }
-            },
+                },
+                |o: &mut [f32], w: f32, v: &[f16]| unsafe {
+                    let wv = _mm512_set1_ps(w);
+                    for i in (0..o.len()).step_by(16) {
+                        let vv = _mm512_cvtph_ps(_mm256_loadu_si256(v.as_ptr().add(i) as *const _));
+                        let p = o.as_mut_ptr().add(i);
+                        _mm512_storeu_ps(p, _mm512_fmadd_ps(wv, vv, _mm512_loadu_ps(p)));
+                    }
+                },
+            ),
         )
     }
 }
-
 
 fn attention_tensor(
     k_cache: &mut Tensor,

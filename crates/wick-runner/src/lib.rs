@@ -15,7 +15,8 @@ mod hf;
 mod kv_cache;
 mod linear;
 mod model;
-mod qgemm;
+#[doc(hidden)]
+pub mod qgemm;
 mod runner;
 mod sampling;
 mod tokenizer;

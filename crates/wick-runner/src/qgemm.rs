@@ -25,13 +25,13 @@ const ROWS: usize = 16;
 const TOKENS: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Format {
+pub enum Format {
     Q4_1,
     Q8_0,
 }
 
 /// A `[n, k]` weight matrix repacked into row tiles (see the module comment).
-pub(crate) struct Packed {
+pub struct Packed {
     pub format: Format,
     pub n: usize,
     pub k: usize,
@@ -61,7 +61,7 @@ impl Packed {
             Format::Q4_1 => 20,
             Format::Q8_0 => 34,
         };
-        if k % QK != 0 || data.len() != n * (k / QK) * block_bytes {
+        if !k.is_multiple_of(QK) || data.len() != n * (k / QK) * block_bytes {
             return Err(RunnerError::Step(format!(
                 "malformed {format:?} matrix {n}x{k} ({} bytes)",
                 data.len()
@@ -143,7 +143,7 @@ impl Packed {
 /// even),
 /// `d = max|x| / 127` (rounded to f16, as llama.cpp stores it), `s = d * sum(q)`.
 #[derive(Default)]
-pub(crate) struct Acts {
+pub struct Acts {
     pub t: usize,
     pub k: usize,
     q: Vec<i8>,
@@ -189,8 +189,7 @@ impl Acts {
     }
 }
 
-/// One token's blocks. The same source compiled twice: with AVX-512 the compiler vectorizes
-/// the rounding, without it `round_ties_even` is a library call; the results are the same.
+/// One token's blocks, with AVX-512 where the CPU has it; the results are the same.
 fn quantize_row(x: &[f32], q: &mut [i8], u: &mut [u8], d: &mut [f32], s: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if has_vnni() {
@@ -201,13 +200,35 @@ fn quantize_row(x: &[f32], q: &mut [i8], u: &mut [u8], d: &mut [f32], s: &mut [f
     quantize_row_generic(x, q, u, d, s)
 }
 
+/// The same operations as [`quantize_row_generic`], 16 lanes at a time (max and the integer
+/// sum are exact, the rounding is to nearest-even in both), so the results are identical.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn quantize_row_avx512(x: &[f32], q: &mut [i8], u: &mut [u8], d: &mut [f32], s: &mut [f32]) {
-    quantize_row_generic(x, q, u, d, s)
+    use std::arch::x86_64::*;
+    const ROUND: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    let flip = _mm_set1_epi8(-128);
+    for (b, (d, s)) in d.iter_mut().zip(s.iter_mut()).enumerate() {
+        let p = x.as_ptr().add(b * QK);
+        let (x0, x1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+        let scale = amax / 127.0;
+        let id = _mm512_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+        let i0 = _mm512_cvtps_epi32(_mm512_roundscale_ps::<ROUND>(_mm512_mul_ps(x0, id)));
+        let i1 = _mm512_cvtps_epi32(_mm512_roundscale_ps::<ROUND>(_mm512_mul_ps(x1, id)));
+        let (b0, b1) = (_mm512_cvtepi32_epi8(i0), _mm512_cvtepi32_epi8(i1));
+        let qp = q.as_mut_ptr().add(b * QK) as *mut __m128i;
+        _mm_storeu_si128(qp, b0);
+        _mm_storeu_si128(qp.add(1), b1);
+        let up = u.as_mut_ptr().add(b * QK) as *mut __m128i;
+        _mm_storeu_si128(up, _mm_xor_si128(b0, flip));
+        _mm_storeu_si128(up.add(1), _mm_xor_si128(b1, flip));
+        let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+        *d = f16::from_f32(scale).to_f32();
+        *s = f16::from_f32(scale * sum as f32).to_f32();
+    }
 }
 
-#[inline(always)]
 fn quantize_row_generic(x: &[f32], q: &mut [i8], u: &mut [u8], d: &mut [f32], s: &mut [f32]) {
     for ((((xb, qb), ub), d), s) in x
         .chunks_exact(QK)
@@ -252,7 +273,7 @@ fn has_vnni() -> bool {
 /// `out[t][n] = sum_k w[n][k] * x[t][k]` for the quantized activations `a` (`out` is
 /// `[a.t, w.n]`, overwritten). Splits the row tiles over the thread pool when the work pays
 /// for it.
-pub(crate) fn matmul(w: &Packed, a: &Acts, out: &mut [f32]) {
+pub fn matmul(w: &Packed, a: &Acts, out: &mut [f32]) {
     assert_eq!(a.k, w.k, "activations and weights disagree on k");
     assert_eq!(out.len(), a.t * w.n);
     let vnni = has_vnni();
@@ -643,5 +664,44 @@ mod tests {
             }
             assert_eq!(fast, slow, "{format:?}");
         }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod quantize_tests {
+    use super::*;
+
+    #[test]
+    fn the_avx512_quantizer_gives_the_generic_bits() {
+        if !has_vnni() {
+            return;
+        }
+        let k = 256;
+        let x: Vec<f32> = (0..k)
+            .map(|i| match i % 7 {
+                0 => 0.0,
+                1 => 1e-30,
+                // exact halves after scaling, to exercise ties
+                2 => (i as f32) * 0.5 - 40.0,
+                _ => ((i * 7919 % 1013) as f32 / 97.0 - 5.0) * if i % 2 == 0 { 1.0 } else { -3.0 },
+            })
+            .collect();
+        let nb = k / QK;
+        let (mut q1, mut u1, mut d1, mut s1) =
+            (vec![0i8; k], vec![0u8; k], vec![0f32; nb], vec![0f32; nb]);
+        let (mut q2, mut u2, mut d2, mut s2) =
+            (vec![0i8; k], vec![0u8; k], vec![0f32; nb], vec![0f32; nb]);
+        quantize_row_generic(&x, &mut q1, &mut u1, &mut d1, &mut s1);
+        // SAFETY: checked above.
+        unsafe { quantize_row_avx512(&x, &mut q2, &mut u2, &mut d2, &mut s2) };
+        assert_eq!(q1, q2);
+        assert_eq!(u1, u2);
+        assert_eq!(d1, d2);
+        assert_eq!(s1, s2);
+        let zeros = vec![0f32; QK];
+        let (mut q, mut u, mut d, mut s) = (vec![1i8; QK], vec![0u8; QK], vec![1f32], vec![1f32]);
+        unsafe { quantize_row_avx512(&zeros, &mut q, &mut u, &mut d, &mut s) };
+        assert!(q.iter().all(|&v| v == 0) && u.iter().all(|&v| v == 128));
+        assert_eq!((d[0], s[0]), (0.0, 0.0));
     }
 }

@@ -181,6 +181,9 @@ fn top_p_on_a_large_vocabulary_equals_the_full_sort() {
             .map_or(all.len(), |i| i + 1);
         let want: Vec<u32> = all[..keep].iter().map(|x| x.1).collect();
         assert_eq!(got.len(), want.len(), "spread {spread}, top_p {top_p}");
-        assert!(got == want, "spread {spread}, top_p {top_p}: same length, other tokens");
+        assert!(
+            got == want,
+            "spread {spread}, top_p {top_p}: same length, other tokens"
+        );
     }
 }
