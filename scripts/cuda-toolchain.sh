@@ -62,7 +62,9 @@ for spec in "${PACKAGES[@]}"; do
   case "$MODE:$name" in check:nvidia-cublas|check:nvidia-curand|check:nvidia-cuda-nvrtc) continue ;; esac
   ver="${spec##*==}"
   # shellcheck disable=SC2086
-  unzip -q -o "$WHEELS"/${name//-/_}-${ver}-*.whl 'nvidia/*' -d "$tmp"
+  for whl in "$WHEELS"/${name//-/_}-${ver}-*.whl; do
+    "$PY" -m zipfile -e "$whl" "$tmp"
+  done
 done
 rm -rf "$PREFIX"
 mv "$tmp/nvidia/cu13" "$PREFIX"
