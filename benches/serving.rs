@@ -104,7 +104,10 @@ async fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` asks for a listing
     }
-    let s = Server::start(&[]).await;
+    // Extra `wick serve` flags to compare settings, e.g. WICK_SERVE_ARGS="--min-prefill-tokens-per-step 32".
+    let extra = std::env::var("WICK_SERVE_ARGS").unwrap_or_default();
+    let extra: Vec<&str> = extra.split_whitespace().collect();
+    let s = Server::start(&extra).await;
     // Warm up.
     itl_run(&s, false).await;
     let (a50, a99, _) = itl_run(&s, false).await;

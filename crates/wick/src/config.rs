@@ -308,7 +308,7 @@ impl Config {
             min_prefill_tokens_per_step: args
                 .min_prefill_tokens_per_step
                 .or(file.scheduler.min_prefill_tokens_per_step)
-                .unwrap_or(8),
+                .unwrap_or(32),
             max_waiting_requests: args
                 .max_waiting_requests
                 .or(file.queue.max_waiting_requests)
