@@ -246,3 +246,70 @@ async fn a_model_loads_from_an_offline_hugging_face_cache() {
         "{err}"
     );
 }
+
+/// `--otlp-endpoint`: spans reach an OTLP/HTTP collector (here a bare listener that records
+/// what is posted to it); the batch is flushed at the latest when the server shuts down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_to_an_otlp_endpoint() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { break };
+            let mut buf = vec![0u8; 1 << 20];
+            let mut got = Vec::new();
+            conn.set_read_timeout(Some(Duration::from_millis(500))).ok();
+            while let Ok(n) = conn.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&got);
+                if let Some(h) = text.find("\r\n\r\n") {
+                    let len = text[..h]
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if got.len() >= h + 4 + len {
+                        break;
+                    }
+                }
+            }
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+            let _ = tx.send(String::from_utf8_lossy(&got).into_owned());
+        }
+    });
+    let endpoint = format!("http://127.0.0.1:{port}/v1/traces");
+    let mut s = Server::start(&["--otlp-endpoint", &endpoint, "--log-level", "info"]).await;
+    let r = s
+        .client
+        .post(s.url("/v1/chat/completions"))
+        .header("x-request-id", "otlp-trace-me")
+        .json(&chat("Hi", 2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    s.terminate();
+    assert_eq!(s.wait_exit(Duration::from_secs(30)).await.code(), Some(0));
+    let posted: Vec<String> = rx.try_iter().collect();
+    let request = posted
+        .iter()
+        .find(|p| p.starts_with("POST /v1/traces"))
+        .unwrap_or_else(|| panic!("no export received: {posted:?}"));
+    assert!(request
+        .to_ascii_lowercase()
+        .contains("content-type: application/x-protobuf"));
+    // The protobuf body carries the span attributes as strings.
+    assert!(
+        request.contains("otlp-trace-me"),
+        "request id not in the exported spans"
+    );
+    assert!(request.contains("wick"), "service name missing");
+}

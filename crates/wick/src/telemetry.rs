@@ -27,7 +27,8 @@ impl Drop for Telemetry {
     }
 }
 
-/// Installs the global subscriber. RUST_LOG, when set, beats `level`.
+/// Installs the global subscriber. RUST_LOG, when set, beats `level` for the log lines;
+/// exported spans have their own filter (info).
 pub fn init(
     format: LogFormat,
     level: &str,
@@ -63,14 +64,17 @@ pub fn init(
                         .build(),
                 )
                 .build();
-            let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("wick"));
+            // Spans are exported at info level whatever the log filter says: operators turn
+            // logs down without losing traces.
+            let layer = tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("wick"))
+                .with_filter(EnvFilter::new("info"));
             (Some(layer), Some(provider))
         }
         None => (None, None),
     };
     tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
+        .with(fmt.with_filter(filter))
         .with(otel)
         .try_init()
         .context("cannot install the log subscriber")?;
