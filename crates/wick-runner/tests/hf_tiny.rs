@@ -331,21 +331,24 @@ fn tiny_hf_model_loads_and_matches_a_plain_forward() {
         for (step, l) in got[s].iter().enumerate() {
             let want = reference_logits(&w, &tokens);
             let d = max_diff(l, &want);
-            assert!(d < 2e-4, "sequence {s} step {step}: max |diff| {d}");
+            // The host cache keeps keys and values in f16 (as llama.cpp does): about 1e-3 of
+            // rounding on logits of order 1-5 (measured 6e-4); an f32 cache gave < 2e-4.
+            assert!(d < 2e-3, "sequence {s} step {step}: max |diff| {d}");
             if step < 2 {
                 tokens.push(extra[s][step]);
             }
         }
     }
 
-    // The tensor (device) attention path gives the same logits.
+    // The tensor (device) attention path (an f32 cache here) gives the same logits, within the
+    // host cache's f16 rounding.
     let model = wick_runner::load(dir.path(), &Device::Cpu, &LoadOptions::default())
         .unwrap()
         .model;
     let mut tensor_path = Runner::with_tensor_attention(model, cache).unwrap();
     let again = run_batched(&mut tensor_path, &extra);
     for (a, b) in got.iter().flatten().zip(again.iter().flatten()) {
-        assert!(max_diff(a, b) < 2e-4);
+        assert!(max_diff(a, b) < 2e-3);
     }
 }
 
