@@ -385,6 +385,12 @@ fn attend_token(
         unsafe { avx512::attend_token(q, ctx, k_cache, v_cache, heads, out) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if heads.head_dim.is_multiple_of(8) && avx512::avx2_available() {
+        // SAFETY: AVX2, FMA and F16C are present (checked just above).
+        unsafe { avx512::attend_token_avx2(q, ctx, k_cache, v_cache, heads, out) };
+        return;
+    }
     attend_token_generic(
         q,
         ctx,
@@ -465,8 +471,66 @@ mod avx512 {
         use std::sync::OnceLock;
         static HAS: OnceLock<bool> = OnceLock::new();
         *HAS.get_or_init(|| {
-            std::env::var_os("WICK_NO_AVX512").is_none() && is_x86_feature_detected!("avx512f")
+            std::env::var_os("WICK_NO_AVX512").is_none()
+                && std::env::var_os("WICK_NO_SIMD").is_none()
+                && is_x86_feature_detected!("avx512f")
         })
+    }
+
+    pub fn avx2_available() -> bool {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::env::var_os("WICK_NO_SIMD").is_none()
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
+    }
+
+    /// The AVX2 + F16C version: 8 lanes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn attend_token_avx2(
+        q: &[f32],
+        ctx: &[usize],
+        k_cache: &[f16],
+        v_cache: &[f16],
+        heads: Heads,
+        out: &mut [f32],
+    ) {
+        attend_token_generic(
+            q,
+            ctx,
+            k_cache,
+            v_cache,
+            heads,
+            out,
+            (
+                |q: &[f32], k: &[f16]| {
+                    // SAFETY: AVX2/FMA/F16C (this function's features); lengths are whole
+                    // 8-lane chunks (head_dim % 8 == 0, checked by the caller).
+                    unsafe {
+                        let mut acc = _mm256_setzero_ps();
+                        for i in (0..q.len()).step_by(8) {
+                            let kv =
+                                _mm256_cvtph_ps(_mm_loadu_si128(k.as_ptr().add(i) as *const _));
+                            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), kv, acc);
+                        }
+                        let mut lanes = [0f32; 8];
+                        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+                        lanes.iter().sum()
+                    }
+                },
+                |o: &mut [f32], w: f32, v: &[f16]| unsafe {
+                    let wv = _mm256_set1_ps(w);
+                    for i in (0..o.len()).step_by(8) {
+                        let vv = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i) as *const _));
+                        let p = o.as_mut_ptr().add(i);
+                        _mm256_storeu_ps(p, _mm256_fmadd_ps(wv, vv, _mm256_loadu_ps(p)));
+                    }
+                },
+            ),
+        )
     }
 
     #[target_feature(enable = "avx512f")]

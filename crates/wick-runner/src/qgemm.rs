@@ -189,14 +189,23 @@ impl Acts {
     }
 }
 
-/// One token's blocks, with AVX-512 where the CPU has it; the results are the same.
+/// One token's blocks, with AVX-512 or AVX2 where the CPU has them; the results are the same.
 fn quantize_row(x: &[f32], q: &mut [i8], u: &mut [u8], d: &mut [f32], s: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if has_vnni() {
+    match isa() {
         // SAFETY: AVX-512 F/BW are present (checked in `has_vnni`).
-        unsafe { quantize_row_avx512(x, q, u, d, s) };
-        return;
+        Isa::Avx512Vnni => return unsafe { quantize_row_avx512(x, q, u, d, s) },
+        // SAFETY: AVX2 and FMA are present (checked in `isa`).
+        Isa::Avx2 => return unsafe { quantize_row_avx2(x, q, u, d, s) },
+        Isa::Portable => {}
     }
+    quantize_row_generic(x, q, u, d, s)
+}
+
+/// The generic source compiled for AVX2, where the compiler vectorizes the rounding.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_row_avx2(x: &[f32], q: &mut [i8], u: &mut [u8], d: &mut [f32], s: &mut [f32]) {
     quantize_row_generic(x, q, u, d, s)
 }
 
@@ -229,6 +238,7 @@ unsafe fn quantize_row_avx512(x: &[f32], q: &mut [i8], u: &mut [u8], d: &mut [f3
     }
 }
 
+#[inline(always)]
 fn quantize_row_generic(x: &[f32], q: &mut [i8], u: &mut [u8], d: &mut [f32], s: &mut [f32]) {
     for ((((xb, qb), ub), d), s) in x
         .chunks_exact(QK)
@@ -252,6 +262,38 @@ fn quantize_row_generic(x: &[f32], q: &mut [i8], u: &mut [u8], d: &mut [f32], s:
     }
 }
 
+/// The widest kernels this CPU runs: AVX-512 VNNI, else AVX2 with FMA, else portable code.
+/// `WICK_NO_AVX512=1` skips the first, `WICK_NO_SIMD=1` both (for tests and comparisons).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Avx512Vnni,
+    Avx2,
+    Portable,
+}
+
+fn isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            if std::env::var_os("WICK_NO_SIMD").is_some() {
+                Isa::Portable
+            } else if has_vnni() {
+                Isa::Avx512Vnni
+            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                Isa::Avx2
+            } else {
+                Isa::Portable
+            }
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Isa::Portable
+    }
+}
+
 fn has_vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -259,6 +301,7 @@ fn has_vnni() -> bool {
         static HAS: OnceLock<bool> = OnceLock::new();
         *HAS.get_or_init(|| {
             std::env::var_os("WICK_NO_AVX512").is_none()
+                && std::env::var_os("WICK_NO_SIMD").is_none()
                 && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vnni")
@@ -276,7 +319,7 @@ fn has_vnni() -> bool {
 pub fn matmul(w: &Packed, a: &Acts, out: &mut [f32]) {
     assert_eq!(a.k, w.k, "activations and weights disagree on k");
     assert_eq!(out.len(), a.t * w.n);
-    let vnni = has_vnni();
+    let isa = isa();
     let work = a.t * w.n * w.k;
     // Tiles per task: at least 4, and few enough tasks to spread over the pool.
     let threads = rayon::current_num_threads().max(1);
@@ -287,7 +330,7 @@ pub fn matmul(w: &Packed, a: &Acts, out: &mut [f32]) {
         for t0 in (0..a.t).step_by(TOKENS) {
             let tn = TOKENS.min(a.t - t0);
             for ti in tiles.clone() {
-                tile(w, a, ti, t0, tn, vnni, out);
+                tile(w, a, ti, t0, tn, isa, out);
             }
         }
     };
@@ -314,9 +357,22 @@ struct SyncPtr(*mut f32);
 unsafe impl Sync for SyncPtr {}
 unsafe impl Send for SyncPtr {}
 
-fn tile(w: &Packed, a: &Acts, ti: usize, t0: usize, tn: usize, vnni: bool, out: &mut [f32]) {
+fn tile(w: &Packed, a: &Acts, ti: usize, t0: usize, tn: usize, isa: Isa, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if vnni {
+    if isa == Isa::Avx2 {
+        // SAFETY: the CPU has AVX2 and FMA (checked in `isa`).
+        unsafe {
+            match (w.format, tn) {
+                (Format::Q4_1, 8) => avx2::q4_1::<8>(w, a, ti, t0, out),
+                (Format::Q4_1, _) => avx2::q4_1_dyn(w, a, ti, t0, tn, out),
+                (Format::Q8_0, 8) => avx2::q8_0::<8>(w, a, ti, t0, out),
+                (Format::Q8_0, _) => avx2::q8_0_dyn(w, a, ti, t0, tn, out),
+            }
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni {
         // SAFETY: the CPU has AVX-512 F/BW/VNNI (checked in `has_vnni`).
         unsafe {
             match (w.format, tn) {
@@ -330,7 +386,7 @@ fn tile(w: &Packed, a: &Acts, ti: usize, t0: usize, tn: usize, vnni: bool, out: 
         }
         return;
     }
-    let _ = vnni;
+    let _ = isa;
     portable(w, a, ti, t0, tn, out);
 }
 
@@ -537,6 +593,137 @@ mod x86 {
     }
 }
 
+/// AVX2 + FMA: each 64-byte tile vector is two 32-byte halves (rows 0-7, rows 8-15), and a
+/// 4-byte dot product is `maddubs` (u8 x s8 pairs into i16, which cannot saturate here)
+/// followed by `madd` with ones. Integer sums are exact and the float operations per output
+/// are those of the AVX-512 kernels, so the results are the same bits.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Acts, Packed, QK, ROWS};
+
+    #[inline(always)]
+    unsafe fn bcast(p: *const u8, i: usize) -> __m256i {
+        _mm256_set1_epi32((p.add(4 * i) as *const i32).read_unaligned())
+    }
+
+    /// Sum of 4 adjacent u8 x s8 products per 32-bit lane.
+    #[inline(always)]
+    unsafe fn dot4(u: __m256i, s: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+    }
+
+    #[inline(always)]
+    unsafe fn half8(p: *const half::f16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+
+    #[inline(always)]
+    unsafe fn store(out: &mut [f32], w: &Packed, t: usize, row0: usize, v: __m256) {
+        let dst = out.as_mut_ptr().add(t * w.n + row0);
+        if row0 + 8 <= w.n {
+            _mm256_storeu_ps(dst, v);
+        } else {
+            let mut tmp = [0f32; 8];
+            _mm256_storeu_ps(tmp.as_mut_ptr(), v);
+            for (i, x) in tmp.iter().enumerate().take(w.n.saturating_sub(row0)) {
+                *dst.add(i) = *x;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_1<const T: usize>(
+        w: &Packed,
+        a: &Acts,
+        ti: usize,
+        t0: usize,
+        out: &mut [f32],
+    ) {
+        let nb = w.nb;
+        let mask = _mm256_set1_epi8(0x0F);
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); T];
+            for b in 0..nb {
+                let at = ti * nb + b;
+                let qs = w.qs.as_ptr().add(at * 256 + half * 32);
+                let dw = half8(w.d.as_ptr().add(at * ROWS + half * 8));
+                let mw = half8(w.m.as_ptr().add(at * ROWS + half * 8));
+                for (t, acc) in acc.iter_mut().enumerate() {
+                    let tok = t0 + t;
+                    let xa = a.q.as_ptr().add(tok * a.k + b * QK) as *const u8;
+                    let mut s = _mm256_setzero_si256();
+                    for j in 0..4 {
+                        let v = _mm256_loadu_si256(qs.add(j * 64) as *const __m256i);
+                        let lo = _mm256_and_si256(v, mask);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                        s = _mm256_add_epi32(s, dot4(lo, bcast(xa, 2 * j)));
+                        s = _mm256_add_epi32(s, dot4(hi, bcast(xa, 2 * j + 1)));
+                    }
+                    let da = _mm256_set1_ps(*a.d.get_unchecked(tok * nb + b));
+                    let sa = _mm256_set1_ps(*a.s.get_unchecked(tok * nb + b));
+                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, da), *acc);
+                    *acc = _mm256_fmadd_ps(mw, sa, *acc);
+                }
+            }
+            for (t, v) in acc.into_iter().enumerate() {
+                store(out, w, t0 + t, ti * ROWS + half * 8, v);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_1_dyn(w: &Packed, a: &Acts, ti: usize, t0: usize, tn: usize, out: &mut [f32]) {
+        for t in 0..tn {
+            q4_1::<1>(w, a, ti, t0 + t, out);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q8_0<const T: usize>(
+        w: &Packed,
+        a: &Acts,
+        ti: usize,
+        t0: usize,
+        out: &mut [f32],
+    ) {
+        let nb = w.nb;
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); T];
+            for b in 0..nb {
+                let at = ti * nb + b;
+                let qs = w.qs.as_ptr().add(at * 512 + half * 32);
+                let dw = half8(w.d.as_ptr().add(at * ROWS + half * 8));
+                for (t, acc) in acc.iter_mut().enumerate() {
+                    let tok = t0 + t;
+                    let xa = a.q.as_ptr().add(tok * a.k + b * QK) as *const u8;
+                    let mut s = _mm256_setzero_si256();
+                    for j in 0..8 {
+                        let wv = _mm256_loadu_si256(qs.add(j * 64) as *const __m256i);
+                        // |w| x (a with w's sign): the products w * a, without saturation
+                        // (|w| <= 128, |a| <= 127).
+                        let sa = _mm256_sign_epi8(bcast(xa, j), wv);
+                        s = _mm256_add_epi32(s, dot4(_mm256_abs_epi8(wv), sa));
+                    }
+                    let da = _mm256_set1_ps(*a.d.get_unchecked(tok * nb + b));
+                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, da), *acc);
+                }
+            }
+            for (t, v) in acc.into_iter().enumerate() {
+                store(out, w, t0 + t, ti * ROWS + half * 8, v);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q8_0_dyn(w: &Packed, a: &Acts, ti: usize, t0: usize, tn: usize, out: &mut [f32]) {
+        for t in 0..tn {
+            q8_0::<1>(w, a, ti, t0 + t, out);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -642,6 +829,32 @@ mod tests {
             }
             let four = run(&w, &x[4 * k..8 * k], 4);
             assert_eq!(four, all[4 * n..8 * n]);
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx2_path_gives_the_same_bits() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            return;
+        }
+        for format in [Format::Q4_1, Format::Q8_0] {
+            let (n, k, t) = (44, 128, 11); // a partial tile (44 = 2 x 16 + 12), 8 + 3 tokens
+            let mut seed = 5;
+            let data = random_blocks(format, n, k, &mut seed);
+            let w = Packed::new(format, &data, n, k).unwrap();
+            let x = activations(t, k, &mut seed);
+            let mut a = Acts::default();
+            a.quantize(&x, t, k);
+            let (mut fast, mut slow) = (vec![0f32; t * n], vec![0f32; t * n]);
+            for ti in 0..w.tiles {
+                for t0 in (0..t).step_by(TOKENS) {
+                    let tn = TOKENS.min(t - t0);
+                    tile(&w, &a, ti, t0, tn, Isa::Avx2, &mut fast);
+                    portable(&w, &a, ti, t0, tn, &mut slow);
+                }
+            }
+            assert_eq!(fast, slow, "{format:?}");
         }
     }
 
