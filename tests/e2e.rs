@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::server::{chat, stream_text, Server};
+use common::server::{chat, sample, stream_text, Server};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -129,14 +129,6 @@ async fn concurrent_streams_each_equal_their_solo_output() {
     let upto_16 = sample(&text, "wick_step_batch_size_bucket{le=\"16\"}");
     let steps = sample(&text, "wick_step_batch_size_count");
     assert!(upto_16 < steps, "no step computed more than 16 sequences");
-}
-
-fn sample(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {prefix}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -405,6 +397,13 @@ async fn metrics_have_every_documented_series_for_both_kinds_of_request() {
             .await,
         2.0
     );
+    // Every sample carries the served model's name, and no other label than the documented.
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        assert!(line.contains("model=\"smollm2\""), "no model label: {line}");
+        for label in ["request_id", "id="] {
+            assert!(!line.contains(label), "unbounded label: {line}");
+        }
+    }
     let usage = s.metric("wick_kv_cache_usage_ratio").await;
     assert!((0.0..=1.0).contains(&usage));
     promtool_check(&text);

@@ -145,14 +145,10 @@ impl Server {
             .expect("metrics text")
     }
 
-    /// A metric's value (the first sample whose line starts with `name`).
-    pub async fn metric(&self, name: &str) -> f64 {
-        let text = self.metrics().await;
-        text.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("metric {name} missing"))
+    /// A metric's value: the first sample of `query` (`name` or `name{label="v",...}`) whose
+    /// labels include the query's (the server adds `model="..."` to every series).
+    pub async fn metric(&self, query: &str) -> f64 {
+        sample(&self.metrics().await, query)
     }
 }
 
@@ -216,4 +212,35 @@ impl Server {
         });
         (solo, futures::future::join_all(runs).await)
     }
+}
+
+/// Name and label pairs of `name{a="x",b="y"}` (or a bare name).
+fn parse_series(s: &str) -> (&str, Vec<(String, String)>) {
+    let Some((name, rest)) = s.split_once('{') else {
+        return (s, Vec::new());
+    };
+    let labels = rest
+        .trim_end_matches('}')
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| p.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+        .collect();
+    (name, labels)
+}
+
+/// The value of the first sample in a Prometheus text exposition that has the query's name
+/// and at least its labels.
+pub fn sample(text: &str, query: &str) -> f64 {
+    let (qname, qlabels) = parse_series(query);
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (name, labels) = parse_series(series);
+            (name == qname && qlabels.iter().all(|q| labels.contains(q)))
+                .then(|| value.parse().ok())
+                .flatten()
+        })
+        .unwrap_or_else(|| panic!("metric {query} missing"))
 }

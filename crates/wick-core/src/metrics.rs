@@ -102,8 +102,21 @@ fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram
 }
 
 impl Metrics {
+    /// Series without a `model` label (tests, tools).
     pub fn new() -> Self {
-        let r = Registry::new();
+        Self::with_registry(Registry::new())
+    }
+
+    /// Every series labelled `model="<name>"`: the name clients use, so that dashboards and
+    /// routers can tell replicas of different models apart.
+    pub fn for_model(name: &str) -> Self {
+        let labels = std::collections::HashMap::from([("model".to_string(), name.to_string())]);
+        // A registry with constant labels only fails on an invalid label name, and "model"
+        // is valid.
+        Self::with_registry(Registry::new_custom(None, Some(labels)).expect("valid labels"))
+    }
+
+    fn with_registry(r: Registry) -> Self {
         let m = Metrics {
             requests_running: gauge(&r, "wick_requests_running", "Requests being computed."),
             requests_waiting: gauge(

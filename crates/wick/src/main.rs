@@ -113,7 +113,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(&addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
-    let metrics = Metrics::new();
+    let metrics = Metrics::for_model(&served_name(&cfg));
     let engine_cfg = EngineConfig {
         scheduler: SchedulerConfig {
             max_num_seqs: cfg.max_num_seqs,
@@ -222,6 +222,25 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     server.await.context("server failed")
 }
 
+/// The name clients put in `model`: `--served-model-name`, else a Hub repository's id, else
+/// the GGUF file's stem or the model directory's name (as the loader names the model).
+fn served_name(cfg: &Config) -> String {
+    if let Some(n) = &cfg.served_model_name {
+        return n.clone();
+    }
+    let p = &cfg.model;
+    if !p.exists() {
+        return p.display().to_string();
+    }
+    let name = if p.is_dir() {
+        p.file_name()
+    } else {
+        p.file_stem()
+    };
+    name.map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
+
 fn served_model(cfg: &Config, ready: Ready) -> anyhow::Result<ServedModel> {
     let a = ready.assets;
     let source = a.chat_template.clone().unwrap_or_else(|| {
@@ -247,14 +266,7 @@ fn served_model(cfg: &Config, ready: Ready) -> anyhow::Result<ServedModel> {
     };
     tracing::debug!(elapsed = ?started.elapsed(), "grammar support ready");
     Ok(ServedModel {
-        // A Hub model is served as its repository id, a file as its name.
-        name: cfg.served_model_name.clone().unwrap_or_else(|| {
-            if cfg.model.exists() {
-                a.name
-            } else {
-                cfg.model.display().to_string()
-            }
-        }),
+        name: served_name(cfg),
         vocab_size,
         grammars,
         tokenizer,
