@@ -279,15 +279,7 @@ async fn bad_input_gets_a_named_4xx_and_the_server_keeps_serving() {
     // Still serving.
     let v = s.complete(&chat("Say yes.", 4)).await;
     assert!(v["choices"][0]["message"]["content"].is_string());
-    let models: Value = s
-        .client
-        .get(s.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = s.get_json("/v1/models").await;
     assert_eq!(models["data"][0]["id"], "smollm2");
     assert_eq!(models["data"][0]["max_model_len"], 512);
 }

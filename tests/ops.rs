@@ -109,15 +109,7 @@ async fn past_the_drain_timeout_a_stream_ends_with_a_clear_error() {
 }
 
 async fn served_name(s: &Server) -> String {
-    let v: Value = s
-        .client
-        .get(s.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = s.get_json("/v1/models").await;
     v["data"][0]["id"].as_str().unwrap().to_string()
 }
 

@@ -93,6 +93,13 @@ impl Server {
         format!("{}{path}", self.base)
     }
 
+    /// `GET path` as JSON.
+    pub async fn get_json(&self, path: &str) -> Value {
+        let r = self.client.get(self.url(path)).send().await;
+        let r = r.unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        r.json().await.unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
     pub async fn post(&self, body: &Value) -> reqwest::Response {
         self.client
             .post(self.url("/v1/chat/completions"))

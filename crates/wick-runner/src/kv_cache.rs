@@ -13,6 +13,12 @@ use rayon::prelude::*;
 
 use crate::{LlamaConfig, Result, RopeStyle};
 
+/// Whether the cache lives in host memory (f16) rather than in tensors: f32 activations on
+/// the CPU.
+fn on_host(device: &Device, dtype: DType) -> bool {
+    device.is_cpu() && dtype == DType::F32
+}
+
 /// How many blocks the cache has and how many positions each holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheConfig {
@@ -53,19 +59,17 @@ impl KvCache {
         let kv_dim = model.kv_dim();
         let layers = (0..model.num_layers)
             .map(|_| {
-                Ok(
-                    if device.is_cpu() && dtype == DType::F32 && !force_tensor_path {
-                        LayerCache::Host {
-                            k: vec![f16::ZERO; slots * kv_dim],
-                            v: vec![f16::ZERO; slots * kv_dim],
-                        }
-                    } else {
-                        LayerCache::Device {
-                            k: Tensor::zeros((slots, kv_dim), dtype, device)?,
-                            v: Tensor::zeros((slots, kv_dim), dtype, device)?,
-                        }
-                    },
-                )
+                Ok(if on_host(device, dtype) && !force_tensor_path {
+                    LayerCache::Host {
+                        k: vec![f16::ZERO; slots * kv_dim],
+                        v: vec![f16::ZERO; slots * kv_dim],
+                    }
+                } else {
+                    LayerCache::Device {
+                        k: Tensor::zeros((slots, kv_dim), dtype, device)?,
+                        v: Tensor::zeros((slots, kv_dim), dtype, device)?,
+                    }
+                })
             })
             .collect::<Result<_>>()?;
         Ok(Self { cfg, layers })
@@ -83,8 +87,8 @@ impl KvCache {
         device: &Device,
         dtype: DType,
     ) -> usize {
-        let elem = if device.is_cpu() && dtype == DType::F32 {
-            2
+        let elem = if on_host(device, dtype) {
+            std::mem::size_of::<f16>()
         } else {
             dtype.size_in_bytes()
         };
@@ -380,15 +384,15 @@ fn attend_token(
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if heads.head_dim.is_multiple_of(16) && avx512::available() {
+    if heads.head_dim.is_multiple_of(16) && simd::avx512_available() {
         // SAFETY: AVX-512 F is present (checked just above).
-        unsafe { avx512::attend_token(q, ctx, k_cache, v_cache, heads, out) };
+        unsafe { simd::attend_token_avx512(q, ctx, k_cache, v_cache, heads, out) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if heads.head_dim.is_multiple_of(8) && avx512::avx2_available() {
+    if heads.head_dim.is_multiple_of(8) && simd::avx2_available() {
         // SAFETY: AVX2, FMA and F16C are present (checked just above).
-        unsafe { avx512::attend_token_avx2(q, ctx, k_cache, v_cache, heads, out) };
+        unsafe { simd::attend_token_avx2(q, ctx, k_cache, v_cache, heads, out) };
         return;
     }
     attend_token_generic(
@@ -460,14 +464,14 @@ fn attend_token_generic(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+mod simd {
     use std::arch::x86_64::*;
 
     use half::f16;
 
     use super::{attend_token_generic, Heads};
 
-    pub fn available() -> bool {
+    pub fn avx512_available() -> bool {
         use std::sync::OnceLock;
         static HAS: OnceLock<bool> = OnceLock::new();
         *HAS.get_or_init(|| {
@@ -534,7 +538,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn attend_token(
+    pub unsafe fn attend_token_avx512(
         q: &[f32],
         ctx: &[usize],
         k_cache: &[f16],

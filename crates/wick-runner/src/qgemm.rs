@@ -147,8 +147,6 @@ pub struct Acts {
     pub t: usize,
     pub k: usize,
     q: Vec<i8>,
-    /// `q + 128`, for the Q8_0 kernel's unsigned operand.
-    u: Vec<u8>,
     d: Vec<f32>,
     s: Vec<f32>,
 }
@@ -163,25 +161,19 @@ impl Acts {
         self.t = t;
         self.k = k;
         self.q.resize(t * k, 0);
-        self.u.resize(t * k, 0);
         self.d.resize(t * nb, 0.0);
         self.s.resize(t * nb, 0.0);
-        type Row<'a> = (
-            (((&'a [f32], &'a mut [i8]), &'a mut [u8]), &'a mut [f32]),
-            &'a mut [f32],
-        );
-        let one = |((((x, q), u), d), s): Row| quantize_row(x, q, u, d, s);
+        type Row<'a> = (((&'a [f32], &'a mut [i8]), &'a mut [f32]), &'a mut [f32]);
+        let one = |(((x, q), d), s): Row| quantize_row(x, q, d, s);
         if t * k >= 1 << 15 {
             x.par_chunks_exact(k)
                 .zip(self.q.par_chunks_exact_mut(k))
-                .zip(self.u.par_chunks_exact_mut(k))
                 .zip(self.d.par_chunks_exact_mut(nb))
                 .zip(self.s.par_chunks_exact_mut(nb))
                 .for_each(one);
         } else {
             x.chunks_exact(k)
                 .zip(self.q.chunks_exact_mut(k))
-                .zip(self.u.chunks_exact_mut(k))
                 .zip(self.d.chunks_exact_mut(nb))
                 .zip(self.s.chunks_exact_mut(nb))
                 .for_each(one);
@@ -190,33 +182,32 @@ impl Acts {
 }
 
 /// One token's blocks, with AVX-512 or AVX2 where the CPU has them; the results are the same.
-fn quantize_row(x: &[f32], q: &mut [i8], u: &mut [u8], d: &mut [f32], s: &mut [f32]) {
+fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     match isa() {
         // SAFETY: AVX-512 F/BW are present (checked in `has_vnni`).
-        Isa::Avx512Vnni => return unsafe { quantize_row_avx512(x, q, u, d, s) },
+        Isa::Avx512Vnni => return unsafe { quantize_row_avx512(x, q, d, s) },
         // SAFETY: AVX2 and FMA are present (checked in `isa`).
-        Isa::Avx2 => return unsafe { quantize_row_avx2(x, q, u, d, s) },
+        Isa::Avx2 => return unsafe { quantize_row_avx2(x, q, d, s) },
         Isa::Portable => {}
     }
-    quantize_row_generic(x, q, u, d, s)
+    quantize_row_generic(x, q, d, s)
 }
 
 /// The generic source compiled for AVX2, where the compiler vectorizes the rounding.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_row_avx2(x: &[f32], q: &mut [i8], u: &mut [u8], d: &mut [f32], s: &mut [f32]) {
-    quantize_row_generic(x, q, u, d, s)
+unsafe fn quantize_row_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    quantize_row_generic(x, q, d, s)
 }
 
 /// The same operations as [`quantize_row_generic`], 16 lanes at a time (max and the integer
 /// sum are exact, the rounding is to nearest-even in both), so the results are identical.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn quantize_row_avx512(x: &[f32], q: &mut [i8], u: &mut [u8], d: &mut [f32], s: &mut [f32]) {
+unsafe fn quantize_row_avx512(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
     use std::arch::x86_64::*;
     const ROUND: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    let flip = _mm_set1_epi8(-128);
     for (b, (d, s)) in d.iter_mut().zip(s.iter_mut()).enumerate() {
         let p = x.as_ptr().add(b * QK);
         let (x0, x1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
@@ -229,9 +220,6 @@ unsafe fn quantize_row_avx512(x: &[f32], q: &mut [i8], u: &mut [u8], d: &mut [f3
         let qp = q.as_mut_ptr().add(b * QK) as *mut __m128i;
         _mm_storeu_si128(qp, b0);
         _mm_storeu_si128(qp.add(1), b1);
-        let up = u.as_mut_ptr().add(b * QK) as *mut __m128i;
-        _mm_storeu_si128(up, _mm_xor_si128(b0, flip));
-        _mm_storeu_si128(up.add(1), _mm_xor_si128(b1, flip));
         let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
         *d = f16::from_f32(scale).to_f32();
         *s = f16::from_f32(scale * sum as f32).to_f32();
@@ -239,11 +227,10 @@ unsafe fn quantize_row_avx512(x: &[f32], q: &mut [i8], u: &mut [u8], d: &mut [f3
 }
 
 #[inline(always)]
-fn quantize_row_generic(x: &[f32], q: &mut [i8], u: &mut [u8], d: &mut [f32], s: &mut [f32]) {
-    for ((((xb, qb), ub), d), s) in x
+fn quantize_row_generic(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    for (((xb, qb), d), s) in x
         .chunks_exact(QK)
         .zip(q.chunks_exact_mut(QK))
-        .zip(u.chunks_exact_mut(QK))
         .zip(d.iter_mut())
         .zip(s.iter_mut())
     {
@@ -251,10 +238,9 @@ fn quantize_row_generic(x: &[f32], q: &mut [i8], u: &mut [u8], d: &mut [f32], s:
         let scale = amax / 127.0;
         let id = if scale > 0.0 { 1.0 / scale } else { 0.0 };
         let mut sum = 0i32;
-        for ((q, u), v) in qb.iter_mut().zip(ub.iter_mut()).zip(xb) {
+        for (q, v) in qb.iter_mut().zip(xb) {
             let r = (v * id).round_ties_even() as i32;
             *q = r as i8;
-            *u = (r + 128) as u8;
             sum += r;
         }
         *d = f16::from_f32(scale).to_f32();
@@ -357,37 +343,42 @@ struct SyncPtr(*mut f32);
 unsafe impl Sync for SyncPtr {}
 unsafe impl Send for SyncPtr {}
 
+/// `tn` tokens from `t0` against row tile `ti`: in groups of 8, 4 and 1 tokens (the kernels
+/// keep a group's accumulators in registers; every token gets the same operations whatever
+/// its group).
 fn tile(w: &Packed, a: &Acts, ti: usize, t0: usize, tn: usize, isa: Isa, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
-        // SAFETY: the CPU has AVX2 and FMA (checked in `isa`).
+    if isa == Isa::Portable {
+        return portable(w, a, ti, t0, tn, out);
+    }
+    let mut t = t0;
+    while t < t0 + tn {
+        let group = match t0 + tn - t {
+            8.. => 8,
+            4..=7 => 4,
+            _ => 1,
+        };
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is what the CPU supports (checked in `isa`).
         unsafe {
-            match (w.format, tn) {
-                (Format::Q4_1, 8) => avx2::q4_1::<8>(w, a, ti, t0, out),
-                (Format::Q4_1, _) => avx2::q4_1_dyn(w, a, ti, t0, tn, out),
-                (Format::Q8_0, 8) => avx2::q8_0::<8>(w, a, ti, t0, out),
-                (Format::Q8_0, _) => avx2::q8_0_dyn(w, a, ti, t0, tn, out),
+            match (isa, w.format, group) {
+                (Isa::Avx512Vnni, Format::Q4_1, 8) => x86::q4_1::<8>(w, a, ti, t, out),
+                (Isa::Avx512Vnni, Format::Q4_1, 4) => x86::q4_1::<4>(w, a, ti, t, out),
+                (Isa::Avx512Vnni, Format::Q4_1, _) => x86::q4_1::<1>(w, a, ti, t, out),
+                (Isa::Avx512Vnni, Format::Q8_0, 8) => x86::q8_0::<8>(w, a, ti, t, out),
+                (Isa::Avx512Vnni, Format::Q8_0, 4) => x86::q8_0::<4>(w, a, ti, t, out),
+                (Isa::Avx512Vnni, Format::Q8_0, _) => x86::q8_0::<1>(w, a, ti, t, out),
+                (_, Format::Q4_1, 8) => avx2::q4_1::<8>(w, a, ti, t, out),
+                (_, Format::Q4_1, 4) => avx2::q4_1::<4>(w, a, ti, t, out),
+                (_, Format::Q4_1, _) => avx2::q4_1::<1>(w, a, ti, t, out),
+                (_, Format::Q8_0, 8) => avx2::q8_0::<8>(w, a, ti, t, out),
+                (_, Format::Q8_0, 4) => avx2::q8_0::<4>(w, a, ti, t, out),
+                (_, Format::Q8_0, _) => avx2::q8_0::<1>(w, a, ti, t, out),
             }
         }
-        return;
+        #[cfg(not(target_arch = "x86_64"))]
+        portable(w, a, ti, t, group, out);
+        t += group;
     }
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512Vnni {
-        // SAFETY: the CPU has AVX-512 F/BW/VNNI (checked in `has_vnni`).
-        unsafe {
-            match (w.format, tn) {
-                (Format::Q4_1, 8) => x86::q4_1::<8>(w, a, ti, t0, out),
-                (Format::Q4_1, 4..=7) => x86::q4_1_dyn::<4>(w, a, ti, t0, tn, out),
-                (Format::Q4_1, _) => x86::q4_1_dyn::<1>(w, a, ti, t0, tn, out),
-                (Format::Q8_0, 8) => x86::q8_0::<8>(w, a, ti, t0, out),
-                (Format::Q8_0, 4..=7) => x86::q8_0_dyn::<4>(w, a, ti, t0, tn, out),
-                (Format::Q8_0, _) => x86::q8_0_dyn::<1>(w, a, ti, t0, tn, out),
-            }
-        }
-        return;
-    }
-    let _ = isa;
-    portable(w, a, ti, t0, tn, out);
 }
 
 /// The same arithmetic as the SIMD kernels, one lane at a time.
@@ -419,15 +410,14 @@ fn portable(w: &Packed, a: &Acts, ti: usize, t0: usize, tn: usize, out: &mut [f3
                         acc = w.m[lane].to_f32().mul_add(sa, acc);
                     }
                     Format::Q8_0 => {
-                        let xu = &a.u[t * a.k + b * QK..][..QK];
+                        // The exact integer sum the SIMD kernels reach by other routes.
                         let mut dot = 0i32;
                         for j in 0..8 {
                             for kk in 0..4 {
                                 dot +=
-                                    (qs[j * 64 + r * 4 + kk] as i8 as i32) * xu[4 * j + kk] as i32;
+                                    (qs[j * 64 + r * 4 + kk] as i8 as i32) * xa[4 * j + kk] as i32;
                             }
                         }
-                        dot -= w.wsum[lane];
                         acc = (dot as f32).mul_add(w.d[lane].to_f32() * da, acc);
                     }
                 }
@@ -513,27 +503,6 @@ mod x86 {
         }
     }
 
-    /// `tn` tokens in groups of `G`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn q4_1_dyn<const G: usize>(
-        w: &Packed,
-        a: &Acts,
-        ti: usize,
-        t0: usize,
-        tn: usize,
-        out: &mut [f32],
-    ) {
-        let mut t = 0;
-        while t + G <= tn {
-            q4_1::<G>(w, a, ti, t0 + t, out);
-            t += G;
-        }
-        while t < tn {
-            q4_1::<1>(w, a, ti, t0 + t, out);
-            t += 1;
-        }
-    }
-
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub unsafe fn q8_0<const T: usize>(
         w: &Packed,
@@ -543,6 +512,7 @@ mod x86 {
         out: &mut [f32],
     ) {
         let nb = w.nb;
+        let flip = _mm512_set1_epi8(-128);
         let mut acc = [_mm512_setzero_ps(); T];
         for b in 0..nb {
             let at = ti * nb + b;
@@ -555,12 +525,15 @@ mod x86 {
             let ws = _mm512_loadu_si512(w.wsum.as_ptr().add(at * ROWS) as *const _);
             for (t, acc) in acc.iter_mut().enumerate() {
                 let tok = t0 + t;
-                let xu = a.u.as_ptr().add(tok * a.k + b * QK);
+                let xa = a.q.as_ptr().add(tok * a.k + b * QK) as *const u8;
+                // `vpdpbusd` takes one unsigned operand: the activations plus 128 (their sign
+                // bit flipped), corrected by the weights' sums below.
+                let unsigned = |i| _mm512_xor_si512(bcast(xa, i), flip);
                 let mut s0 = _mm512_setzero_si512();
                 let mut s1 = _mm512_setzero_si512();
                 for j in 0..4 {
-                    s0 = _mm512_dpbusd_epi32(s0, bcast(xu, 2 * j), wv[2 * j]);
-                    s1 = _mm512_dpbusd_epi32(s1, bcast(xu, 2 * j + 1), wv[2 * j + 1]);
+                    s0 = _mm512_dpbusd_epi32(s0, unsigned(2 * j), wv[2 * j]);
+                    s1 = _mm512_dpbusd_epi32(s1, unsigned(2 * j + 1), wv[2 * j + 1]);
                 }
                 let s = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), ws);
                 let da = _mm512_set1_ps(*a.d.get_unchecked(tok * nb + b));
@@ -569,26 +542,6 @@ mod x86 {
         }
         for (t, v) in acc.into_iter().enumerate() {
             store(out, w, t0 + t, ti, v);
-        }
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn q8_0_dyn<const G: usize>(
-        w: &Packed,
-        a: &Acts,
-        ti: usize,
-        t0: usize,
-        tn: usize,
-        out: &mut [f32],
-    ) {
-        let mut t = 0;
-        while t + G <= tn {
-            q8_0::<G>(w, a, ti, t0 + t, out);
-            t += G;
-        }
-        while t < tn {
-            q8_0::<1>(w, a, ti, t0 + t, out);
-            t += 1;
         }
     }
 }
@@ -674,13 +627,6 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q4_1_dyn(w: &Packed, a: &Acts, ti: usize, t0: usize, tn: usize, out: &mut [f32]) {
-        for t in 0..tn {
-            q4_1::<1>(w, a, ti, t0 + t, out);
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q8_0<const T: usize>(
         w: &Packed,
         a: &Acts,
@@ -713,13 +659,6 @@ mod avx2 {
             for (t, v) in acc.into_iter().enumerate() {
                 store(out, w, t0 + t, ti * ROWS + half * 8, v);
             }
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q8_0_dyn(w: &Packed, a: &Acts, ti: usize, t0: usize, tn: usize, out: &mut [f32]) {
-        for t in 0..tn {
-            q8_0::<1>(w, a, ti, t0 + t, out);
         }
     }
 }
@@ -900,21 +839,19 @@ mod quantize_tests {
             })
             .collect();
         let nb = k / QK;
-        let (mut q1, mut u1, mut d1, mut s1) =
-            (vec![0i8; k], vec![0u8; k], vec![0f32; nb], vec![0f32; nb]);
-        let (mut q2, mut u2, mut d2, mut s2) =
-            (vec![0i8; k], vec![0u8; k], vec![0f32; nb], vec![0f32; nb]);
-        quantize_row_generic(&x, &mut q1, &mut u1, &mut d1, &mut s1);
+        let (mut q1, mut d1, mut s1) = (vec![0i8; k], vec![0f32; nb], vec![0f32; nb]);
+        let (mut q2, mut d2, mut s2) = (vec![0i8; k], vec![0f32; nb], vec![0f32; nb]);
+        quantize_row_generic(&x, &mut q1, &mut d1, &mut s1);
         // SAFETY: checked above.
-        unsafe { quantize_row_avx512(&x, &mut q2, &mut u2, &mut d2, &mut s2) };
+        unsafe { quantize_row_avx512(&x, &mut q2, &mut d2, &mut s2) };
         assert_eq!(q1, q2);
-        assert_eq!(u1, u2);
         assert_eq!(d1, d2);
         assert_eq!(s1, s2);
         let zeros = vec![0f32; QK];
-        let (mut q, mut u, mut d, mut s) = (vec![1i8; QK], vec![0u8; QK], vec![1f32], vec![1f32]);
-        unsafe { quantize_row_avx512(&zeros, &mut q, &mut u, &mut d, &mut s) };
-        assert!(q.iter().all(|&v| v == 0) && u.iter().all(|&v| v == 128));
+        let (mut q, mut d, mut s) = (vec![1i8; QK], vec![1f32], vec![1f32]);
+        unsafe { quantize_row_avx512(&zeros, &mut q, &mut d, &mut s) };
+        // The Q8_0 kernel's unsigned operand, q + 128, is then exactly 128.
+        assert!(q.iter().all(|&v| v == 0 && (v as u8 ^ 0x80) == 128));
         assert_eq!((d[0], s[0]), (0.0, 0.0));
     }
 }

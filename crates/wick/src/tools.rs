@@ -74,17 +74,6 @@ pub struct ExportTokenizerArgs {
     pub out: PathBuf,
 }
 
-fn log_softmax(logits: &[f32]) -> Vec<f64> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = max
-        + logits
-            .iter()
-            .map(|&l| (l as f64 - max).exp())
-            .sum::<f64>()
-            .ln();
-    logits.iter().map(|&l| l as f64 - lse).collect()
-}
-
 /// Steps `prompts` through `runner` together: the prompts in one step, then one token each
 /// per step, chosen by `next` from (sequence, logits). Returns every sequence's logits rows.
 fn run(
@@ -192,7 +181,8 @@ pub fn parity(args: ParityArgs) -> anyhow::Result<bool> {
         for step in 0..args.tokens {
             let t = chosen[s][step] as usize;
             let (a, b) = (&ref_rows[s][step], &test_rows[s][step]);
-            diffs.push((log_softmax(a)[t] - log_softmax(b)[t]).abs());
+            let lp = |row: &[f32]| wick_runner::logprobs(row, t as u32, 0).logprob as f64;
+            diffs.push((lp(a) - lp(b)).abs());
             argmax_same += (wick_runner::argmax(b) as usize == t) as usize;
         }
     }
