@@ -66,7 +66,7 @@ fn bench(c: &mut Criterion) {
             &Device::Cpu,
             &LoadOptions {
                 weight_format,
-                dtype: None,
+                ..Default::default()
             },
         )
         .expect("load model");

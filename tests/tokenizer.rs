@@ -144,3 +144,113 @@ fn token_bytes_spell_the_text_exactly() {
         b"<|im_end|>"
     );
 }
+
+/// Every tokenizer case of a reference file gives llama.cpp's ids (no BOS), and decodes back.
+fn tokenizer_cases_match(assets: &wick_runner::ModelAssets, reference: &serde_json::Value) {
+    let cases = reference["tokenizer"].as_array().expect("tokenizer cases");
+    assert!(cases.len() >= 8);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let want = common::ids(&case["ids"]);
+        let got = assets
+            .tokenizer
+            .encode(text, false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        assert_eq!(got, want, "tokenizing {text:?}");
+        assert_eq!(
+            assets.tokenizer.decode(&got, false).unwrap(),
+            text,
+            "decoding {text:?}"
+        );
+    }
+}
+
+#[test]
+fn qwen_tokenizer_and_template_match_llama_cpp() {
+    let reference = common::reference_named("qwen2.5-coder-0.5b-q4_k_m.llamacpp.json");
+    let assets = wick_runner::load_assets(&common::fetch_model("qwen")).unwrap();
+    tokenizer_cases_match(&assets, &reference);
+    assert!(!assets.add_bos);
+    let template = ChatTemplate::new(
+        assets.chat_template.as_deref().expect("a chat template"),
+        assets.bos_token.clone(),
+        assets.eos_token.clone(),
+    )
+    .unwrap();
+    let mut n = 0;
+    for case in reference["cases"].as_array().unwrap() {
+        // Tools reach the template through the agents issue's work; the rest render here.
+        if case["kind"] != "chat" || case.get("tools").is_some() {
+            continue;
+        }
+        let messages: Vec<TemplateMessage> = case["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| TemplateMessage {
+                role: m["role"].as_str().unwrap().into(),
+                content: m["content"].as_str().unwrap().into(),
+                name: None,
+            })
+            .collect();
+        let text = template.render(&messages).unwrap();
+        assert_eq!(
+            text,
+            case["prompt_text"].as_str().unwrap(),
+            "case {}",
+            case["id"]
+        );
+        let ids = assets
+            .tokenizer
+            .encode(text, true)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        assert_eq!(ids, common::ids(&case["prompt_ids"]), "case {}", case["id"]);
+        n += 1;
+    }
+    assert_eq!(n, 5);
+    let im_end = assets.tokenizer.token_to_id("<|im_end|>").unwrap();
+    assert!(assets.stop_token_ids.contains(&im_end));
+    assert_eq!(assets.max_model_len, 32768);
+}
+
+#[test]
+fn gemma_sentencepiece_tokenizer_matches_llama_cpp() {
+    let reference = common::reference_named("gemma-3-270m-q4_k_m.llamacpp.json");
+    let assets = wick_runner::load_assets(&common::fetch_model("gemma")).unwrap();
+    tokenizer_cases_match(&assets, &reference);
+    // A base model: no chat template; prompts start with BOS, as the GGUF asks.
+    assert!(assets.chat_template.is_none());
+    assert!(assets.add_bos);
+    assert_eq!(assets.bos_token.as_deref(), Some("<bos>"));
+    for case in reference["cases"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let ids = assets
+            .tokenizer
+            .encode(prompt, true)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        assert_eq!(ids, common::ids(&case["prompt_ids"]), "case {}", case["id"]);
+        assert_eq!(ids[0], 2);
+    }
+    let eot = assets.tokenizer.token_to_id("<end_of_turn>").unwrap();
+    assert!(assets.stop_token_ids.contains(&eot) && assets.stop_token_ids.contains(&1));
+    // SentencePiece pieces: spaces are `▁`, unknown bytes fall back to byte tokens.
+    let detok_text = "naïve  café\n\t🙂 x";
+    let ids = assets
+        .tokenizer
+        .encode(detok_text, false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    assert_eq!(assets.tokenizer.decode(&ids, false).unwrap(), detok_text);
+    let bytes: Vec<u8> = ids
+        .iter()
+        .flat_map(|&id| wick_server::token_bytes(&assets.tokenizer, id))
+        .collect();
+    assert_eq!(bytes, detok_text.as_bytes());
+}

@@ -29,12 +29,33 @@ pub fn model_path() -> PathBuf {
     PathBuf::from(path)
 }
 
+/// One of the other test models (`qwen`, `gemma`): fetched once, cached and verified by
+/// `scripts/fetch-model.sh KEY`.
+pub fn fetch_model(key: &str) -> PathBuf {
+    let out = Command::new("bash")
+        .arg(repo_root().join("scripts/fetch-model.sh"))
+        .arg(key)
+        .output()
+        .expect("run scripts/fetch-model.sh");
+    assert!(
+        out.status.success(),
+        "scripts/fetch-model.sh {key} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 /// llama.cpp's outputs on the default model (`../shared/reference`, or `$WICK_SHARED/reference`).
 pub fn reference() -> serde_json::Value {
+    reference_named("smollm2-135m-q4_1.llamacpp.json")
+}
+
+/// A reference file of `../shared/reference` (or `$WICK_SHARED/reference`).
+pub fn reference_named(name: &str) -> serde_json::Value {
     let shared = std::env::var("WICK_SHARED")
         .map(PathBuf::from)
         .unwrap_or_else(|_| repo_root().join("../shared"));
-    let path = shared.join("reference/smollm2-135m-q4_1.llamacpp.json");
+    let path = shared.join("reference").join(name);
     let text =
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     serde_json::from_str(&text).expect("reference JSON")

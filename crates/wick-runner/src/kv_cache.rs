@@ -1,23 +1,13 @@
-//! The paged KV cache and attention over it.
-//!
-//! Keys and values live in fixed-size blocks, `[slots, kv_heads * head_dim]` per layer, where
-//! a sequence's position `p` sits in slot `block_table[p / block_size] * block_size +
-//! p % block_size`. On the CPU the cache is plain memory and attention reads each sequence's
-//! keys and values in place, with no gathers or copies; on other devices it is a tensor
-//! written with `scatter_set` and read per sequence with `index_select`.
+//! The paged KV cache: keys and values of every layer in fixed-size blocks,
+//! `[slots, kv_heads * head_dim]` per layer, where a sequence's position `p` sits in slot
+//! `block_table[p / block_size] * block_size + p % block_size`. On the host path the cache is
+//! plain f16 memory (as llama.cpp keeps it); on a device it is a tensor of the activations'
+//! dtype. Attention over it is in `attention`.
 
 use candle_core::{DType, Device, Tensor};
 use half::f16;
-use half::slice::HalfFloatSliceExt;
-use rayon::prelude::*;
 
-use crate::{LlamaConfig, Result, RopeStyle};
-
-/// Whether the cache lives in host memory (f16) rather than in tensors: f32 activations on
-/// the CPU.
-fn on_host(device: &Device, dtype: DType) -> bool {
-    device.is_cpu() && dtype == DType::F32
-}
+use crate::{ModelConfig, Result};
 
 /// How many blocks the cache has and how many positions each holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,8 +16,8 @@ pub struct CacheConfig {
     pub block_size: usize,
 }
 
-enum LayerCache {
-    /// f16, as llama.cpp keeps its cache: half the memory and bandwidth of f32.
+pub(crate) enum LayerCache {
+    /// f16: half the memory and bandwidth of f32.
     Host {
         k: Vec<f16>,
         v: Vec<f16>,
@@ -41,33 +31,36 @@ enum LayerCache {
 /// Keys and values of every layer, for every block.
 pub struct KvCache {
     cfg: CacheConfig,
-    layers: Vec<LayerCache>,
+    pub(crate) layers: Vec<LayerCache>,
 }
 
 impl KvCache {
-    /// On the CPU with f32 activations the cache is host memory unless `force_tensor_path`
-    /// (tests use it to check the device path against the host one); otherwise tensors of
-    /// `dtype` on `device`.
-    pub fn new(
-        model: &LlamaConfig,
+    /// Host memory when `host` (the model runs on the host path), else tensors of `dtype`
+    /// on `device`.
+    pub(crate) fn new(
+        model: &ModelConfig,
         cfg: CacheConfig,
+        host: bool,
         device: &Device,
         dtype: DType,
-        force_tensor_path: bool,
     ) -> Result<Self> {
-        let slots = cfg.num_blocks * cfg.block_size;
-        let kv_dim = model.kv_dim();
+        let n = cfg
+            .num_blocks
+            .checked_mul(cfg.block_size)
+            .and_then(|s| s.checked_mul(model.kv_dim()))
+            .ok_or_else(|| crate::RunnerError::Step("KV cache size overflows".into()))?;
         let layers = (0..model.num_layers)
             .map(|_| {
-                Ok(if on_host(device, dtype) && !force_tensor_path {
+                Ok(if host {
                     LayerCache::Host {
-                        k: vec![f16::ZERO; slots * kv_dim],
-                        v: vec![f16::ZERO; slots * kv_dim],
+                        k: vec![f16::ZERO; n],
+                        v: vec![f16::ZERO; n],
                     }
                 } else {
+                    let shape = (cfg.num_blocks * cfg.block_size, model.kv_dim());
                     LayerCache::Device {
-                        k: Tensor::zeros((slots, kv_dim), dtype, device)?,
-                        v: Tensor::zeros((slots, kv_dim), dtype, device)?,
+                        k: Tensor::zeros(shape, dtype, device)?,
+                        v: Tensor::zeros(shape, dtype, device)?,
                     }
                 })
             })
@@ -79,15 +72,15 @@ impl KvCache {
         self.cfg
     }
 
-    /// Bytes one block takes: keys and values, every layer, in `dtype` (f16 on the host
-    /// path, which f32 activations on the CPU use).
+    /// Bytes one block takes: keys and values, every layer (f16 on the host path, `dtype`
+    /// on a device).
     pub fn bytes_per_block(
-        model: &LlamaConfig,
+        model: &ModelConfig,
         block_size: usize,
-        device: &Device,
+        host: bool,
         dtype: DType,
     ) -> usize {
-        let elem = if on_host(device, dtype) {
+        let elem = if host {
             std::mem::size_of::<f16>()
         } else {
             dtype.size_in_bytes()
@@ -98,542 +91,4 @@ impl KvCache {
     pub fn uses_host_memory(&self) -> bool {
         matches!(self.layers.first(), Some(LayerCache::Host { .. }))
     }
-}
-
-/// One sequence's place in the packed step input.
-#[derive(Debug, Clone)]
-pub struct SeqSpan {
-    /// Row of its first token in the packed input.
-    pub q_start: usize,
-    pub q_len: usize,
-    /// Position of its first token in the sequence.
-    pub start_pos: usize,
-    /// Slot of every position `0..start_pos + q_len`, in order.
-    pub slots: Vec<usize>,
-}
-
-/// Where every token of a step goes: built once per step, shared by all layers.
-pub struct AttentionMetadata {
-    pub seqs: Vec<SeqSpan>,
-    /// Position of each packed token.
-    pub positions: Vec<usize>,
-    /// For each packed token, the index of its sequence in `seqs`.
-    pub token_seq: Vec<usize>,
-    /// Device-side copies, for the tensor path.
-    pub(crate) device: Option<DeviceMetadata>,
-}
-
-pub(crate) struct DeviceMetadata {
-    pub positions: Tensor,
-    pub new_slots: Tensor,
-    pub ctx_slots: Vec<Tensor>,
-    pub masks: Vec<Option<Tensor>>,
-}
-
-impl AttentionMetadata {
-    pub fn new(seqs: Vec<SeqSpan>) -> Self {
-        let mut positions = Vec::new();
-        let mut token_seq = Vec::new();
-        for (i, s) in seqs.iter().enumerate() {
-            positions.extend(s.start_pos..s.start_pos + s.q_len);
-            token_seq.extend(std::iter::repeat_n(i, s.q_len));
-        }
-        Self {
-            seqs,
-            positions,
-            token_seq,
-            device: None,
-        }
-    }
-
-    pub fn num_tokens(&self) -> usize {
-        self.positions.len()
-    }
-
-    /// Uploads what the tensor path needs.
-    pub(crate) fn prepare_device(&mut self, device: &Device) -> Result<()> {
-        let pos: Vec<u32> = self.positions.iter().map(|&p| p as u32).collect();
-        let new_slots: Vec<u32> = self
-            .seqs
-            .iter()
-            .flat_map(|s| s.slots[s.start_pos..].iter().map(|&x| x as u32))
-            .collect();
-        let mut ctx_slots = Vec::with_capacity(self.seqs.len());
-        let mut masks = Vec::with_capacity(self.seqs.len());
-        for s in &self.seqs {
-            let slots: Vec<u32> = s.slots.iter().map(|&x| x as u32).collect();
-            ctx_slots.push(Tensor::new(slots.as_slice(), device)?);
-            let ctx = s.slots.len();
-            masks.push(if s.q_len > 1 {
-                let mask: Vec<f32> = (0..s.q_len)
-                    .flat_map(|i| {
-                        (0..ctx).map(move |j| {
-                            if j <= s.start_pos + i {
-                                0.0
-                            } else {
-                                f32::NEG_INFINITY
-                            }
-                        })
-                    })
-                    .collect();
-                Some(Tensor::from_vec(mask, (s.q_len, ctx), device)?)
-            } else {
-                None
-            });
-        }
-        self.device = Some(DeviceMetadata {
-            positions: Tensor::new(pos.as_slice(), device)?,
-            new_slots: Tensor::new(new_slots.as_slice(), device)?,
-            ctx_slots,
-            masks,
-        });
-        Ok(())
-    }
-}
-
-/// Rotary embedding tables, `[max_positions, head_dim / 2]`.
-pub struct Rope {
-    style: RopeStyle,
-    half: usize,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-    cos_t: Tensor,
-    sin_t: Tensor,
-}
-
-impl Rope {
-    pub fn new(
-        cfg: &LlamaConfig,
-        max_positions: usize,
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Self> {
-        let half = cfg.head_dim / 2;
-        let mut cos = Vec::with_capacity(max_positions * half);
-        let mut sin = Vec::with_capacity(max_positions * half);
-        for p in 0..max_positions {
-            for i in 0..half {
-                let freq = (cfg.rope_theta as f64).powf(-2.0 * i as f64 / cfg.head_dim as f64);
-                let angle = p as f64 * freq;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
-        let cos_t = Tensor::from_slice(&cos, (max_positions, half), device)?.to_dtype(dtype)?;
-        let sin_t = Tensor::from_slice(&sin, (max_positions, half), device)?.to_dtype(dtype)?;
-        Ok(Self {
-            style: cfg.rope_style,
-            half,
-            cos,
-            sin,
-            cos_t,
-            sin_t,
-        })
-    }
-
-    /// Rotates one head in place.
-    fn apply(&self, x: &mut [f32], pos: usize) {
-        let cos = &self.cos[pos * self.half..(pos + 1) * self.half];
-        let sin = &self.sin[pos * self.half..(pos + 1) * self.half];
-        for i in 0..self.half {
-            let (a, b) = match self.style {
-                RopeStyle::Interleaved => (2 * i, 2 * i + 1),
-                RopeStyle::Half => (i, i + self.half),
-            };
-            let (x0, x1) = (x[a], x[b]);
-            x[a] = x0 * cos[i] - x1 * sin[i];
-            x[b] = x0 * sin[i] + x1 * cos[i];
-        }
-    }
-
-    /// Rotates `[1, heads, tokens, head_dim]` on any device.
-    fn apply_tensor(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
-        let cos = self.cos_t.index_select(positions, 0)?;
-        let sin = self.sin_t.index_select(positions, 0)?;
-        Ok(match self.style {
-            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, &cos, &sin)?,
-            RopeStyle::Half => candle_nn::rotary_emb::rope(x, &cos, &sin)?,
-        })
-    }
-}
-
-/// Shapes of one layer's attention.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Heads {
-    pub num_heads: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
-}
-
-impl Heads {
-    fn q_dim(&self) -> usize {
-        self.num_heads * self.head_dim
-    }
-    fn kv_dim(&self) -> usize {
-        self.num_kv_heads * self.head_dim
-    }
-}
-
-/// Applies rotary embeddings, stores this step's keys and values, and attends each token
-/// over its own sequence's cached positions. `qkv` is `[tokens, q_dim + 2 * kv_dim]`; the
-/// result is `[tokens, q_dim]`.
-pub(crate) fn attention(
-    cache: &mut KvCache,
-    layer: usize,
-    heads: Heads,
-    rope: &Rope,
-    qkv: &Tensor,
-    meta: &AttentionMetadata,
-) -> Result<Tensor> {
-    match &mut cache.layers[layer] {
-        LayerCache::Host { k, v } => attention_host(k, v, heads, rope, qkv, meta),
-        LayerCache::Device { k, v } => attention_tensor(k, v, heads, rope, qkv, meta),
-    }
-}
-
-fn attention_host(
-    k_cache: &mut [f16],
-    v_cache: &mut [f16],
-    heads: Heads,
-    rope: &Rope,
-    qkv: &Tensor,
-    meta: &AttentionMetadata,
-) -> Result<Tensor> {
-    let mut qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
-    let mut out = Vec::new();
-    attention_host_slices(k_cache, v_cache, heads, rope, &mut qkv, meta, &mut out);
-    let n = meta.num_tokens();
-    Ok(Tensor::from_vec(out, (n, heads.q_dim()), &Device::Cpu)?)
-}
-
-/// The host path on plain memory: rotates `qkv` (`[tokens, q_dim + 2 * kv_dim]`) in place,
-/// stores its keys and values, and writes `[tokens, q_dim]` into `out`.
-fn attention_host_slices(
-    k_cache: &mut [f16],
-    v_cache: &mut [f16],
-    heads: Heads,
-    rope: &Rope,
-    qkv: &mut [f32],
-    meta: &AttentionMetadata,
-    out: &mut Vec<f32>,
-) {
-    let (qd, kd, hd) = (heads.q_dim(), heads.kv_dim(), heads.head_dim);
-    let row = qd + 2 * kd;
-    for (t, x) in qkv.chunks_exact_mut(row).enumerate() {
-        let pos = meta.positions[t];
-        for head in x[..qd + kd].chunks_exact_mut(hd) {
-            rope.apply(head, pos);
-        }
-        let seq = &meta.seqs[meta.token_seq[t]];
-        let slot = seq.slots[pos];
-        k_cache[slot * kd..(slot + 1) * kd].convert_from_f32_slice(&x[qd..qd + kd]);
-        v_cache[slot * kd..(slot + 1) * kd].convert_from_f32_slice(&x[qd + kd..]);
-    }
-    let n = meta.num_tokens();
-    out.clear();
-    out.resize(n * qd, 0.0);
-    let (k_cache, v_cache, qkv) = (&*k_cache, &*v_cache, &*qkv);
-    let work: usize = meta.positions.iter().map(|p| p + 1).sum();
-    let one = |(t, out_t): (usize, &mut [f32])| {
-        let seq = &meta.seqs[meta.token_seq[t]];
-        let ctx = &seq.slots[..meta.positions[t] + 1];
-        let q = &qkv[t * row..t * row + qd];
-        attend_token(q, ctx, k_cache, v_cache, heads, out_t);
-    };
-    // Parallel over tokens only where it pays for the threads' wake-up.
-    if work >= 2048 {
-        out.par_chunks_mut(qd).enumerate().for_each(one);
-    } else {
-        out.chunks_mut(qd).enumerate().for_each(one);
-    }
-}
-
-impl KvCache {
-    /// Attention of one layer on the host cache, on plain memory (see
-    /// `attention_host_slices`); an error if this cache lives on a device.
-    pub(crate) fn attention_host(
-        &mut self,
-        layer: usize,
-        heads: Heads,
-        rope: &Rope,
-        qkv: &mut [f32],
-        meta: &AttentionMetadata,
-        out: &mut Vec<f32>,
-    ) -> Result<()> {
-        match &mut self.layers[layer] {
-            LayerCache::Host { k, v } => {
-                attention_host_slices(k, v, heads, rope, qkv, meta, out);
-                Ok(())
-            }
-            LayerCache::Device { .. } => Err(crate::RunnerError::Step(
-                "the host attention path needs a host KV cache".into(),
-            )),
-        }
-    }
-}
-
-/// Attention of one query token over the slots `ctx`, every head; the order of every sum is
-/// fixed, whatever else shares the step. Each cached key and value row is read once per
-/// group of query heads that shares it.
-fn attend_token(
-    q: &[f32],
-    ctx: &[usize],
-    k_cache: &[f16],
-    v_cache: &[f16],
-    heads: Heads,
-    out: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if heads.head_dim.is_multiple_of(16) && simd::avx512_available() {
-        // SAFETY: AVX-512 F is present (checked just above).
-        unsafe { simd::attend_token_avx512(q, ctx, k_cache, v_cache, heads, out) };
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if heads.head_dim.is_multiple_of(8) && simd::avx2_available() {
-        // SAFETY: AVX2, FMA and F16C are present (checked just above).
-        unsafe { simd::attend_token_avx2(q, ctx, k_cache, v_cache, heads, out) };
-        return;
-    }
-    attend_token_generic(
-        q,
-        ctx,
-        k_cache,
-        v_cache,
-        heads,
-        out,
-        (
-            |q: &[f32], k: &[f16]| q.iter().zip(k).map(|(a, b)| a * b.to_f32()).sum(),
-            |o: &mut [f32], w: f32, v: &[f16]| {
-                for (o, v) in o.iter_mut().zip(v) {
-                    *o += w * v.to_f32();
-                }
-            },
-        ),
-    );
-}
-
-/// The loop structure of attention, with the two inner kernels (a query row against an f16
-/// key row, and `o += w * v` for an f16 value row) passed in.
-#[inline(always)]
-fn attend_token_generic(
-    q: &[f32],
-    ctx: &[usize],
-    k_cache: &[f16],
-    v_cache: &[f16],
-    heads: Heads,
-    out: &mut [f32],
-    (dot_f16, axpy_f16): (
-        impl Fn(&[f32], &[f16]) -> f32,
-        impl Fn(&mut [f32], f32, &[f16]),
-    ),
-) {
-    let (hd, kd) = (heads.head_dim, heads.kv_dim());
-    let group = heads.num_heads / heads.num_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let n = ctx.len();
-    // Scores of one group's heads, head-major: [group][ctx].
-    let mut scores = vec![0f32; group * n];
-    for g in 0..heads.num_kv_heads {
-        let off = g * hd;
-        for h in 0..group {
-            let qh = g * group + h;
-            let q_h = &q[qh * hd..(qh + 1) * hd];
-            let sc = &mut scores[h * n..(h + 1) * n];
-            let mut max = f32::NEG_INFINITY;
-            for (s, &slot) in sc.iter_mut().zip(ctx) {
-                *s = dot_f16(q_h, &k_cache[slot * kd + off..slot * kd + off + hd]) * scale;
-                max = max.max(*s);
-            }
-            let mut sum = 0f32;
-            for s in sc.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            sc.iter_mut().for_each(|s| *s *= inv);
-        }
-        for (j, &slot) in ctx.iter().enumerate() {
-            let v = &v_cache[slot * kd + off..slot * kd + off + hd];
-            for h in 0..group {
-                let qh = g * group + h;
-                axpy_f16(&mut out[qh * hd..(qh + 1) * hd], scores[h * n + j], v);
-            }
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod simd {
-    use std::arch::x86_64::*;
-
-    use half::f16;
-
-    use super::{attend_token_generic, Heads};
-
-    pub fn avx512_available() -> bool {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            std::env::var_os("WICK_NO_AVX512").is_none()
-                && std::env::var_os("WICK_NO_SIMD").is_none()
-                && is_x86_feature_detected!("avx512f")
-        })
-    }
-
-    pub fn avx2_available() -> bool {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            std::env::var_os("WICK_NO_SIMD").is_none()
-                && is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        })
-    }
-
-    /// The AVX2 + F16C version: 8 lanes.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn attend_token_avx2(
-        q: &[f32],
-        ctx: &[usize],
-        k_cache: &[f16],
-        v_cache: &[f16],
-        heads: Heads,
-        out: &mut [f32],
-    ) {
-        attend_token_generic(
-            q,
-            ctx,
-            k_cache,
-            v_cache,
-            heads,
-            out,
-            (
-                |q: &[f32], k: &[f16]| {
-                    // SAFETY: AVX2/FMA/F16C (this function's features); lengths are whole
-                    // 8-lane chunks (head_dim % 8 == 0, checked by the caller).
-                    unsafe {
-                        let mut acc = _mm256_setzero_ps();
-                        for i in (0..q.len()).step_by(8) {
-                            let kv =
-                                _mm256_cvtph_ps(_mm_loadu_si128(k.as_ptr().add(i) as *const _));
-                            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), kv, acc);
-                        }
-                        let mut lanes = [0f32; 8];
-                        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-                        lanes.iter().sum()
-                    }
-                },
-                |o: &mut [f32], w: f32, v: &[f16]| unsafe {
-                    let wv = _mm256_set1_ps(w);
-                    for i in (0..o.len()).step_by(8) {
-                        let vv = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i) as *const _));
-                        let p = o.as_mut_ptr().add(i);
-                        _mm256_storeu_ps(p, _mm256_fmadd_ps(wv, vv, _mm256_loadu_ps(p)));
-                    }
-                },
-            ),
-        )
-    }
-
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn attend_token_avx512(
-        q: &[f32],
-        ctx: &[usize],
-        k_cache: &[f16],
-        v_cache: &[f16],
-        heads: Heads,
-        out: &mut [f32],
-    ) {
-        attend_token_generic(
-            q,
-            ctx,
-            k_cache,
-            v_cache,
-            heads,
-            out,
-            (
-                |q: &[f32], k: &[f16]| {
-                    // SAFETY: AVX-512 F (this function's feature); lengths are whole 16-lane
-                    // chunks (head_dim % 16 == 0, checked by the caller).
-                    unsafe {
-                        let mut acc = _mm512_setzero_ps();
-                        for i in (0..q.len()).step_by(16) {
-                            let kv =
-                                _mm512_cvtph_ps(_mm256_loadu_si256(k.as_ptr().add(i) as *const _));
-                            acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(i)), kv, acc);
-                        }
-                        _mm512_reduce_add_ps(acc)
-                    }
-                },
-                |o: &mut [f32], w: f32, v: &[f16]| unsafe {
-                    let wv = _mm512_set1_ps(w);
-                    for i in (0..o.len()).step_by(16) {
-                        let vv = _mm512_cvtph_ps(_mm256_loadu_si256(v.as_ptr().add(i) as *const _));
-                        let p = o.as_mut_ptr().add(i);
-                        _mm512_storeu_ps(p, _mm512_fmadd_ps(wv, vv, _mm512_loadu_ps(p)));
-                    }
-                },
-            ),
-        )
-    }
-}
-
-fn attention_tensor(
-    k_cache: &mut Tensor,
-    v_cache: &mut Tensor,
-    heads: Heads,
-    rope: &Rope,
-    qkv: &Tensor,
-    meta: &AttentionMetadata,
-) -> Result<Tensor> {
-    let (qd, kd, hd) = (heads.q_dim(), heads.kv_dim(), heads.head_dim);
-    let (nh, nkv) = (heads.num_heads, heads.num_kv_heads);
-    let dm = meta
-        .device
-        .as_ref()
-        .ok_or_else(|| crate::RunnerError::Step("device metadata not prepared".into()))?;
-    let n = meta.num_tokens();
-    let to_heads = |x: Tensor, h: usize| -> Result<Tensor> {
-        Ok(x.reshape((n, h, hd))?
-            .transpose(0, 1)?
-            .unsqueeze(0)?
-            .contiguous()?)
-    };
-    let q = to_heads(qkv.narrow(1, 0, qd)?, nh)?;
-    let k = to_heads(qkv.narrow(1, qd, kd)?, nkv)?;
-    let q = rope.apply_tensor(&q, &dm.positions)?.squeeze(0)?; // [nh, n, hd]
-    let k = rope.apply_tensor(&k, &dm.positions)?.squeeze(0)?;
-    let k_rows = k.transpose(0, 1)?.reshape((n, kd))?.contiguous()?;
-    let v_rows = qkv.narrow(1, qd + kd, kd)?.contiguous()?;
-    let idx = dm
-        .new_slots
-        .unsqueeze(1)?
-        .broadcast_as((n, kd))?
-        .contiguous()?;
-    k_cache.scatter_set(&idx, &k_rows, 0)?;
-    v_cache.scatter_set(&idx, &v_rows, 0)?;
-    let scale = 1.0 / (hd as f64).sqrt();
-    let mut outs = Vec::with_capacity(meta.seqs.len());
-    for (i, s) in meta.seqs.iter().enumerate() {
-        let ctx = s.slots.len();
-        let gather = |c: &Tensor| -> Result<Tensor> {
-            let x = c.index_select(&dm.ctx_slots[i], 0)?; // [ctx, kd]
-            let x = x.reshape((ctx, nkv, 1, hd))?.transpose(0, 2)?; // [1, nkv, ctx, hd]
-            let x = x.broadcast_as((nh / nkv, nkv, ctx, hd))?.transpose(0, 1)?;
-            Ok(x.reshape((nh, ctx, hd))?)
-        };
-        let (kc, vc) = (gather(k_cache)?, gather(v_cache)?);
-        let qs = q.narrow(1, s.q_start, s.q_len)?.contiguous()?; // [nh, q_len, hd]
-                                                                 // Scores, mask and softmax in f32 whatever the activations' dtype.
-        let mut att = (qs.matmul(&kc.t()?.contiguous()?)?.to_dtype(DType::F32)? * scale)?;
-        if let Some(mask) = &dm.masks[i] {
-            att = att.broadcast_add(mask)?;
-        }
-        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(vc.dtype())?;
-        let o = att.matmul(&vc.contiguous()?)?; // [nh, q_len, hd]
-        outs.push(o.transpose(0, 1)?.reshape((s.q_len, qd))?);
-    }
-    Ok(Tensor::cat(&outs, 0)?)
 }

@@ -1,35 +1,44 @@
 //! Wick's model runner.
 //!
-//! [`load`] reads a model (a GGUF file, or a Hugging Face directory of `config.json`,
-//! `tokenizer.json`, `tokenizer_config.json` and `*.safetensors`) into a [`LoadedModel`]: the
-//! [`Runner`] that computes, plus the [`ModelAssets`] the front end needs (tokenizer, chat
-//! template, stop tokens). Each engine step, [`Runner::step`] packs every scheduled token of a
-//! [`wick_core::ScheduledBatch`] into one `[tokens, hidden]` input, runs each linear layer once
+//! [`load`] reads a model (a GGUF file, or a Hugging Face directory) through its family's
+//! module in `models` into a [`LoadedModel`]: the [`Model`] that computes, plus the
+//! [`ModelAssets`] the front end needs (tokenizer, chat template, stop tokens). Every family
+//! is described by one [`ModelConfig`]; the forward, the KV cache and the runner read only
+//! that. Each engine step, [`Runner::step`] packs every scheduled token of a
+//! [`wick_core::ScheduledBatch`] into one `[tokens, hidden]` input, runs each projection once
 //! over it, attends per sequence over that sequence's blocks of the [`KvCache`], and returns
-//! logits for the last position of each sequence that samples. [`Sampler`] draws the next token.
+//! logits for the last position of each sequence that samples. [`Sampler`] draws the next
+//! token.
 
+mod attention;
 mod config;
 mod error;
-mod gguf;
-mod hf;
+#[doc(hidden)]
+pub mod gguf;
 mod kv_cache;
 mod linear;
+mod load;
 mod model;
+mod models;
 #[doc(hidden)]
 pub mod qgemm;
+pub mod quant;
+mod rope;
 mod runner;
 mod sampling;
 mod tokenizer;
 
 pub use candle_core::Device;
-pub use config::{LlamaConfig, RopeStyle};
+pub use config::{Activation, LayerSpec, ModelConfig, RopeScaling, RopeSpec, RopeStyle};
 pub use error::RunnerError;
 pub use kv_cache::{CacheConfig, KvCache};
-pub use model::Llama;
-pub use runner::{
-    load, parse_device, parse_dtype, LoadOptions, LoadedModel, ModelAssets, Runner, WeightFormat,
+pub use load::{
+    load, load_assets, parse_device, parse_dtype, LoadOptions, LoadedModel, ModelAssets,
+    WeightFormat,
 };
+pub use model::Model;
+pub use runner::Runner;
 pub use sampling::{argmax, logprobs, Sampled, Sampler};
-pub use tokenizer::tokenizer_from_gguf;
+pub use tokenizer::{from_gguf as tokenizer_from_gguf, GgufTokenizer};
 
 pub type Result<T> = std::result::Result<T, RunnerError>;

@@ -139,6 +139,44 @@ impl Packed {
     }
 }
 
+impl Packed {
+    /// Bytes this matrix takes in memory.
+    pub fn bytes(&self) -> usize {
+        self.qs.len() + 2 * (self.d.len() + self.m.len()) + 4 * self.wsum.len()
+    }
+
+    /// Row `row` dequantized into `out` (`k` values): an embedding lookup from a tied output
+    /// layer, without a second copy of the table.
+    pub fn row(&self, row: usize, out: &mut [f32]) {
+        let (ti, r) = (row / ROWS, row % ROWS);
+        let tb = Self::tile_bytes(self.format);
+        for (b, y) in out.chunks_exact_mut(QK).enumerate().take(self.nb) {
+            let qs = &self.qs[(ti * self.nb + b) * tb..][..tb];
+            let lane = (ti * self.nb + b) * ROWS + r;
+            let d = self.d[lane].to_f32();
+            match self.format {
+                Format::Q4_1 => {
+                    let m = self.m[lane].to_f32();
+                    for j in 0..4 {
+                        for kk in 0..4 {
+                            let byte = qs[j * 64 + r * 4 + kk];
+                            y[8 * j + kk] = (byte & 0x0F) as f32 * d + m;
+                            y[8 * j + 4 + kk] = (byte >> 4) as f32 * d + m;
+                        }
+                    }
+                }
+                Format::Q8_0 => {
+                    for j in 0..8 {
+                        for kk in 0..4 {
+                            y[4 * j + kk] = (qs[j * 64 + r * 4 + kk] as i8) as f32 * d;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Activations of a step, quantized per token in blocks of 32: `q = round(x / d)` (ties to
 /// even),
 /// `d = max|x| / 127` (rounded to f16, as llama.cpp stores it), `s = d * sum(q)`.
@@ -749,6 +787,22 @@ mod tests {
                         "{format:?} t{ti} r{r}: {got} vs {want}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_dequantize_as_the_file_blocks() {
+        for format in [Format::Q4_1, Format::Q8_0] {
+            let (n, k) = (40, 96);
+            let mut seed = 9;
+            let data = random_blocks(format, n, k, &mut seed);
+            let w = Packed::new(format, &data, n, k).unwrap();
+            let dense = dequantize(format, &data, n, k);
+            let mut row = vec![0f32; k];
+            for r in [0, 15, 16, 39] {
+                w.row(r, &mut row);
+                assert_eq!(row, dense[r * k..(r + 1) * k], "{format:?} row {r}");
             }
         }
     }

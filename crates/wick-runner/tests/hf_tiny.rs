@@ -342,10 +342,15 @@ fn tiny_hf_model_loads_and_matches_a_plain_forward() {
 
     // The tensor (device) attention path (an f32 cache here) gives the same logits, within the
     // host cache's f16 rounding.
-    let model = wick_runner::load(dir.path(), &Device::Cpu, &LoadOptions::default())
+    let opts = LoadOptions {
+        tensor_path: true,
+        ..Default::default()
+    };
+    let model = wick_runner::load(dir.path(), &Device::Cpu, &opts)
         .unwrap()
         .model;
-    let mut tensor_path = Runner::with_tensor_attention(model, cache).unwrap();
+    assert!(!model.runs_on_host());
+    let mut tensor_path = Runner::new(model, cache).unwrap();
     let again = run_batched(&mut tensor_path, &extra);
     for (a, b) in got.iter().flatten().zip(again.iter().flatten()) {
         assert!(max_diff(a, b) < 2e-3);

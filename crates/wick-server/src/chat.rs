@@ -53,7 +53,7 @@ pub(crate) async fn chat_completions(
         blocking(move || {
             let model = state.model()?;
             let text = model
-                .template
+                .chat_template()?
                 .render(&messages)
                 .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
             model.encode(&text, "messages")

@@ -121,8 +121,30 @@ pub fn token_bytes(tokenizer: &Tokenizer, id: u32) -> Vec<u8> {
     if tokenizer.get_added_vocabulary().is_special_token(&piece) {
         return piece.into_bytes();
     }
+    if is_sentencepiece(tokenizer) {
+        return sentencepiece_bytes(&piece);
+    }
     let bytes: Option<Vec<u8>> = piece.chars().map(byte_of_char).collect();
     bytes.unwrap_or_else(|| tokenizer.decode(&[id], false).unwrap_or(piece).into_bytes())
+}
+
+/// SentencePiece vocabularies (BPE with byte fallback) spell spaces `▁` and bytes `<0xAB>`;
+/// byte-level BPE ones map every byte to a printable character.
+fn is_sentencepiece(tokenizer: &Tokenizer) -> bool {
+    matches!(tokenizer.get_model(), tokenizers::ModelWrapper::BPE(b) if b.byte_fallback)
+}
+
+fn sentencepiece_bytes(piece: &str) -> Vec<u8> {
+    if let Some(hex) = piece
+        .strip_prefix("<0x")
+        .and_then(|p| p.strip_suffix('>'))
+        .filter(|h| h.len() == 2)
+    {
+        if let Ok(b) = u8::from_str_radix(hex, 16) {
+            return vec![b];
+        }
+    }
+    piece.replace('\u{2581}', " ").into_bytes()
 }
 
 /// The inverse of GPT-2's `bytes_to_unicode`: printable bytes stand for themselves, the

@@ -48,10 +48,17 @@ pub struct ServedModel {
     /// The name clients put in `model`.
     pub name: String,
     pub tokenizer: Arc<Tokenizer>,
-    pub template: ChatTemplate,
+    /// The chat template (`None` for a base model without one: chat requests get a 400).
+    pub template: Option<ChatTemplate>,
+    /// Prompts start with this token (the GGUF's `add_bos_token`, the tokenizer's own
+    /// post-processor), added once even when the template writes it too.
+    pub bos_token_id: Option<u32>,
+    pub add_bos: bool,
     pub stop_token_ids: Vec<u32>,
     /// Longest prompt plus output accepted.
     pub max_model_len: usize,
+    /// The context the model was trained for.
+    pub context_length: usize,
     /// Token ids below this are valid.
     pub vocab_size: usize,
     /// Grammar compilation for structured output; `None` if it could not be set up for
@@ -60,13 +67,28 @@ pub struct ServedModel {
 }
 
 impl ServedModel {
-    /// Token ids of `text` (special tokens in it are parsed), or a 400 naming `param`.
+    /// Token ids of prompt `text` (special tokens in it are parsed; BOS first when the model
+    /// asks for it, never twice), or a 400 naming `param`.
     pub(crate) fn encode(&self, text: &str, param: &str) -> Result<Vec<u32>, ApiError> {
         let enc = self
             .tokenizer
-            .encode(text, false)
+            .encode(text, self.add_bos)
             .map_err(|e| ApiError::invalid(param, format!("cannot tokenize: {e}")))?;
-        Ok(enc.get_ids().to_vec())
+        let mut ids = enc.get_ids().to_vec();
+        if self.add_bos && ids.len() >= 2 && ids[0] == ids[1] && Some(ids[0]) == self.bos_token_id {
+            ids.remove(0);
+        }
+        Ok(ids)
+    }
+
+    /// The chat template, or a 400 on `messages` saying that the model has none.
+    pub(crate) fn chat_template(&self) -> Result<&ChatTemplate, ApiError> {
+        self.template.as_ref().ok_or_else(|| {
+            ApiError::invalid(
+                "messages",
+                "this model has no chat template (a base model?): use /v1/completions with a plain prompt, or start the server with --chat-template FILE",
+            )
+        })
     }
 
     /// `ids` if every one is in the vocabulary, or a 400 naming `param`.

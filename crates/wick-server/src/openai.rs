@@ -281,7 +281,10 @@ pub struct ModelCard {
     pub object: &'static str,
     pub created: u64,
     pub owned_by: &'static str,
+    /// Longest prompt plus output this server accepts.
     pub max_model_len: usize,
+    /// The context the model was trained for.
+    pub context_length: usize,
 }
 
 /// `POST /tokenize`: text (`prompt`) or chat `messages` rendered with the template.

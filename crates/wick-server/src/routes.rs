@@ -87,6 +87,7 @@ pub(crate) async fn models(State(state): State<AppState>) -> Result<Json<ModelLi
             created: unix_now(),
             owned_by: "wick",
             max_model_len: model.max_model_len,
+            context_length: model.context_length,
         }],
     }))
 }
@@ -111,7 +112,7 @@ pub(crate) async fn tokenize(
     let text = match (req.prompt, req.messages) {
         (Some(p), None) => p,
         (None, Some(m)) => model
-            .template
+            .chat_template()?
             .render(&messages_from(&m)?)
             .map_err(|e| ApiError::invalid("messages", e.to_string()))?,
         _ => {

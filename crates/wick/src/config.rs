@@ -26,6 +26,10 @@ pub struct ServeArgs {
     /// With a Hub repository: the branch, tag or commit. [key: model.revision]
     #[arg(long, env = "WICK_REVISION")]
     pub revision: Option<String>,
+    /// A Jinja chat template file to use instead of the model's own (or for a model without
+    /// one). [key: model.chat_template]
+    #[arg(long, env = "WICK_CHAT_TEMPLATE")]
+    pub chat_template: Option<PathBuf>,
     /// Name clients use in `model` (default: the file or directory name). [key: model.served_model_name]
     #[arg(long, env = "WICK_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
@@ -143,6 +147,7 @@ struct FileModel {
     file: Option<String>,
     revision: Option<String>,
     served_model_name: Option<String>,
+    chat_template: Option<PathBuf>,
     device: Option<String>,
     weight_format: Option<String>,
     dtype: Option<String>,
@@ -178,6 +183,8 @@ pub struct Config {
     pub model_file: Option<String>,
     pub revision: String,
     pub served_model_name: Option<String>,
+    /// A chat template file that replaces the model's.
+    pub chat_template: Option<PathBuf>,
     pub device: String,
     pub weight_format: String,
     pub dtype: String,
@@ -232,6 +239,7 @@ impl Config {
                 .or(file.model.revision)
                 .unwrap_or_else(|| "main".into()),
             served_model_name: args.served_model_name.or(file.model.served_model_name),
+            chat_template: args.chat_template.or(file.model.chat_template),
             device: args
                 .device
                 .or(file.model.device)
@@ -351,6 +359,14 @@ impl Config {
                 "model.dtype must be auto, f32, bf16 or f16, not {:?}",
                 self.dtype
             );
+        }
+        if let Some(t) = &self.chat_template {
+            if !t.is_file() {
+                bail!(
+                    "model.chat_template: {} is not a readable file",
+                    t.display()
+                );
+            }
         }
         if !(self.drain_timeout >= 0.0 && self.drain_timeout.is_finite()) {
             bail!("server.drain_timeout must be a number of seconds, 0 or more");

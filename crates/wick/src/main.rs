@@ -25,7 +25,6 @@ use wick_server::{AppState, ChatTemplate, Grammars, ServedModel};
 use crate::config::{Config, ServeArgs};
 
 /// Used when a model carries no chat template of its own.
-const CHATML_TEMPLATE: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
 #[derive(Parser)]
 #[command(
@@ -145,14 +144,14 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let engine = wick_engine::start(engine_cfg, metrics.clone(), move || {
         // On the engine thread, so that /health/live answers during a Hub download.
         let path = hub::resolve(&spec, file.as_deref(), &revision).map_err(|e| format!("{e:#}"))?;
-        let loaded = wick_runner::load(&path, &device, &LoadOptions { weight_format, dtype })
+        let loaded = wick_runner::load(&path, &device, &LoadOptions { weight_format, dtype, ..Default::default() })
             .map_err(|e| e.to_string())?;
         let num_blocks = match memory {
             Some(bytes) => {
                 let per_block = KvCache::bytes_per_block(
                     loaded.model.config(),
                     block_size,
-                    loaded.model.device(),
+                    loaded.model.runs_on_host(),
                     loaded.model.dtype(),
                 );
                 let n = (bytes / per_block as u64) as usize;
@@ -163,6 +162,18 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             }
             None => blocks,
         };
+        let m = &loaded.model;
+        let c = m.config();
+        tracing::info!(
+            family = c.family,
+            parameters_m = c.parameters() / 1_000_000,
+            weights = %m.weight_types(),
+            weight_memory_mib = m.weight_bytes() / (1 << 20),
+            layers = c.num_layers,
+            context_length = c.max_position_embeddings,
+            path = if m.runs_on_host() { "host" } else { "tensor" },
+            "model loaded"
+        );
         let cache = CacheConfig { num_blocks, block_size };
         let runner = Runner::new(loaded.model, cache).map_err(|e| e.to_string())?;
         Ok(Loaded { runner, assets: loaded.assets, num_blocks })
@@ -243,11 +254,23 @@ fn served_name(cfg: &Config) -> String {
 
 fn served_model(cfg: &Config, ready: Ready) -> anyhow::Result<ServedModel> {
     let a = ready.assets;
-    let source = a.chat_template.clone().unwrap_or_else(|| {
-        tracing::warn!("the model has no chat template; using ChatML");
-        CHATML_TEMPLATE.to_string()
-    });
-    let template = ChatTemplate::new(&source, a.bos_token.clone(), a.eos_token.clone())?;
+    let source = match &cfg.chat_template {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the chat template {}", path.display()))?,
+        ),
+        None => a.chat_template.clone(),
+    };
+    if source.is_none() {
+        tracing::warn!("the model has no chat template: chat requests get a 400 (use --chat-template FILE to give one)");
+    }
+    let template = source
+        .map(|s| ChatTemplate::new(&s, a.bos_token.clone(), a.eos_token.clone()))
+        .transpose()?;
+    let bos_token_id = a
+        .bos_token
+        .as_deref()
+        .and_then(|t| a.tokenizer.token_to_id(t));
     let vocab_size = a.tokenizer.get_vocab_size(true);
     let tokenizer = Arc::new(a.tokenizer);
     let eos = a
@@ -271,8 +294,11 @@ fn served_model(cfg: &Config, ready: Ready) -> anyhow::Result<ServedModel> {
         grammars,
         tokenizer,
         template,
+        bos_token_id,
+        add_bos: a.add_bos,
         stop_token_ids: a.stop_token_ids,
         max_model_len: ready.max_model_len,
+        context_length: a.max_model_len,
     })
 }
 

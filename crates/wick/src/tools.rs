@@ -141,6 +141,7 @@ pub fn parity(args: ParityArgs) -> anyhow::Result<bool> {
     let test_opts = LoadOptions {
         weight_format: args.weight_format.parse()?,
         dtype: wick_runner::parse_dtype(&args.dtype)?,
+        ..Default::default()
     };
     let loaded = load(&args, &args.reference_device, &reference_opts)?;
     let prompts = encode(&loaded.assets.tokenizer, args.prompts)?;

@@ -1,0 +1,194 @@
+//! Loading a model: a GGUF file or a Hugging Face directory (`config.json`, `tokenizer.json`,
+//! `tokenizer_config.json`, `*.safetensors`), through its family (`models`), into a
+//! [`Model`] and the [`ModelAssets`] the front end needs.
+//!
+//! Both formats are [`Source`]s of named tensors; one builder (`build`) turns a source into
+//! weights for any family, from the config alone.
+
+mod build;
+mod gguf;
+mod hf;
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use tokenizers::Tokenizer;
+
+use crate::{Model, Result, RunnerError};
+
+/// What the front end needs from a model beside its weights.
+#[derive(Clone)]
+pub struct ModelAssets {
+    /// A name for the model, from its file or directory.
+    pub name: String,
+    pub tokenizer: Tokenizer,
+    /// The model's own Jinja chat template, if it has one.
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    /// Whether a prompt starts with the BOS token (the tokenizer adds it when asked to add
+    /// special tokens).
+    pub add_bos: bool,
+    /// Tokens that end generation (end of text, end of turn).
+    pub stop_token_ids: Vec<u32>,
+    /// Longest sequence, prompt plus output, the model was trained for.
+    pub max_model_len: usize,
+}
+
+pub struct LoadedModel {
+    pub model: Model,
+    pub assets: ModelAssets,
+}
+
+/// `cpu`, `cuda`, `cuda:N`, `metal` or `metal:N`. CUDA and Metal need the cargo feature of
+/// the same name; without it, selecting them is a clear error, not a silent CPU fallback.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let (kind, ordinal) = match spec.split_once(':') {
+        Some((k, n)) => {
+            let n = n
+                .parse::<usize>()
+                .map_err(|_| RunnerError::Device(spec.into(), "bad device ordinal".into()))?;
+            (k, n)
+        }
+        None => (spec, 0),
+    };
+    let dev = match kind {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(ordinal),
+        "metal" => Device::new_metal(ordinal),
+        _ => {
+            return Err(RunnerError::Device(
+                spec.into(),
+                "expected cpu, cuda[:N] or metal[:N]".into(),
+            ))
+        }
+    };
+    dev.map_err(|e| RunnerError::Device(spec.into(), e.to_string()))
+}
+
+/// The format the runner computes a GGUF file's linear layers in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// As stored in the file.
+    #[default]
+    Native,
+    /// Dequantized and re-quantized to Q8_0 (the packed kernels; more memory).
+    Q8_0,
+    /// Dequantized to dense f32.
+    F32,
+}
+
+impl std::str::FromStr for WeightFormat {
+    type Err = RunnerError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "native" => Ok(Self::Native),
+            "q8_0" => Ok(Self::Q8_0),
+            "f32" => Ok(Self::F32),
+            other => Err(RunnerError::Unsupported(format!(
+                "weight format {other:?} (expected native, q8_0 or f32)"
+            ))),
+        }
+    }
+}
+
+/// How to load a model.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub weight_format: WeightFormat,
+    /// Activations, KV cache and dense weights of a Hugging Face model: f32, bf16 or f16.
+    /// `None`: f32 on the CPU, bf16 on a GPU. GGUF models compute in f32.
+    pub dtype: Option<DType>,
+    /// Compute with candle tensors even where the host path would run (tests compare the
+    /// two paths).
+    #[doc(hidden)]
+    pub tensor_path: bool,
+}
+
+/// `auto`, `f32`, `bf16` or `f16`.
+pub fn parse_dtype(spec: &str) -> Result<Option<DType>> {
+    match spec {
+        "auto" => Ok(None),
+        "f32" => Ok(Some(DType::F32)),
+        "bf16" => Ok(Some(DType::BF16)),
+        "f16" => Ok(Some(DType::F16)),
+        other => Err(RunnerError::Unsupported(format!(
+            "dtype {other:?} (expected auto, f32, bf16 or f16)"
+        ))),
+    }
+}
+
+/// Where the weights go and what the forward computes in.
+#[derive(Debug, Clone)]
+pub(crate) struct Placement {
+    pub device: Device,
+    pub dtype: DType,
+    /// The host path: plain memory, Wick's kernels, an f16 KV cache.
+    pub host: bool,
+    pub format: WeightFormat,
+}
+
+/// Loads a GGUF file, or a Hugging Face directory, onto `device`.
+pub fn load(path: &Path, device: &Device, opts: &LoadOptions) -> Result<LoadedModel> {
+    let (dtype, is_dir) = if path.is_dir() {
+        if !path.join("config.json").exists() {
+            return Err(RunnerError::NotAModel {
+                path: path.to_path_buf(),
+            });
+        }
+        let d = opts.dtype.unwrap_or(if device.is_cpu() {
+            DType::F32
+        } else {
+            DType::BF16
+        });
+        (d, true)
+    } else if path.exists() {
+        if opts.dtype.is_some_and(|d| d != DType::F32) {
+            return Err(RunnerError::Unsupported(
+                "a dtype other than f32 for a GGUF model (its quantized kernels take f32 activations)".into(),
+            ));
+        }
+        (DType::F32, false)
+    } else {
+        return Err(RunnerError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        });
+    };
+    let place = Placement {
+        device: device.clone(),
+        dtype,
+        host: device.is_cpu() && dtype == DType::F32 && !opts.tensor_path,
+        format: opts.weight_format,
+    };
+    let (cfg, weights, assets) = if is_dir {
+        hf::load(path, &place)?
+    } else {
+        gguf::load(path, &place)?
+    };
+    Ok(LoadedModel {
+        model: Model::new(cfg, weights, &place)?,
+        assets,
+    })
+}
+
+/// The tokenizer, template and stop tokens of a model, without loading its weights.
+pub fn load_assets(path: &Path) -> Result<ModelAssets> {
+    if path.is_dir() {
+        hf::load_assets(path)
+    } else {
+        gguf::load_assets(path)
+    }
+}
+
+/// The name of a model from its path.
+fn model_name(path: &Path, file: bool) -> String {
+    let n = if file {
+        path.file_stem()
+    } else {
+        path.file_name()
+    };
+    n.map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
