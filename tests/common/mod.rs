@@ -1,6 +1,7 @@
 //! Helpers shared by the tests that need the default model and the reference outputs.
 #![allow(dead_code)]
 
+pub mod numerics;
 pub mod server;
 
 use std::path::PathBuf;

@@ -26,6 +26,8 @@ pub mod quant;
 mod rope;
 mod runner;
 mod sampling;
+#[doc(hidden)]
+pub mod testing;
 mod tokenizer;
 
 pub use candle_core::Device;
