@@ -5,6 +5,9 @@
 #
 #   benches/compare-llamacpp.sh            # defaults below
 #   ROUNDS=3 REQUESTS=32 MAX_TOKENS=128 CONCURRENCY="1 16" benches/compare-llamacpp.sh
+#   MODEL=qwen benches/compare-llamacpp.sh             # a test model (scripts/fetch-model.sh)
+#   MODEL=gemma ENDPOINT=completions benches/...       # a base model: plain completions
+#   MODEL=/path/to/file.gguf benches/compare-llamacpp.sh
 #
 # llama-server comes from ../shared/peers/build-llama-server.sh (built once, ~10 min), or
 # from $LLAMA_SERVER when set (for example a build without AMX where AMX tiles fault).
@@ -20,7 +23,12 @@ SHARED=${WICK_SHARED:-../shared}
 OUT=${OUT:-target/compare}
 mkdir -p "$OUT"
 
-MODEL=$(scripts/fetch-model.sh)
+ENDPOINT=${ENDPOINT:-chat}
+case "${MODEL:-default}" in
+  */*|*.gguf) ;;
+  *) MODEL=$(scripts/fetch-model.sh "${MODEL:-default}") ;;
+esac
+echo "model: $MODEL, endpoint: $ENDPOINT" >&2
 LLAMA=${LLAMA_SERVER:-$(bash "$SHARED/peers/build-llama-server.sh" | tail -n 1)}
 cargo build --release -q --bin wick
 WICK=target/release/wick
@@ -36,9 +44,9 @@ wait_healthy() {
 
 P1=$(free_port); P2=$(free_port)
 "$LLAMA" -m "$MODEL" --host 127.0.0.1 --port "$P1" -t "$THREADS" -np "$PARALLEL" \
-  -c $((PARALLEL * 1024)) --alias smollm2 >"$OUT/llama-server.log" 2>&1 &
+  -c $((PARALLEL * 1024)) --alias model >"$OUT/llama-server.log" 2>&1 &
 LPID=$!
-"$WICK" serve --model "$MODEL" --port "$P2" --served-model-name smollm2 \
+"$WICK" serve --model "$MODEL" --port "$P2" --served-model-name model \
   --max-num-seqs "$PARALLEL" >"$OUT/wick.log" 2>&1 &
 WPID=$!
 trap 'kill $LPID $WPID 2>/dev/null || true' EXIT
@@ -60,8 +68,8 @@ PY
 
 run() { # name url concurrency requests max_tokens extra... -> JSON file
   local name=$1 url=$2 c=$3 n=$4 mt=$5; shift 5
-  "$WICK" bench --quiet --url "$url" --model smollm2 --requests "$n" --concurrency "$c" \
-    --max-tokens "$mt" --json "$OUT/$name.json" "$@" >/dev/null
+  "$WICK" bench --quiet --url "$url" --model model --endpoint "$ENDPOINT" --requests "$n" \
+    --concurrency "$c" --max-tokens "$mt" --json "$OUT/$name.json" "$@" >/dev/null
 }
 
 for round in $(seq 1 "$ROUNDS"); do

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The openai-client test suite (tests/python) against the real binary on the default model.
+# The openai-client test suite (tests/python) against the real binary on the default model
+# and on the Qwen and Gemma test models.
 # The virtualenv is cached per requirements file; the binary is the release build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,8 @@ if [ ! -x "$VENV/bin/pytest" ]; then
   "$VENV/bin/pip" install -q -r "$REQ"
 fi
 export WICK_MODEL=${WICK_MODEL:-$(scripts/fetch-model.sh)}
+export WICK_QWEN_MODEL=${WICK_QWEN_MODEL:-$(scripts/fetch-model.sh qwen)}
+export WICK_GEMMA_MODEL=${WICK_GEMMA_MODEL:-$(scripts/fetch-model.sh gemma)}
 export WICK_BIN=${WICK_BIN:-$PWD/target/release/wick}
 [ -x "$WICK_BIN" ] || cargo build --release --bin wick
 cd tests/python

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use common::server::{chat, sample, stream_text, Server};
 use futures::StreamExt;
 use serde_json::{json, Value};
+use wick_runner::gguf::{GgufWriter, Value as GgufValue};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_equals_non_streaming_and_matches_llama_cpp() {
@@ -444,14 +445,82 @@ fn promtool_check(text: &str) {
     );
 }
 
+/// A chat template from `--chat-template` on a model without one (Gemma 3 270M, a base model):
+/// chat works through it, BOS is there once although both the template and the GGUF's
+/// `add_bos_token` put it, and the template's `raise_exception` is a 400 with its words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_template_file_serves_a_base_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmpl = dir.path().join("chat.jinja");
+    std::fs::write(
+        &tmpl,
+        "{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('system messages are not supported') }}{% endif %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n{% endfor %}<start_of_turn>model\n",
+    )
+    .unwrap();
+    let model = common::fetch_model("gemma");
+    let args = [
+        "--model",
+        model.to_str().unwrap(),
+        "--chat-template",
+        tmpl.to_str().unwrap(),
+        "--served-model-name",
+        "gemma",
+        "--kv-cache-blocks",
+        "64",
+    ];
+    let server = Server::start_with(&args, &[]).await;
+    let messages = json!([{"role": "user", "content": "Say hello."}]);
+    let tok = server
+        .post_json("/tokenize", &json!({ "messages": messages }))
+        .await;
+    assert_eq!(tok.0, 200, "{}", tok.1);
+    let ids = tok.1["tokens"].as_array().unwrap();
+    assert_eq!(ids[0], 2, "{}", tok.1);
+    assert_ne!(ids[1], 2, "BOS twice: {}", tok.1);
+    let (status, body) = server
+        .post_json(
+            "/v1/chat/completions",
+            &json!({"model": "gemma", "messages": messages, "max_tokens": 8, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["prompt_tokens"], ids.len());
+    let system = json!([{"role": "system", "content": "x"}, {"role": "user", "content": "y"}]);
+    let (status, body) = server
+        .post_json(
+            "/v1/chat/completions",
+            &json!({"model": "gemma", "messages": system, "max_tokens": 4}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "messages");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("system messages are not supported"), "{msg}");
+}
+
 #[test]
 fn a_model_that_cannot_load_is_a_clear_start_up_error() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("broken.gguf");
     std::fs::write(&bad, b"not a gguf file at all").unwrap();
+    // A GGUF file of an architecture no family serves, and one with a tensor of a type Wick
+    // does not load: each named.
+    let mamba = dir.path().join("mamba.gguf");
+    let mut w = GgufWriter::new();
+    w.meta("general.architecture", GgufValue::String("mamba".into()));
+    w.tensor_f32("token_embd.weight", &[4, 2], &[0.0; 8]);
+    w.write(&mamba).unwrap();
+    let iq = dir.path().join("iq4.gguf");
+    let mut w = GgufWriter::new();
+    w.meta("general.architecture", GgufValue::String("llama".into()));
+    w.raw_tensor("blk.0.attn_q.weight", &[256, 2], 23, &[0u8; 272]);
+    w.write(&iq).unwrap();
     for (model, needle) in [
         (dir.path().join("missing.gguf"), "cannot load model"),
         (bad, "not a GGUF file"),
+        (mamba, "GGUF architecture \"mamba\""),
+        (iq, "tensor blk.0.attn_q.weight"),
+        (dir.path().join("iq4.gguf"), "IQ4_XS"),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_wick"))
             .args(["serve", "--port", "0", "--model"])
@@ -461,6 +530,7 @@ fn a_model_that_cannot_load_is_a_clear_start_up_error() {
         assert_eq!(out.status.code(), Some(1));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "stderr: {err}");
+        assert!(!err.contains("panicked"), "stderr: {err}");
     }
     // A bad configuration is a usage error: exit code 2, naming the key.
     let cfg = dir.path().join("bad.toml");

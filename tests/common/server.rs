@@ -109,6 +109,19 @@ impl Server {
             .expect("POST /v1/chat/completions")
     }
 
+    /// POSTs `body` to `path`: the status and the JSON body.
+    pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     pub async fn post_raw(&self, body: &str) -> reqwest::Response {
         self.client
             .post(self.url("/v1/chat/completions"))

@@ -22,17 +22,18 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server():
+def _serve(model, name, *extra):
+    """Starts `wick serve` on `model` as `name`; yields its base URL once healthy."""
     port = _free_port()
     proc = subprocess.Popen(
         [
             os.environ.get("WICK_BIN", "target/release/wick"),
             "serve",
-            "--model", os.environ["WICK_MODEL"],
+            "--model", model,
             "--port", str(port),
-            "--served-model-name", MODEL,
+            "--served-model-name", name,
             "--api-key", API_KEY,
+            *extra,
         ],
         env={**os.environ, "RUST_LOG": "warn"},
     )
@@ -51,6 +52,33 @@ def server():
     yield base
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def server():
+    yield from _serve(os.environ["WICK_MODEL"], MODEL)
+
+
+@pytest.fixture(scope="session")
+def qwen_server():
+    """Qwen2.5-Coder-0.5B-Instruct Q4_K_M (WICK_QWEN_MODEL), with a small KV cache."""
+    yield from _serve(os.environ["WICK_QWEN_MODEL"], "qwen", "--kv-cache-blocks", "256")
+
+
+@pytest.fixture(scope="session")
+def gemma_server():
+    """Gemma 3 270M Q4_K_M (WICK_GEMMA_MODEL): a base model without a chat template."""
+    yield from _serve(os.environ["WICK_GEMMA_MODEL"], "gemma", "--kv-cache-blocks", "256")
+
+
+@pytest.fixture(scope="session")
+def qwen(qwen_server):
+    return openai.OpenAI(base_url=qwen_server + "/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def gemma(gemma_server):
+    return openai.OpenAI(base_url=gemma_server + "/v1", api_key=API_KEY, max_retries=0)
 
 
 @pytest.fixture(scope="session")

@@ -308,7 +308,7 @@ fn candle_shape(q: &QMatMul) -> (usize, usize) {
     )
 }
 
-fn weight_type(d: candle_core::quantized::GgmlDType) -> Result<WeightType> {
+pub(crate) fn weight_type(d: candle_core::quantized::GgmlDType) -> Result<WeightType> {
     WeightType::ALL
         .into_iter()
         .find(|t| t.candle() == d)

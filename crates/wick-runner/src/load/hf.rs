@@ -488,3 +488,97 @@ pub(crate) fn load(dir: &Path, place: &Placement) -> Result<(ModelConfig, Weight
     let assets = assets(dir, &cfg, &root)?;
     Ok((cfg, weights, assets))
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn cfg(j: Json) -> ModelConfig {
+        let base = json!({
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100,
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5
+        });
+        let mut merged = base.as_object().unwrap().clone();
+        merged.extend(j.as_object().unwrap().clone());
+        let root = Json::Object(merged);
+        read_config(Path::new("/nonexistent"), &root).unwrap().0
+    }
+
+    #[test]
+    fn each_family_reads_its_own_keys() {
+        let m = cfg(json!({"model_type": "mistral", "sliding_window": 16}));
+        assert_eq!(m.family, "mistral");
+        assert!(m.layers.iter().all(|l| l.sliding_window == Some(16)));
+
+        let q = cfg(
+            json!({"model_type": "qwen2", "use_sliding_window": true, "sliding_window": 32, "max_window_layers": 2}),
+        );
+        assert!(q.qkv_bias);
+        let w: Vec<_> = q.layers.iter().map(|l| l.sliding_window).collect();
+        assert_eq!(w, vec![None, None, Some(32), Some(32)]);
+        let q = cfg(json!({"model_type": "qwen2", "sliding_window": 32}));
+        assert!(q.layers.iter().all(|l| l.sliding_window.is_none()));
+
+        let q3 = cfg(json!({"model_type": "qwen3", "head_dim": 32}));
+        assert!(q3.qk_norm && q3.head_dim == 32 && q3.q_dim() == 128);
+
+        let g = cfg(
+            json!({"model_type": "gemma3_text", "sliding_window": 8, "head_dim": 16,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            "query_pre_attn_scalar": 64, "rope_theta": 1e6, "rope_local_base_freq": 1e4}),
+        );
+        assert_eq!(g.norm_weight_offset, 1.0);
+        assert_eq!(g.activation, Activation::GeluTanh);
+        assert!(g.post_norms && g.qk_norm && g.embed_scale == 8.0);
+        assert_eq!(g.attn_scale, 0.125);
+        let w: Vec<_> = g
+            .layers
+            .iter()
+            .map(|l| (l.sliding_window, l.rope))
+            .collect();
+        assert_eq!(w, vec![(Some(8), 1), (None, 0), (Some(8), 1), (None, 0)]);
+        assert_eq!((g.ropes[0].base, g.ropes[1].base), (1e6, 1e4));
+
+        let p = cfg(json!({"model_type": "phi3", "partial_rotary_factor": 0.75,
+            "original_max_position_embeddings": 1024,
+            "rope_scaling": {"type": "longrope", "long_factor": vec![2.0; 6], "short_factor": vec![1.0; 6]}}));
+        assert_eq!(p.ropes[0].dims, 12);
+        assert_eq!(p.ropes[0].freq_factors.as_deref(), Some(&[2.0f32; 6][..]));
+        assert!((p.ropes[0].attn_factor - (1.0 + 4f32.ln() / 1024f32.ln()).sqrt()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rope_scaling_kinds() {
+        let l = cfg(
+            json!({"model_type": "llama", "rope_theta": 500000.0, "rope_scaling":
+            {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+             "original_max_position_embeddings": 8192}}),
+        );
+        let f = l.ropes[0].freq_factors.as_ref().unwrap();
+        assert_eq!((f[0], f[f.len() - 1]), (1.0, 8.0));
+        let y = cfg(
+            json!({"model_type": "qwen2", "rope_scaling": {"type": "yarn", "factor": 4.0,
+            "original_max_position_embeddings": 1024}}),
+        );
+        assert!(
+            matches!(y.ropes[0].scaling, RopeScaling::Yarn { factor, original_context: 1024, .. } if factor == 4.0)
+        );
+        let root = json!({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 10,
+            "max_position_embeddings": 64, "rope_scaling": {"type": "dynamic", "factor": 2.0}});
+        let err = read_config(Path::new("/x"), &root)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("dynamic"), "{err}");
+        let root = json!({"model_type": "mamba"});
+        let err = read_config(Path::new("/x"), &root)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("mamba") && err.contains("qwen2"), "{err}");
+    }
+}

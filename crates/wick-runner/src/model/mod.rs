@@ -206,7 +206,8 @@ fn linear_kinds(l: &Linear) -> Vec<String> {
     match l {
         Linear::Packed(p) => vec![format!("{:?}", p.format)],
         Linear::Half(h) => vec![if h.bf16 { "BF16" } else { "F16" }.to_string()],
-        Linear::Candle(QMatMul::QTensor(q)) => vec![format!("{:?}", q.dtype())],
+        Linear::Candle(QMatMul::QTensor(q)) => vec![crate::linear::weight_type(q.dtype())
+            .map_or_else(|_| format!("{:?}", q.dtype()), |t| t.name().to_string())],
         Linear::Candle(QMatMul::Tensor(t)) | Linear::Candle(QMatMul::TensorF16(t)) => {
             vec![format!("{:?}", t.dtype()).to_uppercase()]
         }
