@@ -67,6 +67,26 @@ say "parity: $DEVICE bf16 against cpu f32 (reported, not gated)"
 "$WICK_BIN" parity --model "$MODEL_DIR" --device "$DEVICE" --dtype bf16 --prompts 8 --tokens 32 \
   --min-within 0 | tee "$OUT/parity-bf16.json"
 
+say "families: tiny random models of every family on $DEVICE against cpu"
+# The Hugging Face twins (dense f32, the same weights on both devices) are gated like the
+# Llama above; the GGUF files (quantized kernels on each device, different activation
+# rounding) are reported.
+if [ -f "$TOKENIZER_DIR/tokenizer.gguf" ]; then
+  "$WICK_BIN" tiny-models --tokenizer "$TOKENIZER_DIR/tokenizer.gguf" --out "$WORK/tiny" >/dev/null || status=1
+  for g in "$WORK"/tiny/*.gguf; do
+    name=$(basename "$g" .gguf)
+    echo "-- $name (GGUF, reported)"
+    "$WICK_BIN" parity --model "$g" --device "$DEVICE" --prompts 4 --tokens 16 --min-within 0 \
+      >"$OUT/tiny-$name-gguf.json" && cat "$OUT/tiny-$name-gguf.json"
+    echo "-- $name (Hugging Face twin, f32, gated)"
+    "$WICK_BIN" parity --model "$WORK/tiny/$name-hf" --device "$DEVICE" --dtype f32 --prompts 4 --tokens 16 \
+      >"$OUT/tiny-$name-hf.json" || status=1
+    cat "$OUT/tiny-$name-hf.json"
+  done
+else
+  echo "no $TOKENIZER_DIR/tokenizer.gguf: skipped (make gpu-check-bundle writes it)"
+fi
+
 say "serving on $DEVICE (bf16), load generator at concurrency $CONCURRENCY, $MAX_TOKENS output tokens"
 max_c=$(echo "$CONCURRENCY" | tr ' ' '\n' | sort -n | tail -1)
 "$WICK_BIN" serve --model "$MODEL_DIR" --device "$DEVICE" --port "$PORT" \

@@ -661,4 +661,34 @@ fn export_tokenizer_writes_an_equivalent_tokenizer_json() {
     .unwrap();
     assert!(cfg["chat_template"].as_str().unwrap().contains("im_start"));
     assert_eq!(cfg["eos_token"], "<|im_end|>");
+    // The tokenizer metadata alone is enough for `wick tiny-models` (the GPU check's tiny
+    // models of every family): the files it writes are the ones the tests check.
+    let tiny = dir.path().join("tiny");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wick"))
+        .args(["tiny-models", "--tokenizer"])
+        .arg(dir.path().join("tokenizer.gguf"))
+        .arg("--out")
+        .arg(&tiny)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            common::repo_root().join("tests/data/tiny/qwen3-q3_k.llamacpp.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    use sha2::Digest;
+    let bytes = std::fs::read(tiny.join("qwen3-q3_k.gguf")).unwrap();
+    let sha: String = sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(sha, reference["model_sha256"].as_str().unwrap());
+    assert!(tiny.join("phi3-f16-hf/config.json").exists());
 }

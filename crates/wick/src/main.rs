@@ -47,6 +47,9 @@ enum Command {
     Parity(tools::ParityArgs),
     /// Write a GGUF file's tokenizer as tokenizer.json + tokenizer_config.json.
     ExportTokenizer(tools::ExportTokenizerArgs),
+    /// Write the tests' tiny random models of every family (for the GPU check).
+    #[command(hide = true)]
+    TinyModels(tools::TinyModelsArgs),
 }
 
 fn main() -> ExitCode {
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
             }
         }
         Command::ExportTokenizer(args) => tools::export_tokenizer(args),
+        Command::TinyModels(args) => tools::tiny_models(args),
         Command::Bench(args) => {
             let _ = telemetry::init(config::LogFormat::Human, "info", None);
             runtime().and_then(|rt| rt.block_on(bench::run(args)).map(drop))

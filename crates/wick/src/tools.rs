@@ -69,9 +69,32 @@ pub struct ExportTokenizerArgs {
     /// The GGUF file.
     #[arg(long)]
     pub model: PathBuf,
-    /// Directory to write tokenizer.json and tokenizer_config.json into.
+    /// Directory to write tokenizer.json, tokenizer_config.json and tokenizer.gguf (the
+    /// file's tokenizer metadata alone) into.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct TinyModelsArgs {
+    /// A GGUF file whose tokenizer the models take (tokenizer.gguf from export-tokenizer will do).
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// Directory to write NAME.gguf and NAME-hf/ into, for each tiny model.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Writes the tests' tiny random models of every family (`wick_runner::testing`), for
+/// checks on machines without the test suite (the GPU check).
+pub fn tiny_models(args: TinyModelsArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.out)?;
+    for t in wick_runner::testing::tiny_models() {
+        wick_runner::testing::write_tiny(&t, &args.tokenizer, &args.out)
+            .with_context(|| format!("cannot write {}", t.name))?;
+        println!("{}", args.out.join(format!("{}.gguf", t.name)).display());
+    }
+    Ok(())
 }
 
 /// Steps `prompts` through `runner` together: the prompts in one step, then one token each
@@ -228,13 +251,8 @@ fn blocks_for(prompts: &[Vec<u32>], tokens: usize, block_size: usize) -> usize {
 }
 
 pub fn export_tokenizer(args: ExportTokenizerArgs) -> anyhow::Result<()> {
-    let loaded = wick_runner::load(
-        &args.model,
-        &wick_runner::Device::Cpu,
-        &LoadOptions::default(),
-    )
-    .with_context(|| format!("cannot load {}", args.model.display()))?;
-    let a = loaded.assets;
+    let a = wick_runner::load_assets(&args.model)
+        .with_context(|| format!("cannot load {}", args.model.display()))?;
     std::fs::create_dir_all(&args.out)?;
     a.tokenizer
         .save(args.out.join("tokenizer.json"), false)
@@ -250,6 +268,20 @@ pub fn export_tokenizer(args: ExportTokenizerArgs) -> anyhow::Result<()> {
         args.out.join("tokenizer_config.json"),
         serde_json::to_string_pretty(&cfg)?,
     )?;
+    if args.model.is_file() {
+        let g = wick_runner::gguf::GgufFile::open(&args.model)?;
+        let mut w = wick_runner::gguf::GgufWriter::new();
+        let mut keys: Vec<_> = g
+            .metadata
+            .keys()
+            .filter(|k| k.starts_with("tokenizer."))
+            .collect();
+        keys.sort();
+        for k in keys {
+            w.meta(k, g.metadata[k].clone());
+        }
+        w.write(&args.out.join("tokenizer.gguf"))?;
+    }
     let eos_id = a
         .eos_token
         .as_deref()
