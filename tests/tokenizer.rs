@@ -33,22 +33,19 @@ fn tokenizer_matches_llama_cpp() {
     }
 }
 
-#[test]
-fn chat_template_and_tokenizer_give_llama_cpp_prompt_ids() {
-    let reference = common::reference();
-    let assets = assets();
+/// Renders every chat case of `reference` (but those with tools, which reach the template in
+/// the agents issue's work) with the model's template and tokenizes it (BOS as the model
+/// asks): exactly llama.cpp's prompt text and ids. Returns how many cases it checked.
+fn chat_cases_match(assets: &wick_runner::ModelAssets, reference: &serde_json::Value) -> usize {
     let template = ChatTemplate::new(
-        assets
-            .chat_template
-            .as_deref()
-            .expect("the GGUF has a chat template"),
+        assets.chat_template.as_deref().expect("a chat template"),
         assets.bos_token.clone(),
         assets.eos_token.clone(),
     )
     .unwrap();
     let mut n = 0;
     for case in reference["cases"].as_array().unwrap() {
-        if case["kind"] != "chat" {
+        if case["kind"] != "chat" || case.get("tools").is_some() {
             continue;
         }
         let messages: Vec<TemplateMessage> = case["messages"]
@@ -62,22 +59,18 @@ fn chat_template_and_tokenizer_give_llama_cpp_prompt_ids() {
             })
             .collect();
         let text = template.render(&messages).unwrap();
-        assert_eq!(
-            text,
-            case["prompt_text"].as_str().unwrap(),
-            "case {}",
-            case["id"]
-        );
-        let ids = assets
-            .tokenizer
-            .encode(text, false)
-            .unwrap()
-            .get_ids()
-            .to_vec();
-        assert_eq!(ids, common::ids(&case["prompt_ids"]), "case {}", case["id"]);
+        let id = &case["id"];
+        assert_eq!(text, case["prompt_text"].as_str().unwrap(), "case {id}");
+        let enc = assets.tokenizer.encode(text, assets.add_bos).unwrap();
+        assert_eq!(enc.get_ids(), common::ids(&case["prompt_ids"]), "case {id}");
         n += 1;
     }
-    assert_eq!(n, 12);
+    n
+}
+
+#[test]
+fn chat_template_and_tokenizer_give_llama_cpp_prompt_ids() {
+    assert_eq!(chat_cases_match(&assets(), &common::reference()), 12);
 }
 
 #[test]
@@ -173,45 +166,7 @@ fn qwen_tokenizer_and_template_match_llama_cpp() {
     let assets = wick_runner::load_assets(&common::fetch_model("qwen")).unwrap();
     tokenizer_cases_match(&assets, &reference);
     assert!(!assets.add_bos);
-    let template = ChatTemplate::new(
-        assets.chat_template.as_deref().expect("a chat template"),
-        assets.bos_token.clone(),
-        assets.eos_token.clone(),
-    )
-    .unwrap();
-    let mut n = 0;
-    for case in reference["cases"].as_array().unwrap() {
-        // Tools reach the template through the agents issue's work; the rest render here.
-        if case["kind"] != "chat" || case.get("tools").is_some() {
-            continue;
-        }
-        let messages: Vec<TemplateMessage> = case["messages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| TemplateMessage {
-                role: m["role"].as_str().unwrap().into(),
-                content: m["content"].as_str().unwrap().into(),
-                name: None,
-            })
-            .collect();
-        let text = template.render(&messages).unwrap();
-        assert_eq!(
-            text,
-            case["prompt_text"].as_str().unwrap(),
-            "case {}",
-            case["id"]
-        );
-        let ids = assets
-            .tokenizer
-            .encode(text, true)
-            .unwrap()
-            .get_ids()
-            .to_vec();
-        assert_eq!(ids, common::ids(&case["prompt_ids"]), "case {}", case["id"]);
-        n += 1;
-    }
-    assert_eq!(n, 5);
+    assert_eq!(chat_cases_match(&assets, &reference), 5);
     let im_end = assets.tokenizer.token_to_id("<|im_end|>").unwrap();
     assert!(assets.stop_token_ids.contains(&im_end));
     assert_eq!(assets.max_model_len, 32768);

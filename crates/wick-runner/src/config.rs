@@ -112,6 +112,45 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The arithmetic every family starts from (SiLU, no biases or extra norms, scores scaled
+    /// by `1/sqrt(head_dim)`, one RoPE for every layer, no windows); the loaders fill in the
+    /// shape they read and the families change what is their own.
+    pub(crate) fn plain(
+        family: &'static str,
+        layers: usize,
+        head_dim: usize,
+        rope: RopeSpec,
+    ) -> Self {
+        Self {
+            family,
+            hidden_size: 0,
+            intermediate_size: 0,
+            num_layers: layers,
+            num_heads: 0,
+            num_kv_heads: 0,
+            head_dim,
+            vocab_size: 0,
+            max_position_embeddings: 0,
+            norm_eps: 1e-6,
+            norm_weight_offset: 0.0,
+            qk_norm: false,
+            qkv_bias: false,
+            activation: Activation::Silu,
+            post_norms: false,
+            embed_scale: 1.0,
+            attn_scale: 1.0 / (head_dim.max(1) as f32).sqrt(),
+            final_logit_softcap: None,
+            tied_embeddings: false,
+            ropes: vec![rope],
+            layers: (0..layers)
+                .map(|_| LayerSpec {
+                    sliding_window: None,
+                    rope: 0,
+                })
+                .collect(),
+        }
+    }
+
     pub fn q_dim(&self) -> usize {
         self.num_heads * self.head_dim
     }

@@ -13,7 +13,7 @@ use candle_core::{Device, Tensor};
 
 use super::build::{build, Part, Source};
 use super::{model_name, ModelAssets, Placement, WeightFormat};
-use crate::config::{Activation, LayerSpec, ModelConfig, RopeScaling, RopeSpec};
+use crate::config::{ModelConfig, RopeScaling, RopeSpec};
 use crate::gguf::GgufFile;
 use crate::linear::{HalfMatrix, Linear};
 use crate::model::Weights;
@@ -208,14 +208,11 @@ fn config(g: &mut GgufFile, family: &'static models::Family, arch: &str) -> Resu
     let window = g
         .opt_usize(&k("attention.sliding_window"))?
         .filter(|w| *w > 0);
-    Ok(ModelConfig {
-        family: family.name,
+    let mut cfg = ModelConfig {
         hidden_size: hidden,
         intermediate_size: g.usize(&k("feed_forward_length"))?,
-        num_layers: layers,
         num_heads: heads,
         num_kv_heads: g.opt_usize(&k("attention.head_count_kv"))?.unwrap_or(heads),
-        head_dim,
         vocab_size: vocab,
         max_position_embeddings: ctx,
         norm_eps: g
@@ -226,23 +223,12 @@ fn config(g: &mut GgufFile, family: &'static models::Family, arch: &str) -> Resu
                     format!("missing metadata {arch}.attention.layer_norm_rms_epsilon"),
                 )
             })?,
-        norm_weight_offset: 0.0,
-        qk_norm: false,
-        qkv_bias: false,
-        activation: Activation::Silu,
-        post_norms: false,
-        embed_scale: 1.0,
-        attn_scale: 1.0 / (head_dim.max(1) as f32).sqrt(),
-        final_logit_softcap: None,
-        tied_embeddings: false,
-        ropes: vec![rope],
-        layers: (0..layers)
-            .map(|_| LayerSpec {
-                sliding_window: window,
-                rope: 0,
-            })
-            .collect(),
-    })
+        ..ModelConfig::plain(family.name, layers, head_dim, rope)
+    };
+    for l in &mut cfg.layers {
+        l.sliding_window = window;
+    }
+    Ok(cfg)
 }
 
 fn rope_scaling(g: &GgufFile, arch: &str, ctx: usize) -> Result<RopeScaling> {

@@ -15,7 +15,7 @@ use tokenizers::Tokenizer;
 
 use super::build::{build, Part, Source};
 use super::{model_name, ModelAssets, Placement};
-use crate::config::{Activation, LayerSpec, ModelConfig, RopeScaling, RopeSpec, RopeStyle};
+use crate::config::{Activation, ModelConfig, RopeScaling, RopeSpec, RopeStyle};
 use crate::linear::{HalfMatrix, Linear};
 use crate::model::Weights;
 use crate::models::{self, HfNames};
@@ -138,32 +138,15 @@ fn config(path: &Path, root: &Json, family: &'static models::Family) -> Result<M
     let layers = k.usize("num_hidden_layers")?;
     let ctx = k.usize("max_position_embeddings")?;
     let mut cfg = ModelConfig {
-        family: family.name,
         hidden_size: hidden,
         intermediate_size: k.usize("intermediate_size")?,
-        num_layers: layers,
         num_heads: heads,
         num_kv_heads: k.opt_usize("num_key_value_heads")?.unwrap_or(heads),
-        head_dim,
         vocab_size: k.usize("vocab_size")?,
         max_position_embeddings: ctx,
         norm_eps: k.opt_f64("rms_norm_eps").unwrap_or(1e-6) as f32,
-        norm_weight_offset: 0.0,
-        qk_norm: false,
         qkv_bias: j.get("attention_bias").and_then(Json::as_bool) == Some(true),
-        activation: Activation::Silu,
-        post_norms: false,
-        embed_scale: 1.0,
-        attn_scale: 1.0 / (head_dim.max(1) as f32).sqrt(),
-        final_logit_softcap: None,
-        tied_embeddings: false,
-        ropes: vec![rope(&k, head_dim, ctx)?],
-        layers: (0..layers)
-            .map(|_| LayerSpec {
-                sliding_window: None,
-                rope: 0,
-            })
-            .collect(),
+        ..ModelConfig::plain(family.name, layers, head_dim, rope(&k, head_dim, ctx)?)
     };
     if let Some(act) = j.get("hidden_act").and_then(Json::as_str) {
         if act != "silu" && !act.starts_with("gelu") {
