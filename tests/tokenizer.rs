@@ -15,22 +15,14 @@ fn assets() -> wick_runner::ModelAssets {
 #[test]
 fn tokenizer_matches_llama_cpp() {
     let reference = common::reference();
-    let assets = assets();
-    let cases = reference["tokenizer"].as_array().expect("tokenizer cases");
-    assert!(cases.len() >= 10);
-    for case in cases {
-        let text = case["text"].as_str().unwrap();
-        let want = common::ids(&case["ids"]);
-        let got = assets
-            .tokenizer
-            .encode(text, false)
-            .unwrap()
-            .get_ids()
-            .to_vec();
-        assert_eq!(got, want, "tokenizing {text:?}");
-        // And back: decoding gives the text again.
-        assert_eq!(assets.tokenizer.decode(&got, false).unwrap(), text);
-    }
+    assert!(
+        reference["tokenizer"]
+            .as_array()
+            .expect("tokenizer cases")
+            .len()
+            >= 10
+    );
+    tokenizer_cases_match(&assets(), &reference);
 }
 
 /// Renders every chat case of `reference` (but those with tools, which reach the template in

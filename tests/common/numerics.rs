@@ -132,18 +132,12 @@ pub fn check(
     )
     .expect("runner");
     let n = cases.len();
+    let prompts: Vec<Option<Vec<u32>>> = cases.iter().map(|c| Some(c.prompt.clone())).collect();
 
     // Teacher-forced: the prompts, then each reference token.
     let (mut diffs, mut hits) = (Vec::new(), 0usize);
     let mut starts = vec![0; n];
-    let mut logits = step(
-        &mut runner,
-        &mut starts,
-        &cases
-            .iter()
-            .map(|c| Some(c.prompt.clone()))
-            .collect::<Vec<_>>(),
-    );
+    let mut logits = step(&mut runner, &mut starts, &prompts);
     for s in 0.. {
         let mut feed = vec![None; n];
         for (i, c) in cases.iter().enumerate() {
@@ -178,14 +172,7 @@ pub fn check(
         .collect();
     let mut ours: Vec<Vec<u32>> = vec![Vec::new(); n];
     let mut starts = vec![0; n];
-    let mut logits = step(
-        &mut runner,
-        &mut starts,
-        &cases
-            .iter()
-            .map(|c| Some(c.prompt.clone()))
-            .collect::<Vec<_>>(),
-    );
+    let mut logits = step(&mut runner, &mut starts, &prompts);
     loop {
         let mut feed = vec![None; n];
         for i in 0..n {

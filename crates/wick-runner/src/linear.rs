@@ -191,18 +191,6 @@ impl Linear {
         }
     }
 
-    /// Whether every part runs on the host (plain memory or CPU tensors).
-    pub(crate) fn on_host(&self) -> bool {
-        match self {
-            Linear::Packed(_) | Linear::Half(_) => true,
-            Linear::Candle(QMatMul::QTensor(q)) => q.device().is_cpu(),
-            Linear::Candle(QMatMul::Tensor(t)) | Linear::Candle(QMatMul::TensorF16(t)) => {
-                t.device().is_cpu() && t.dtype() == DType::F32
-            }
-            Linear::Concat(parts) => parts.iter().all(Linear::on_host),
-        }
-    }
-
     /// Row `r` of the weights, dequantized into `out` (`cols()` values).
     pub(crate) fn row(&self, r: usize, out: &mut [f32]) -> Result<()> {
         match self {
@@ -286,13 +274,10 @@ impl Linear {
                     .collect::<Result<Vec<_>>>()?;
                 Ok(Tensor::cat(&outs, 1)?)
             }
-            Linear::Packed(_) | Linear::Half(_) => {
-                let (t, _) = x.dims2()?;
-                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let mut out = Vec::new();
-                self.forward_host(&xs, &mut Acts::default(), &mut out)?;
-                Ok(Tensor::from_vec(out, (t, self.rows()), x.device())?.to_dtype(x.dtype())?)
-            }
+            // The loaders build these for the host path only.
+            Linear::Packed(_) | Linear::Half(_) => Err(RunnerError::Step(
+                "a host-path matrix on the tensor path".into(),
+            )),
         }
     }
 }

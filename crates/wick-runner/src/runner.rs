@@ -91,7 +91,7 @@ impl Runner {
             return pool.install(|| model.forward_host(&ids, &meta, &last_rows, kv, scratch));
         }
         if !self.kv.uses_host_memory() {
-            meta.prepare_device(self.model.device(), &self.model.windows())?;
+            meta.prepare_device(self.model.device(), self.model.windows())?;
         }
         match self.model.forward(&ids, &meta, &last_rows, &mut self.kv)? {
             Some(logits) => Ok(logits.to_dtype(DType::F32)?.to_vec2()?),

@@ -132,31 +132,33 @@ impl Source for GgufSource {
     }
 
     fn linear(&mut self, names: &[String], rows: &[usize], cols: usize) -> Result<Linear> {
-        let mut parts = Vec::with_capacity(names.len());
+        // Runs of adjacent parts of one type are stacked by rows (each row is a whole number
+        // of blocks, so the stack is the concatenation of their bytes); runs of different
+        // types are computed side by side.
+        let mut runs: Vec<(WeightType, Vec<u8>, usize)> = Vec::with_capacity(names.len());
         for (name, &n) in names.iter().zip(rows) {
-            parts.push(self.matrix(name, n, cols)?);
-        }
-        let same = parts.iter().all(|(t, _)| *t == parts[0].0);
-        let host = self.place.host;
-        let device = self.place.device.clone();
-        let one = |s: &Self, ty, bytes: Vec<u8>, n| {
-            if host {
-                s.host_linear(ty, bytes, n, cols)
-            } else {
-                Linear::candle(ty, &bytes, n, cols, &device)
+            let (ty, bytes) = self.matrix(name, n, cols)?;
+            match runs.last_mut() {
+                Some((t, b, r)) if *t == ty => {
+                    b.extend_from_slice(&bytes);
+                    *r += n;
+                }
+                _ => runs.push((ty, bytes, n)),
             }
-        };
-        if same {
-            let ty = parts[0].0;
-            let total: usize = rows.iter().sum();
-            let bytes: Vec<u8> = parts.into_iter().flat_map(|(_, b)| b).collect();
-            return one(self, ty, bytes, total);
         }
-        let mut out = Vec::with_capacity(parts.len());
-        for ((ty, bytes), &n) in parts.into_iter().zip(rows) {
-            out.push(one(self, ty, bytes, n)?);
+        let mut out = Vec::with_capacity(runs.len());
+        for (ty, bytes, n) in runs {
+            out.push(if self.place.host {
+                self.host_linear(ty, bytes, n, cols)?
+            } else {
+                Linear::candle(ty, &bytes, n, cols, &self.place.device)?
+            });
         }
-        Ok(Linear::Concat(out))
+        Ok(if out.len() == 1 {
+            out.remove(0)
+        } else {
+            Linear::Concat(out)
+        })
     }
 
     fn table(&mut self, name: &str, rows: usize, cols: usize) -> Result<Linear> {

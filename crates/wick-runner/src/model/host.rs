@@ -53,8 +53,9 @@ impl Model {
             layer.qkv.forward_host(&s.h, &mut s.acts, &mut s.qkv)?;
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 for row in s.qkv.chunks_exact_mut(qd + 2 * kd) {
-                    head_norm(&mut row[..qd], &qn.w, eps);
-                    head_norm(&mut row[qd..qd + kd], &kn.w, eps);
+                    // Per head: the weights are one head long.
+                    rms_norm_in_place(&mut row[..qd], &qn.w, eps);
+                    rms_norm_in_place(&mut row[qd..qd + kd], &kn.w, eps);
                 }
             }
             let r = cfg.layers[i].rope;
@@ -110,11 +111,6 @@ pub(crate) fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
             *v = *v * inv * g;
         }
     }
-}
-
-/// RMSNorm of every head (`w.len()` values) in `x`.
-fn head_norm(x: &mut [f32], w: &[f32], eps: f32) {
-    rms_norm_in_place(x, w, eps);
 }
 
 fn add_into(x: &mut [f32], y: &[f32]) {

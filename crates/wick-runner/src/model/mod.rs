@@ -60,6 +60,8 @@ pub struct Model {
     cfg: ModelConfig,
     w: Weights,
     ropes: Vec<Rope>,
+    /// Every distinct sliding window of the layers (the tensor path's masks).
+    windows: Vec<Option<usize>>,
     device: Device,
     dtype: DType,
     host: bool,
@@ -67,21 +69,18 @@ pub struct Model {
 
 impl Model {
     pub(crate) fn new(cfg: ModelConfig, w: Weights, place: &Placement) -> Result<Self> {
-        let host = place.host
-            && w.lm_head.w.on_host()
-            && w.layers.iter().all(|l| {
-                [&l.qkv, &l.o, &l.gate_up, &l.down]
-                    .iter()
-                    .all(|p| p.w.on_host())
-            });
         let ropes = cfg.ropes.iter().map(Rope::new).collect();
+        let mut windows: Vec<Option<usize>> = cfg.layers.iter().map(|l| l.sliding_window).collect();
+        windows.sort_unstable();
+        windows.dedup();
         Ok(Self {
             cfg,
             w,
             ropes,
+            windows,
             device: place.device.clone(),
             dtype: place.dtype,
-            host,
+            host: place.host,
         })
     }
 
@@ -182,11 +181,8 @@ impl Model {
     }
 
     /// Every distinct sliding window of the layers (for the tensor path's masks).
-    pub(crate) fn windows(&self) -> Vec<Option<usize>> {
-        let mut w: Vec<Option<usize>> = self.cfg.layers.iter().map(|l| l.sliding_window).collect();
-        w.sort_unstable();
-        w.dedup();
-        w
+    pub(crate) fn windows(&self) -> &[Option<usize>] {
+        &self.windows
     }
 
     /// Attention shapes of layer `i`.
