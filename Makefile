@@ -21,6 +21,10 @@ serve: build
 ## that run the model are 10-50x slower unoptimized), then the openai-client suite.
 test: lint
 	WICK_MODEL="$$(scripts/fetch-model.sh)" cargo test --release --workspace
+	# The AVX2 and portable kernels give the AVX-512 kernels' bits: the default model's
+	# numerics again, each forced.
+	WICK_NO_AVX512=1 WICK_MODEL="$$(scripts/fetch-model.sh)" cargo test --release -p wick --test numerics default_model
+	WICK_NO_SIMD=1 WICK_MODEL="$$(scripts/fetch-model.sh)" cargo test --release -p wick --test numerics default_model
 	scripts/python-tests.sh
 
 lint:

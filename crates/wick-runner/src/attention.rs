@@ -239,8 +239,9 @@ fn attention_host(
 }
 
 /// Attention of one query token over the slots `ctx`, every head; the order of every sum is
-/// fixed, whatever else shares the step. Each cached key and value row is read once per
-/// group of query heads that shares it.
+/// fixed, whatever else shares the step and whichever instructions the CPU has: the AVX-512,
+/// AVX2 and portable kernels give the same bits. Each cached key and value row is read once
+/// per group of query heads that shares it.
 fn attend_token(
     q: &[f32],
     ctx: &[usize],
@@ -250,16 +251,18 @@ fn attend_token(
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if heads.head_dim.is_multiple_of(16) && simd::avx512_available() {
-        // SAFETY: AVX-512 F is present (checked just above).
-        unsafe { simd::attend_token_avx512(q, ctx, k_cache, v_cache, heads, out) };
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if heads.head_dim.is_multiple_of(8) && simd::avx2_available() {
-        // SAFETY: AVX2, FMA and F16C are present (checked just above).
-        unsafe { simd::attend_token_avx2(q, ctx, k_cache, v_cache, heads, out) };
-        return;
+    if heads.head_dim.is_multiple_of(LANES) {
+        match simd::level() {
+            // SAFETY: AVX-512 F is present (checked by `level`).
+            simd::Level::Avx512 => {
+                return unsafe { simd::attend_token_avx512(q, ctx, k_cache, v_cache, heads, out) }
+            }
+            // SAFETY: AVX2, FMA and F16C are present (checked by `level`).
+            simd::Level::Avx2 => {
+                return unsafe { simd::attend_token_avx2(q, ctx, k_cache, v_cache, heads, out) }
+            }
+            simd::Level::Portable => {}
+        }
     }
     attend_token_generic(
         q,
@@ -268,15 +271,33 @@ fn attend_token(
         v_cache,
         heads,
         out,
-        (
-            |q: &[f32], k: &[f16]| q.iter().zip(k).map(|(a, b)| a * b.to_f32()).sum(),
-            |o: &mut [f32], w: f32, v: &[f16]| {
-                for (o, v) in o.iter_mut().zip(v) {
-                    *o += w * v.to_f32();
-                }
-            },
-        ),
+        (dot_portable, axpy_portable),
     );
+}
+
+/// Lanes of the canonical dot product: lane `i` accumulates the products of the elements
+/// `i, i + 16, ...` with fused multiply-adds, then the lanes are added pairwise, halving.
+const LANES: usize = 16;
+
+fn dot_portable(q: &[f32], k: &[f16]) -> f32 {
+    let mut acc = [0f32; LANES];
+    for (i, (a, b)) in q.iter().zip(k).enumerate() {
+        acc[i % LANES] = a.mul_add(b.to_f32(), acc[i % LANES]);
+    }
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+    }
+    acc[0]
+}
+
+fn axpy_portable(o: &mut [f32], w: f32, v: &[f16]) {
+    for (o, v) in o.iter_mut().zip(v) {
+        *o = w.mul_add(v.to_f32(), *o);
+    }
 }
 
 /// The loop structure of attention, with the two inner kernels (a query row against an f16
@@ -337,28 +358,47 @@ mod simd {
 
     use super::{attend_token_generic, Heads};
 
-    pub fn avx512_available() -> bool {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            std::env::var_os("WICK_NO_AVX512").is_none()
-                && std::env::var_os("WICK_NO_SIMD").is_none()
-                && is_x86_feature_detected!("avx512f")
-        })
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Level {
+        Avx512,
+        Avx2,
+        Portable,
     }
 
-    pub fn avx2_available() -> bool {
+    /// The widest kernels this CPU runs (`WICK_NO_AVX512=1` skips the first,
+    /// `WICK_NO_SIMD=1` both).
+    pub fn level() -> Level {
         use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            std::env::var_os("WICK_NO_SIMD").is_none()
+        static LEVEL: OnceLock<Level> = OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            let no_simd = std::env::var_os("WICK_NO_SIMD").is_some();
+            if !no_simd
+                && std::env::var_os("WICK_NO_AVX512").is_none()
+                && is_x86_feature_detected!("avx512f")
+            {
+                Level::Avx512
+            } else if !no_simd
                 && is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c")
+            {
+                Level::Avx2
+            } else {
+                Level::Portable
+            }
         })
     }
 
-    /// The AVX2 + F16C version: 8 lanes.
+    /// The canonical reduction's last steps, 8 lanes to 1: lanes `i` and `i + 4`, then
+    /// `i + 2`, then `i + 1`.
+    #[inline(always)]
+    unsafe fn reduce8(v: __m256) -> f32 {
+        let x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+        _mm_cvtss_f32(_mm_add_ss(x, _mm_shuffle_ps::<1>(x, x)))
+    }
+
+    /// The AVX2 + F16C version: the 16 lanes as two registers.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn attend_token_avx2(
         q: &[f32],
@@ -378,17 +418,18 @@ mod simd {
             (
                 |q: &[f32], k: &[f16]| {
                     // SAFETY: AVX2/FMA/F16C (this function's features); lengths are whole
-                    // 8-lane chunks (head_dim % 8 == 0, checked by the caller).
+                    // 16-lane chunks (head_dim % 16 == 0, checked by the caller).
                     unsafe {
-                        let mut acc = _mm256_setzero_ps();
-                        for i in (0..q.len()).step_by(8) {
-                            let kv =
-                                _mm256_cvtph_ps(_mm_loadu_si128(k.as_ptr().add(i) as *const _));
-                            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), kv, acc);
+                        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                        for i in (0..q.len()).step_by(16) {
+                            let qp = q.as_ptr().add(i);
+                            let kp = k.as_ptr().add(i) as *const __m128i;
+                            let k0 = _mm256_cvtph_ps(_mm_loadu_si128(kp));
+                            let k1 = _mm256_cvtph_ps(_mm_loadu_si128(kp.add(1)));
+                            lo = _mm256_fmadd_ps(_mm256_loadu_ps(qp), k0, lo);
+                            hi = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(8)), k1, hi);
                         }
-                        let mut lanes = [0f32; 8];
-                        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-                        lanes.iter().sum()
+                        reduce8(_mm256_add_ps(lo, hi))
                     }
                 },
                 |o: &mut [f32], w: f32, v: &[f16]| unsafe {
@@ -430,7 +471,11 @@ mod simd {
                                 _mm512_cvtph_ps(_mm256_loadu_si256(k.as_ptr().add(i) as *const _));
                             acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(i)), kv, acc);
                         }
-                        _mm512_reduce_add_ps(acc)
+                        let hi = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc));
+                        reduce8(_mm256_add_ps(
+                            _mm512_castps512_ps256(acc),
+                            _mm256_castpd_ps(hi),
+                        ))
                     }
                 },
                 |o: &mut [f32], w: f32, v: &[f16]| unsafe {
@@ -506,4 +551,56 @@ fn attention_tensor(
         outs.push(o.transpose(0, 1)?.reshape((s.q_len, qd))?);
     }
     Ok(Tensor::cat(&outs, 0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The three kernels of one layer's attention give the same bits (each runs where the CPU
+    /// has it: all three on AVX-512 machines such as CI's).
+    #[test]
+    fn every_attention_kernel_gives_the_same_bits() {
+        let heads = Heads {
+            num_heads: 6,
+            num_kv_heads: 2,
+            head_dim: 64,
+            scale: 0.125,
+            window: None,
+        };
+        let (kd, slots) = (heads.kv_dim(), 40);
+        let mut seed = 3u64;
+        let mut rnd = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let k: Vec<f16> = (0..slots * kd)
+            .map(|_| f16::from_f32(rnd() * 3.0))
+            .collect();
+        let v: Vec<f16> = (0..slots * kd).map(|_| f16::from_f32(rnd())).collect();
+        let q: Vec<f32> = (0..heads.q_dim()).map(|_| rnd() * 2.0).collect();
+        let ctx: Vec<usize> = (0..slots).rev().step_by(2).collect();
+        let mut portable = vec![0f32; heads.q_dim()];
+        let kernels = (dot_portable, axpy_portable);
+        attend_token_generic(&q, &ctx, &k, &v, heads, &mut portable, kernels);
+        assert!(portable.iter().all(|x| x.is_finite()) && portable.iter().any(|x| *x != 0.0));
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") && has!("f16c") {
+                let mut out = vec![0f32; heads.q_dim()];
+                // SAFETY: the features were just checked.
+                unsafe { simd::attend_token_avx2(&q, &ctx, &k, &v, heads, &mut out) };
+                assert_eq!(out, portable, "avx2");
+            }
+            if has!("avx512f") {
+                let mut out = vec![0f32; heads.q_dim()];
+                // SAFETY: the feature was just checked.
+                unsafe { simd::attend_token_avx512(&q, &ctx, &k, &v, heads, &mut out) };
+                assert_eq!(out, portable, "avx512");
+            }
+        }
+    }
 }
