@@ -144,11 +144,51 @@ async fn config_file_then_environment_then_flags() {
     assert_eq!(with_flag.metric("wick_kv_cache_blocks").await, 300.0);
 }
 
+/// Without a size, the KV cache takes a share of the memory available: with the default
+/// share, the default model's cap (32 sequences of its 8,192 positions, 16,384 blocks of 16)
+/// on any machine with 12 GiB free, some share of it on a smaller one; with a tiny share, a
+/// request longer than the whole cache is a 400, as with an explicit size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kv_cache_is_sized_from_memory_by_default() {
+    let model = common::model_path();
+    let model = model.to_str().unwrap();
+    let s = Server::start_with(&["--model", model], &[]).await;
+    let blocks = s.metric("wick_kv_cache_blocks").await;
+    assert!((1024.0..=16384.0).contains(&blocks), "{blocks}");
+    let max_len = s.get_json("/v1/models").await["data"][0]["max_model_len"].clone();
+    assert_eq!(max_len, 8192, "the whole context fits");
+    drop(s);
+
+    // 0.00001 of a few GiB: a few hundred KiB, one or two blocks of 360 KiB.
+    let s = Server::start_with(
+        &[
+            "--model",
+            model,
+            "--served-model-name",
+            "smollm2",
+            "--kv-cache-memory-fraction",
+            "0.00002",
+        ],
+        &[],
+    )
+    .await;
+    let blocks = s.metric("wick_kv_cache_blocks").await;
+    assert!((1.0..=64.0).contains(&blocks), "{blocks}");
+    let long = "word ".repeat(1200);
+    let (status, body) = s.post_json("/v1/chat/completions", &chat(&long, 4)).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+}
+
 #[test]
 fn bad_configuration_values_exit_2_naming_the_key() {
     for (env, needle) in [
         (("WICK_LOG_FORMAT", "xml"), "logging.format"),
         (("WICK_DRAIN_TIMEOUT", "-1"), "server.drain_timeout"),
+        (
+            ("WICK_KV_CACHE_MEMORY_FRACTION", "1.5"),
+            "scheduler.kv_cache_memory_fraction",
+        ),
         (
             ("WICK_OTLP_ENDPOINT", "collector:4318"),
             "logging.otlp_endpoint",

@@ -21,10 +21,15 @@ fn free_port() -> u16 {
 
 impl Server {
     /// Starts `wick serve` on the default model with `extra` flags; waits for `/health`.
+    /// Tests run several servers at once: each gets an explicit KV cache (1024 blocks)
+    /// unless `extra` sizes it, rather than a share of the machine's memory.
     pub async fn start(extra: &[&str]) -> Server {
         let model = super::model_path();
         let model = model.to_str().expect("UTF-8 model path");
         let mut args = vec!["--model", model, "--served-model-name", "smollm2"];
+        if !extra.iter().any(|a| a.starts_with("--kv-cache")) {
+            args.extend_from_slice(&["--kv-cache-blocks", "1024"]);
+        }
         args.extend_from_slice(extra);
         Server::start_with(&args, &[]).await
     }

@@ -5,7 +5,7 @@
 //! dtype. Attention over it is in `attention`.
 
 use candle_core::{DType, Device, Tensor};
-use half::f16;
+use half::{f16, vec::HalfBitsVecExt};
 
 use crate::{ModelConfig, Result};
 
@@ -26,6 +26,42 @@ pub(crate) enum LayerCache {
         k: Tensor,
         v: Tensor,
     },
+}
+
+/// `n` f16 zeros in memory the allocator takes already zeroed (from the OS, for a large
+/// cache): a page is committed only when a sequence first writes to it, so a cache sized for
+/// the machine costs nothing until it is used.
+fn zeroed(n: usize) -> Vec<f16> {
+    vec![0u16; n].reinterpret_into()
+}
+
+fn share(available: u64, fraction: f64, num_models: usize) -> u64 {
+    (available as f64 * fraction.clamp(0.0, 1.0) / num_models.max(1) as f64) as u64
+}
+
+/// Free memory of the GPU, as its driver reports it.
+fn device_available_bytes(device: &Device) -> Option<u64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            let (free, _total) = d.cuda_stream().context().mem_get_info().ok()?;
+            Some(free as u64)
+        }
+        _ => None,
+    }
+}
+
+/// `MemAvailable` of `/proc/meminfo`: memory the kernel can give without swapping.
+fn host_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_mem_available(&text)
+}
+
+fn parse_mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let mut words = line.split_whitespace().skip(1);
+    let kib: u64 = words.next()?.parse().ok()?;
+    (words.next() == Some("kB")).then_some(kib * 1024)
 }
 
 /// Keys and values of every layer, for every block.
@@ -53,8 +89,8 @@ impl KvCache {
             .map(|_| {
                 Ok(if host {
                     LayerCache::Host {
-                        k: vec![f16::ZERO; n],
-                        v: vec![f16::ZERO; n],
+                        k: zeroed(n),
+                        v: zeroed(n),
                     }
                 } else {
                     let shape = (cfg.num_blocks * cfg.block_size, model.kv_dim());
@@ -88,7 +124,43 @@ impl KvCache {
         2 * model.num_layers * block_size * model.kv_dim() * elem
     }
 
+    /// Bytes to give the cache by default: `fraction` of the memory available now (after the
+    /// weights are loaded: the host's when `host`, else the GPU's), shared by `num_models`
+    /// models in one process. `None` where the platform does not say how much is available.
+    pub fn default_bytes(
+        host: bool,
+        device: &Device,
+        fraction: f64,
+        num_models: usize,
+    ) -> Option<u64> {
+        let available = if host {
+            host_available_bytes()?
+        } else {
+            device_available_bytes(device)?
+        };
+        Some(share(available, fraction, num_models))
+    }
+
     pub fn uses_host_memory(&self) -> bool {
         matches!(self.layers.first(), Some(LayerCache::Host { .. }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn available_memory_is_read_from_meminfo() {
+        let text = "MemTotal:       24576000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(parse_mem_available(text), Some(20_000_000 * 1024));
+        assert_eq!(parse_mem_available("MemTotal: 1 kB\n"), None);
+        assert_eq!(parse_mem_available("MemAvailable: many kB\n"), None);
+        assert_eq!(share(1000, 0.5, 1), 500);
+        assert_eq!(share(1000, 0.5, 2), 250);
+        assert_eq!(share(1000, 7.0, 1), 1000);
+        if cfg!(target_os = "linux") {
+            assert!(KvCache::default_bytes(true, &Device::Cpu, 0.5, 1).unwrap() > 0);
+        }
     }
 }

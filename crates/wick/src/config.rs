@@ -78,9 +78,12 @@ pub struct ServeArgs {
     /// Positions per KV cache block. [key: scheduler.block_size]
     #[arg(long, env = "WICK_BLOCK_SIZE")]
     pub block_size: Option<usize>,
-    /// KV cache size in blocks. [key: scheduler.kv_cache_blocks]
+    /// KV cache size in blocks; default: sized from memory (--kv-cache-memory-fraction). [key: scheduler.kv_cache_blocks]
     #[arg(long, env = "WICK_KV_CACHE_BLOCKS")]
     pub kv_cache_blocks: Option<usize>,
+    /// Without --kv-cache-blocks or --kv-cache-memory: the share of the memory available after loading (the host's, or the GPU's) the KV cache takes. [key: scheduler.kv_cache_memory_fraction]
+    #[arg(long, env = "WICK_KV_CACHE_MEMORY_FRACTION")]
+    pub kv_cache_memory_fraction: Option<f64>,
     /// Longest prompt plus output; 0 means the model's own limit. [key: scheduler.max_model_len]
     #[arg(long, env = "WICK_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
@@ -161,6 +164,7 @@ struct FileScheduler {
     block_size: Option<usize>,
     kv_cache_blocks: Option<usize>,
     kv_cache_memory: Option<String>,
+    kv_cache_memory_fraction: Option<f64>,
     max_model_len: Option<usize>,
     enable_prefix_caching: Option<bool>,
     prefill_tokens_per_decode: Option<usize>,
@@ -201,9 +205,11 @@ pub struct Config {
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     pub block_size: usize,
-    pub kv_cache_blocks: usize,
+    /// `None`: sized from memory.
+    pub kv_cache_blocks: Option<usize>,
     /// Bytes of KV cache, when given as memory (it then sets the number of blocks).
     pub kv_cache_memory: Option<u64>,
+    pub kv_cache_memory_fraction: f64,
     /// 0: the model's own limit.
     pub max_model_len: usize,
     pub enable_prefix_caching: bool,
@@ -292,10 +298,11 @@ impl Config {
                 .or(file.scheduler.max_num_batched_tokens)
                 .unwrap_or(512),
             block_size: args.block_size.or(file.scheduler.block_size).unwrap_or(16),
-            kv_cache_blocks: args
-                .kv_cache_blocks
-                .or(file.scheduler.kv_cache_blocks)
-                .unwrap_or(1024),
+            kv_cache_blocks: args.kv_cache_blocks.or(file.scheduler.kv_cache_blocks),
+            kv_cache_memory_fraction: args
+                .kv_cache_memory_fraction
+                .or(file.scheduler.kv_cache_memory_fraction)
+                .unwrap_or(0.5),
             max_model_len: args
                 .max_model_len
                 .or(file.scheduler.max_model_len)
@@ -346,7 +353,10 @@ impl Config {
                 "scheduler.min_prefill_tokens_per_step",
                 self.min_prefill_tokens_per_step,
             ),
-            ("scheduler.kv_cache_blocks", self.kv_cache_blocks),
+            (
+                "scheduler.kv_cache_blocks",
+                self.kv_cache_blocks.unwrap_or(1),
+            ),
             ("queue.max_waiting_requests", self.max_waiting_requests),
         ];
         for (key, v) in positive {
@@ -381,6 +391,10 @@ impl Config {
         }
         if !(self.max_queue_time >= 0.0 && self.max_queue_time.is_finite()) {
             bail!("queue.max_queue_time must be a number of seconds, 0 or more");
+        }
+        let f = self.kv_cache_memory_fraction;
+        if !(f > 0.0 && f <= 1.0) {
+            bail!("scheduler.kv_cache_memory_fraction must be more than 0 and at most 1");
         }
         if self.kv_cache_memory == Some(0) {
             bail!("scheduler.kv_cache_memory must be more than 0");
@@ -466,7 +480,8 @@ mod tests {
         })
         .unwrap();
         assert_eq!(cfg.port, 8080);
-        assert_eq!(cfg.kv_cache_blocks, 1024);
+        assert_eq!(cfg.kv_cache_blocks, None);
+        assert_eq!(cfg.kv_cache_memory_fraction, 0.5);
     }
 
     #[test]

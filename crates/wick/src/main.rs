@@ -122,7 +122,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             max_num_seqs: cfg.max_num_seqs,
             max_num_batched_tokens: cfg.max_num_batched_tokens,
             block_size: cfg.block_size,
-            num_blocks: cfg.kv_cache_blocks,
+            // Set once the model is loaded (`kv_blocks`).
+            num_blocks: cfg.kv_cache_blocks.unwrap_or(1),
             max_model_len: if cfg.max_model_len == 0 {
                 usize::MAX
             } else {
@@ -139,7 +140,14 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         max_queue_time: (cfg.max_queue_time > 0.0)
             .then(|| Duration::from_secs_f64(cfg.max_queue_time)),
     };
-    let (blocks, memory, block_size) = (cfg.kv_cache_blocks, cfg.kv_cache_memory, cfg.block_size);
+    let sizing = KvSizing {
+        blocks: cfg.kv_cache_blocks,
+        memory: cfg.kv_cache_memory,
+        fraction: cfg.kv_cache_memory_fraction,
+        block_size: cfg.block_size,
+        max_num_seqs: cfg.max_num_seqs,
+        max_model_len: cfg.max_model_len,
+    };
     let (spec, file, revision) = (
         cfg.model.clone(),
         cfg.model_file.clone(),
@@ -148,24 +156,17 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let engine = wick_engine::start(engine_cfg, metrics.clone(), move || {
         // On the engine thread, so that /health/live answers during a Hub download.
         let path = hub::resolve(&spec, file.as_deref(), &revision).map_err(|e| format!("{e:#}"))?;
-        let loaded = wick_runner::load(&path, &device, &LoadOptions { weight_format, dtype, ..Default::default() })
-            .map_err(|e| e.to_string())?;
-        let num_blocks = match memory {
-            Some(bytes) => {
-                let per_block = KvCache::bytes_per_block(
-                    loaded.model.config(),
-                    block_size,
-                    loaded.model.runs_on_host(),
-                    loaded.model.dtype(),
-                );
-                let n = (bytes / per_block as u64) as usize;
-                if n == 0 {
-                    return Err(format!("scheduler.kv_cache_memory is smaller than one KV block ({per_block} bytes)"));
-                }
-                n
-            }
-            None => blocks,
-        };
+        let loaded = wick_runner::load(
+            &path,
+            &device,
+            &LoadOptions {
+                weight_format,
+                dtype,
+                ..Default::default()
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        let num_blocks = sizing.blocks_for(&loaded.model, &device)?;
         let m = &loaded.model;
         let c = m.config();
         tracing::info!(
@@ -178,9 +179,16 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             path = if m.runs_on_host() { "host" } else { "tensor" },
             "model loaded"
         );
-        let cache = CacheConfig { num_blocks, block_size };
+        let cache = CacheConfig {
+            num_blocks,
+            block_size: sizing.block_size,
+        };
         let runner = Runner::new(loaded.model, cache).map_err(|e| e.to_string())?;
-        Ok(Loaded { runner, assets: loaded.assets, num_blocks })
+        Ok(Loaded {
+            runner,
+            assets: loaded.assets,
+            num_blocks,
+        })
     })
     .context("cannot start the engine thread")?;
     let state = AppState::new(engine.handle, metrics, cfg.api_key.clone());
@@ -235,6 +243,59 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         _ => bail!("the engine thread stopped while loading the model"),
     }
     server.await.context("server failed")
+}
+
+/// How the KV cache's size is chosen: blocks, else memory, else a share of what is available.
+struct KvSizing {
+    blocks: Option<usize>,
+    memory: Option<u64>,
+    fraction: f64,
+    block_size: usize,
+    max_num_seqs: usize,
+    /// 0: the model's own.
+    max_model_len: usize,
+}
+
+impl KvSizing {
+    fn blocks_for(
+        &self,
+        model: &wick_runner::Model,
+        device: &wick_runner::Device,
+    ) -> Result<usize, String> {
+        let c = model.config();
+        let per_block =
+            KvCache::bytes_per_block(c, self.block_size, model.runs_on_host(), model.dtype())
+                as u64;
+        if let (None, Some(blocks)) = (self.memory, self.blocks) {
+            return Ok(blocks);
+        }
+        let (bytes, what) = match self.memory {
+            Some(bytes) => (bytes, "scheduler.kv_cache_memory"),
+            None => {
+                let Some(bytes) =
+                    KvCache::default_bytes(model.runs_on_host(), device, self.fraction, 1)
+                else {
+                    tracing::warn!(
+                        "available memory unknown here: 1024 KV blocks (set --kv-cache-memory)"
+                    );
+                    return Ok(1024);
+                };
+                // No more than the running sequences could ever fill.
+                let len = match self.max_model_len {
+                    0 => c.max_position_embeddings,
+                    n => n.min(c.max_position_embeddings),
+                };
+                let useful = (self.max_num_seqs * len.div_ceil(self.block_size)) as u64 * per_block;
+                (bytes.min(useful), "the memory available")
+            }
+        };
+        match (bytes / per_block) as usize {
+            0 => Err(format!(
+                "{what} is smaller than one KV block ({per_block} bytes)"
+            )),
+            n => Ok(n),
+        }
+    }
 }
 
 /// The name clients put in `model`: `--served-model-name`, else a Hub repository's id, else
