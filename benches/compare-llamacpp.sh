@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Side by side: llama.cpp's llama-server and Wick on the same GGUF, same threads and
 # parallelism, the same load from `wick bench`, alternating, several rounds. Prints each
-# figure (median over rounds) and the ratio Wick / llama.cpp.
+# figure (median over rounds) and the ratio Wick / llama.cpp. The loads: REQUESTS short chats
+# at each CONCURRENCY; cold prefill of 8 ~700-token prompts one at a time; and long context:
+# LONG_CLIENTS clients, each with its own ~2,000-token prompt (no shared prefix), LONG_TOKENS
+# output tokens. llama-server gets a context per slot that holds them (SLOT_CONTEXT, 4096:
+# -c 65536 with 16 slots); Wick runs at its default settings but for --max-num-seqs.
 #
 #   benches/compare-llamacpp.sh            # defaults below
 #   ROUNDS=3 REQUESTS=32 MAX_TOKENS=128 CONCURRENCY="1 16" benches/compare-llamacpp.sh
@@ -19,6 +23,10 @@ MAX_TOKENS=${MAX_TOKENS:-128}
 CONCURRENCY=${CONCURRENCY:-"1 16"}
 PARALLEL=${PARALLEL:-16}
 THREADS=${THREADS:-$(nproc)}
+SLOT_CONTEXT=${SLOT_CONTEXT:-4096}
+LONG_CLIENTS=${LONG_CLIENTS:-16}
+LONG_TOKENS=${LONG_TOKENS:-128}
+LONG_WORDS=${LONG_WORDS:-1800}
 SHARED=${WICK_SHARED:-../shared}
 OUT=${OUT:-target/compare}
 mkdir -p "$OUT"
@@ -44,7 +52,7 @@ wait_healthy() {
 
 P1=$(free_port); P2=$(free_port)
 "$LLAMA" -m "$MODEL" --host 127.0.0.1 --port "$P1" -t "$THREADS" -np "$PARALLEL" \
-  -c $((PARALLEL * 1024)) --alias model >"$OUT/llama-server.log" 2>&1 &
+  -c $((PARALLEL * SLOT_CONTEXT)) --alias model >"$OUT/llama-server.log" 2>&1 &
 LPID=$!
 "$WICK" serve --model "$MODEL" --port "$P2" --served-model-name model \
   --max-num-seqs "$PARALLEL" >"$OUT/wick.log" 2>&1 &
@@ -66,6 +74,22 @@ with open(sys.argv[1], "w") as f:
 PY
 }
 
+# ~2,000-token prompts, one per client, each its own shuffle of the words from the first
+# block on (a prefix-cache hit on neither server), new in every round.
+context_prompts() { # round -> file
+  python3 - "$OUT/context-prompts-r$1.txt" "$1" "$LONG_CLIENTS" "$LONG_WORDS" <<'PY'
+import random, sys
+path, tag, n, words_per = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+words = ("river stone lantern harbor meadow engine violin glacier canyon orchard copper "
+         "falcon willow thunder marble saddle quartz ember prairie beacon").split()
+rng = random.Random(tag)
+with open(path, "w") as f:
+    for i in range(n):
+        body = " ".join(rng.choice(words) for _ in range(words_per))
+        f.write(f"{rng.randrange(10**9)} {tag} {i}: {body}. Summarize the text above.\n")
+PY
+}
+
 run() { # name url concurrency requests max_tokens extra... -> JSON file
   local name=$1 url=$2 c=$3 n=$4 mt=$5; shift 5
   "$WICK" bench --quiet --url "$url" --model model --endpoint "$ENDPOINT" --requests "$n" \
@@ -80,6 +104,9 @@ for round in $(seq 1 "$ROUNDS"); do
     done
     long_prompts "$round-$server"
     run "$server-prefill-r$round" "$url" 1 8 1 --prompts "$OUT/long-prompts-r$round-$server.txt"
+    context_prompts "$round-$server"
+    run "$server-context-r$round" "$url" "$LONG_CLIENTS" "$LONG_CLIENTS" "$LONG_TOKENS" \
+      --prompts "$OUT/context-prompts-r$round-$server.txt"
   done
   echo "round $round done" >&2
 done
@@ -111,6 +138,9 @@ def prefill(name):
         vals.append(tokens / rep["requests"] / (rep["ttft_ms"]["p50"] / 1000))
     return statistics.median(vals)
 rows.append(("cold prefill tokens/s (~700-token prompts)", prefill("llama"), prefill("wick")))
+for label, key in [("total tokens/s", "total_tokens_per_s"), ("output tokens/s", "output_tokens_per_s"),
+                   ("TTFT p50 ms", "ttft_ms.p50"), ("ITL p99 ms", "itl_ms.p99"), ("errors", "errors")]:
+    rows.append((f"long context {label}", med("llama-context", key), med("wick-context", key)))
 print(f"{'figure':<44} {'llama.cpp':>12} {'wick':>12} {'wick/llama':>11}")
 for name, l, w in rows:
     ratio = w / l if l else float("nan")
