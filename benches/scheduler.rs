@@ -12,6 +12,7 @@ fn bench(c: &mut Criterion) {
         num_blocks: 256 * 64,
         max_model_len: 1024,
         enable_prefix_caching: true,
+        prefill_latency_share: 0.25,
         prefill_tokens_per_decode: 1,
         min_prefill_tokens_per_step: 8,
     });

@@ -10,7 +10,7 @@ use wick_core::{
     TokenLogprobs,
 };
 use wick_runner::{ModelAssets, Runner, Sampled, Sampler};
-use wick_scheduler::{Scheduler, SchedulerConfig, SeqOutcome, Sequence};
+use wick_scheduler::{attended, CostFit, Scheduler, SchedulerConfig, SeqOutcome, Sequence};
 
 /// How long the idle loop waits for a request before looking at its channels again.
 const IDLE_WAIT: Duration = Duration::from_millis(50);
@@ -21,11 +21,21 @@ const RATE_WINDOW: Duration = Duration::from_secs(30);
 /// a row of logits per sequence scheduled with `sample`, in batch order.
 pub trait StepRunner {
     fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>, String>;
+
+    /// Seconds the last step spent in attention, if the runner measures it: with it the
+    /// engine fits what steps cost and the scheduler sizes prompt chunks by time.
+    fn attention_seconds(&self) -> Option<f64> {
+        None
+    }
 }
 
 impl StepRunner for Runner {
     fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>, String> {
         Runner::step(self, batch).map_err(|e| e.to_string())
+    }
+
+    fn attention_seconds(&self) -> Option<f64> {
+        Runner::attention_seconds(self)
     }
 }
 
@@ -125,6 +135,8 @@ struct Live {
 
 pub(crate) struct Engine<R> {
     sched: Scheduler,
+    /// What steps cost, measured, for the scheduler's prompt chunks.
+    cost: CostFit,
     runner: R,
     queue: QueueReceiver,
     metrics: Metrics,
@@ -146,6 +158,7 @@ impl<R: StepRunner> Engine<R> {
         metrics.kv_blocks_total.set(cfg.num_blocks as i64);
         Self {
             sched: Scheduler::new(cfg),
+            cost: CostFit::default(),
             runner,
             queue,
             metrics,
@@ -346,6 +359,17 @@ impl<R: StepRunner> Engine<R> {
                 }
                 Err(message) => failed.push((s.id, message)),
             }
+        }
+        if let Some(attention) = self.runner.attention_seconds() {
+            let attended: f64 = batch
+                .seqs
+                .iter()
+                .map(|s| attended(s.start_pos, s.tokens.len()))
+                .sum();
+            let seconds = started.elapsed().as_secs_f64();
+            self.cost
+                .observe(batch.num_tokens(), attended, seconds, attention);
+            self.sched.set_step_cost(self.cost.cost());
         }
         let outcomes = self.sched.postprocess(&sampled);
         let now = Instant::now();

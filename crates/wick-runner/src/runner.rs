@@ -51,6 +51,14 @@ impl Runner {
         &self.model
     }
 
+    /// Seconds the last step spent in attention, where the runner measures it (the host
+    /// path): the scheduler sizes prompt chunks by it.
+    pub fn attention_seconds(&self) -> Option<f64> {
+        self.model
+            .runs_on_host()
+            .then_some(self.scratch.attention.as_secs_f64())
+    }
+
     /// Computes every scheduled token and returns one row of logits for each sequence
     /// scheduled with `sample`, in batch order.
     pub fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>> {

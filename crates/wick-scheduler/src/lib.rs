@@ -9,9 +9,11 @@
 //! running sequence is preempted and later recomputed. No tensors, no async, no locks.
 
 mod block_manager;
+mod cost;
 mod scheduler;
 mod sequence;
 
 pub use block_manager::{block_hash, BlockManager};
+pub use cost::{attended, CostFit, StepCost};
 pub use scheduler::{AddError, Scheduler, SchedulerConfig, SeqOutcome};
 pub use sequence::Sequence;

@@ -2,10 +2,10 @@ use std::collections::VecDeque;
 
 use wick_core::{FinishReason, RequestId, ScheduledBatch, ScheduledSeq};
 
-use crate::{BlockManager, Sequence};
+use crate::{attended, BlockManager, Sequence, StepCost};
 
 /// Limits the scheduler works within.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SchedulerConfig {
     /// Most sequences running (holding KV blocks) at once.
     pub max_num_seqs: usize,
@@ -19,8 +19,14 @@ pub struct SchedulerConfig {
     pub max_model_len: usize,
     /// Share the KV blocks of common prefixes between sequences.
     pub enable_prefix_caching: bool,
-    /// While sequences decode, a step computes at most this many prompt tokens per decoding
-    /// sequence (0: no limit beyond `max_num_batched_tokens`).
+    /// With a measured step cost: while sequences decode, prompt chunks add at most this
+    /// share to the time of a step's decodes (so their inter-token latency stays within
+    /// `1 + share` of what it is without prompts), or an even share per sequence when more
+    /// prompts wait than sequences decode, so that prompts are never starved.
+    pub prefill_latency_share: f64,
+    /// Without a measured step cost (the first steps, or a runner that does not time its
+    /// attention): while sequences decode, a step computes at most this many prompt tokens
+    /// per decoding sequence (0: no limit beyond `max_num_batched_tokens`) ...
     pub prefill_tokens_per_decode: usize,
     /// ... but never fewer than this many, so prompts keep moving.
     pub min_prefill_tokens_per_step: usize,
@@ -65,6 +71,7 @@ pub struct Scheduler {
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
     planned: Vec<Planned>,
+    cost: Option<StepCost>,
     num_preemptions: u64,
     prefix_queries: u64,
     prefix_hits: u64,
@@ -78,6 +85,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             planned: Vec::new(),
+            cost: None,
             num_preemptions: 0,
             prefix_queries: 0,
             prefix_hits: 0,
@@ -86,6 +94,12 @@ impl Scheduler {
 
     pub fn config(&self) -> &SchedulerConfig {
         &self.cfg
+    }
+
+    /// The measured cost of a step, to size prompt chunks by time (see
+    /// [`SchedulerConfig::prefill_latency_share`]); `None` sizes them by token counts.
+    pub fn set_step_cost(&mut self, cost: Option<StepCost>) {
+        self.cost = cost;
     }
 
     pub fn num_waiting(&self) -> usize {
@@ -182,6 +196,7 @@ impl Scheduler {
         let decodes: Vec<RequestId> = decodes.iter().map(|s| s.id).collect();
         let chunks: Vec<RequestId> = chunks.iter().map(|s| s.id).collect();
         let mut num_decodes = 0;
+        let mut decode_attended = 0.0;
         for id in decodes {
             if budget == 0 {
                 break;
@@ -191,24 +206,55 @@ impl Scheduler {
                 Some(_) => {
                     num_decodes += 1;
                     budget -= 1;
+                    if let Some(s) = self.running.iter().find(|s| s.id == id) {
+                        decode_attended += attended(s.num_computed, 1);
+                    }
                 }
                 None => preempted = true,
             }
         }
-        // While streams are decoding, prompts get a share of the step proportional to them,
-        // so a long prompt cannot stall their inter-token latency.
-        let mut prefill_budget = budget.min(self.prefill_cap(num_decodes));
+        let mut prompts = PromptBudget {
+            tokens: budget,
+            seconds: f64::INFINITY,
+            cost: None,
+            first: true,
+        };
+        if num_decodes > 0 {
+            match self.cost {
+                // While streams are decoding, prompts get a share of the step's time ...
+                Some(cost) => {
+                    let decode_s = cost.fixed + cost.variable(num_decodes, decode_attended);
+                    let free_slots = self.cfg.max_num_seqs.saturating_sub(self.running.len());
+                    let waiting = chunks.len() + self.waiting.len().min(free_slots);
+                    let share = self
+                        .cfg
+                        .prefill_latency_share
+                        .max(waiting as f64 / num_decodes as f64);
+                    prompts.seconds = decode_s * share;
+                    prompts.cost = Some(cost);
+                }
+                // ... or, unmeasured, of its tokens, proportional to them.
+                None => prompts.tokens = budget.min(self.prefill_cap(num_decodes)),
+            }
+        }
         for id in chunks {
-            if prefill_budget == 0 {
+            if prompts.tokens == 0 {
                 break;
             }
-            match self.schedule_running(id, prefill_budget) {
-                Some(chunk) => prefill_budget -= chunk,
+            let Some(s) = self.running.iter().find(|s| s.id == id) else {
+                continue;
+            };
+            let limit = prompts.limit(s);
+            if limit == 0 {
+                break;
+            }
+            match self.schedule_running(id, limit) {
+                Some(chunk) => prompts.take(chunk, id, self),
                 None => preempted = true,
             }
         }
         if !preempted {
-            self.admit_waiting(prefill_budget);
+            self.admit_waiting(&mut prompts);
         }
         self.batch()
     }
@@ -276,8 +322,8 @@ impl Scheduler {
         self.num_preemptions += 1;
     }
 
-    fn admit_waiting(&mut self, mut budget: usize) {
-        while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+    fn admit_waiting(&mut self, prompts: &mut PromptBudget) {
+        while prompts.tokens > 0 && self.running.len() < self.cfg.max_num_seqs {
             let Some(seq) = self.waiting.front_mut() else {
                 break;
             };
@@ -286,10 +332,11 @@ impl Scheduler {
                 self.prefix_queries += queried as u64;
                 self.prefix_hits += hit as u64;
             }
-            let chunk = seq.num_pending().min(budget);
-            if !self
-                .blocks
-                .grow(&mut seq.block_table, seq.num_computed + chunk)
+            let chunk = prompts.limit(seq);
+            if chunk == 0
+                || !self
+                    .blocks
+                    .grow(&mut seq.block_table, seq.num_computed + chunk)
             {
                 // First come, first served: nobody overtakes the head. Its prefix hits are
                 // given back and looked up again next time.
@@ -299,9 +346,10 @@ impl Scheduler {
                 break;
             }
             if let Some(seq) = self.waiting.pop_front() {
+                let id = seq.id;
                 self.running.push(seq);
                 self.plan(self.running.len() - 1, chunk);
-                budget -= chunk;
+                prompts.take(chunk, id, self);
             }
         }
     }
@@ -376,6 +424,43 @@ impl Scheduler {
             }
         }
         outcomes
+    }
+}
+
+/// What is left of a step for prompt chunks: tokens, and, with a measured cost, seconds.
+struct PromptBudget {
+    tokens: usize,
+    seconds: f64,
+    cost: Option<StepCost>,
+    /// No prompt has a chunk in this step yet: the first gets at least one token, so prompts
+    /// always progress.
+    first: bool,
+}
+
+impl PromptBudget {
+    /// The largest chunk of `seq`'s pending prompt that fits.
+    fn limit(&self, seq: &Sequence) -> usize {
+        let pending = seq.num_pending().min(self.tokens);
+        match self.cost {
+            None => pending,
+            Some(c) => {
+                let fit = c.max_chunk(seq.num_computed, pending, self.seconds);
+                if self.first {
+                    fit.max(pending.min(1))
+                } else {
+                    fit
+                }
+            }
+        }
+    }
+
+    /// Charges a chunk of `chunk` tokens just planned for sequence `id`.
+    fn take(&mut self, chunk: usize, id: RequestId, sched: &Scheduler) {
+        self.tokens -= chunk;
+        self.first &= chunk == 0;
+        if let (Some(c), Some(s)) = (self.cost, sched.running.iter().find(|s| s.id == id)) {
+            self.seconds -= c.variable(chunk, attended(s.num_computed, chunk));
+        }
     }
 }
 

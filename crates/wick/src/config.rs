@@ -90,7 +90,10 @@ pub struct ServeArgs {
     /// KV cache size as memory (e.g. 512MiB, 2GiB); overrides --kv-cache-blocks. [key: scheduler.kv_cache_memory]
     #[arg(long, env = "WICK_KV_CACHE_MEMORY")]
     pub kv_cache_memory: Option<String>,
-    /// While streams decode, prompt tokens per step per decoding stream; 0 means no limit. [key: scheduler.prefill_tokens_per_decode]
+    /// While streams decode, the share prompt chunks may add to a step's time (by the measured cost of steps); more when more prompts wait than streams decode. [key: scheduler.prefill_latency_share]
+    #[arg(long, env = "WICK_PREFILL_LATENCY_SHARE")]
+    pub prefill_latency_share: Option<f64>,
+    /// Until steps are measured: while streams decode, prompt tokens per step per decoding stream; 0 means no limit. [key: scheduler.prefill_tokens_per_decode]
     #[arg(long, env = "WICK_PREFILL_TOKENS_PER_DECODE")]
     pub prefill_tokens_per_decode: Option<usize>,
     /// ... but at least this many prompt tokens per step. [key: scheduler.min_prefill_tokens_per_step]
@@ -167,6 +170,7 @@ struct FileScheduler {
     kv_cache_memory_fraction: Option<f64>,
     max_model_len: Option<usize>,
     enable_prefix_caching: Option<bool>,
+    prefill_latency_share: Option<f64>,
     prefill_tokens_per_decode: Option<usize>,
     min_prefill_tokens_per_step: Option<usize>,
 }
@@ -213,6 +217,7 @@ pub struct Config {
     /// 0: the model's own limit.
     pub max_model_len: usize,
     pub enable_prefix_caching: bool,
+    pub prefill_latency_share: f64,
     pub prefill_tokens_per_decode: usize,
     pub min_prefill_tokens_per_step: usize,
     pub max_waiting_requests: usize,
@@ -316,6 +321,10 @@ impl Config {
                 .enable_prefix_caching
                 .or(file.scheduler.enable_prefix_caching)
                 .unwrap_or(true),
+            prefill_latency_share: args
+                .prefill_latency_share
+                .or(file.scheduler.prefill_latency_share)
+                .unwrap_or(0.25),
             prefill_tokens_per_decode: args
                 .prefill_tokens_per_decode
                 .or(file.scheduler.prefill_tokens_per_decode)
@@ -391,6 +400,10 @@ impl Config {
         }
         if !(self.max_queue_time >= 0.0 && self.max_queue_time.is_finite()) {
             bail!("queue.max_queue_time must be a number of seconds, 0 or more");
+        }
+        let share = self.prefill_latency_share;
+        if !(share > 0.0 && share.is_finite()) {
+            bail!("scheduler.prefill_latency_share must be a number more than 0");
         }
         let f = self.kv_cache_memory_fraction;
         if !(f > 0.0 && f <= 1.0) {

@@ -130,6 +130,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 cfg.max_model_len
             },
             enable_prefix_caching: cfg.enable_prefix_caching,
+            prefill_latency_share: cfg.prefill_latency_share,
             prefill_tokens_per_decode: cfg.prefill_tokens_per_decode,
             min_prefill_tokens_per_step: cfg.min_prefill_tokens_per_step,
         },

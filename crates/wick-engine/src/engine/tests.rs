@@ -44,6 +44,7 @@ fn cfg() -> SchedulerConfig {
         num_blocks: 16,
         max_model_len: 64,
         enable_prefix_caching: true,
+        prefill_latency_share: 0.25,
         prefill_tokens_per_decode: 0,
         min_prefill_tokens_per_step: 1,
     }

@@ -21,6 +21,8 @@ pub(crate) struct Scratch {
     gate_up: Vec<f32>,
     act: Vec<f32>,
     acts: Acts,
+    /// Time spent in attention during the last step (the scheduler's cost model).
+    pub(crate) attention: std::time::Duration,
 }
 
 impl Model {
@@ -48,6 +50,7 @@ impl Model {
             .iter()
             .map(|r| r.tables(&meta.positions))
             .collect();
+        s.attention = Default::default();
         for (i, layer) in self.w.layers.iter().enumerate() {
             rms_norm(&s.x, &layer.attn_norm.w, eps, &mut s.h);
             layer.qkv.forward_host(&s.h, &mut s.acts, &mut s.qkv)?;
@@ -60,7 +63,9 @@ impl Model {
             }
             let r = cfg.layers[i].rope;
             let rope = (&self.ropes[r], &tables[r]);
+            let t = std::time::Instant::now();
             kv.attention_host(i, self.heads(i), rope, &mut s.qkv, meta, &mut s.attn)?;
+            s.attention += t.elapsed();
             layer.o.forward_host(&s.attn, &mut s.acts, &mut s.tmp)?;
             if let Some(n) = &layer.post_attn_norm {
                 rms_norm_in_place(&mut s.tmp, &n.w, eps);

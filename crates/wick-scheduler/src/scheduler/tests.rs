@@ -1,6 +1,7 @@
 use proptest::prelude::*;
 
 use super::*;
+use crate::{attended, StepCost};
 
 const EOS: u32 = 2;
 
@@ -12,6 +13,7 @@ fn cfg(num_blocks: usize) -> SchedulerConfig {
         num_blocks,
         max_model_len: 64,
         enable_prefix_caching: true,
+        prefill_latency_share: 0.25,
         prefill_tokens_per_decode: 0,
         min_prefill_tokens_per_step: 1,
     }
@@ -208,6 +210,7 @@ proptest! {
         budget in 1usize..24,
         caching in any::<bool>(),
         per_decode in 0usize..3,
+        costed in any::<bool>(),
     ) {
         let mut s = Scheduler::new(SchedulerConfig {
             max_num_seqs: 3,
@@ -216,9 +219,13 @@ proptest! {
             num_blocks,
             max_model_len: 64,
             enable_prefix_caching: caching,
+            prefill_latency_share: 0.25,
             prefill_tokens_per_decode: per_decode,
             min_prefill_tokens_per_step: 2,
         });
+        if costed {
+            s.set_step_cost(Some(StepCost { fixed: 1.0, per_token: 1.0, per_attended: 0.05 }));
+        }
         let mut next_id = 0u64;
         let mut live = std::collections::BTreeSet::new();
         let mut step_no = 0u32;
@@ -330,6 +337,7 @@ fn without_prefix_caching_everything_is_recomputed() {
 #[test]
 fn prompts_get_a_bounded_share_of_steps_that_decode() {
     let mut s = Scheduler::new(SchedulerConfig {
+        prefill_latency_share: 0.25,
         prefill_tokens_per_decode: 2,
         min_prefill_tokens_per_step: 3,
         ..cfg(32)
@@ -352,4 +360,119 @@ fn prompts_get_a_bounded_share_of_steps_that_decode() {
     s.postprocess(&sample_all(&b));
     let b = s.schedule();
     assert_eq!(b.seqs[0].tokens.len(), 16);
+}
+
+fn costed(max_num_seqs: usize, share: f64) -> Scheduler {
+    let mut s = Scheduler::new(SchedulerConfig {
+        max_num_seqs,
+        max_num_batched_tokens: 512,
+        block_size: 16,
+        num_blocks: 4096,
+        max_model_len: 8192,
+        enable_prefix_caching: false,
+        prefill_latency_share: share,
+        prefill_tokens_per_decode: 1,
+        min_prefill_tokens_per_step: 32,
+    });
+    // Seconds: 4 ms a step, 1 ms a token, 1 us per position attended.
+    s.set_step_cost(Some(StepCost {
+        fixed: 0.004,
+        per_token: 0.001,
+        per_attended: 1e-6,
+    }));
+    s
+}
+
+/// Runs steps until every sequence in `ids` decodes.
+fn until_decoding(s: &mut Scheduler, n: usize) {
+    for _ in 0..1000 {
+        let b = s.schedule();
+        s.postprocess(&sample_all(&b));
+        if s.sequences().filter(|q| q.is_decoding()).count() == n {
+            return;
+        }
+    }
+    panic!("the prompts never finished");
+}
+
+#[test]
+fn a_long_prompt_adds_at_most_the_share_to_decoding_steps_and_still_progresses() {
+    let mut s = costed(16, 0.25);
+    for i in 0..8 {
+        s.add(seq(i, 20, 10_000)).unwrap();
+    }
+    until_decoding(&mut s, 8);
+    s.add(seq(100, 3000, 1)).unwrap();
+    let cost = StepCost {
+        fixed: 0.004,
+        per_token: 0.001,
+        per_attended: 1e-6,
+    };
+    let mut done = 0;
+    for step in 0..5000 {
+        let b = s.schedule();
+        let (mut decode, mut prompt) = (0.0, 0.0);
+        let mut decodes = 0;
+        for q in &b.seqs {
+            let t = cost.variable(q.tokens.len(), attended(q.start_pos, q.tokens.len()));
+            if q.id == RequestId(100) {
+                prompt += t;
+                assert!(!q.tokens.is_empty(), "step {step}: the prompt stalled");
+            } else {
+                decode += t;
+                decodes += 1;
+            }
+        }
+        assert_eq!(decodes, 8);
+        let base = cost.fixed + decode;
+        // At most the share, or the one token every step gets.
+        let one = cost.variable(1, attended(done, 1));
+        assert!(
+            prompt <= 0.25 * base + 1e-12 || prompt <= one + 1e-12,
+            "step {step}: {prompt} of {base}"
+        );
+        done += b
+            .seqs
+            .iter()
+            .find(|q| q.id == RequestId(100))
+            .map_or(0, |q| q.tokens.len());
+        let out = s.postprocess(&sample_all(&b));
+        if out.iter().any(|o| o.id == RequestId(100)) {
+            assert_eq!(done, 3000);
+            return;
+        }
+    }
+    panic!("the long prompt never finished ({done} tokens)");
+}
+
+#[test]
+fn many_waiting_prompts_get_an_even_share() {
+    // One stream decodes, seven prompts wait: each gets about a stream's time, so prompts
+    // take most of the step.
+    let mut s = costed(16, 0.25);
+    s.add(seq(0, 20, 10_000)).unwrap();
+    until_decoding(&mut s, 1);
+    for i in 1..8 {
+        s.add(seq(i, 2000, 4)).unwrap();
+    }
+    let b = s.schedule();
+    let prompt_tokens: usize = b
+        .seqs
+        .iter()
+        .filter(|q| q.id != RequestId(0))
+        .map(|q| q.tokens.len())
+        .sum();
+    // A decode costs 4 + 1 + 0.021 ms; 7 of them, at 1 ms a prompt token: about 35 tokens.
+    assert!((30..=36).contains(&prompt_tokens), "{prompt_tokens}");
+    // Without a measured cost the fallback rule (1 per decode, at least 32) applies.
+    s.postprocess(&sample_all(&b));
+    s.set_step_cost(None);
+    let b = s.schedule();
+    let prompt_tokens: usize = b
+        .seqs
+        .iter()
+        .filter(|q| q.id != RequestId(0))
+        .map(|q| q.tokens.len())
+        .sum();
+    assert_eq!(prompt_tokens, 32);
 }
