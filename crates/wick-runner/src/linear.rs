@@ -1,8 +1,8 @@
 //! Linear layers in the format each device computes fastest without losing the file's
 //! precision, and without growing the weights in memory.
 //!
-//! On the host: GGUF Q4_1 and Q8_0 matrices run on Wick's packed kernels ([`crate::qgemm`]);
-//! the other quantized types on candle's kernels over the file's own blocks; f16 and bf16
+//! On the host: GGUF matrices of every common quantized type run on Wick's packed kernels
+//! ([`crate::qgemm`]); the rest (Q2_K) on candle's kernels over the file's own blocks; f16 and bf16
 //! weights stay half-width (f32 activations, [`HalfMatrix`]); f32 weights on candle's gemm. On
 //! a device everything is a candle [`QMatMul`]. A fused projection whose parts have different
 //! types (a Q4_K_M file mixes them) is a [`Linear::Concat`] of its parts.
@@ -17,8 +17,8 @@ use crate::quant::WeightType;
 use crate::{Result, RunnerError};
 
 pub(crate) enum Linear {
-    /// A CPU Q4_1 or Q8_0 matrix on the packed kernels.
-    Packed(Packed),
+    /// A CPU matrix on the packed kernels.
+    Packed(Box<Packed>),
     /// Quantized blocks or a dense tensor, on candle's kernels (any device).
     Candle(QMatMul),
     /// f16 or bf16 weights on the host.
@@ -127,14 +127,10 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 impl Linear {
-    /// A CPU Q4_1 or Q8_0 matrix `[n, k]` from its GGUF blocks, repacked.
+    /// A CPU matrix `[n, k]` from its GGUF blocks, repacked (types with
+    /// [`Packed::supports`]).
     pub(crate) fn packed(ty: WeightType, bytes: &[u8], n: usize, k: usize) -> Result<Self> {
-        let format = match ty {
-            WeightType::Q4_1 => qgemm::Format::Q4_1,
-            WeightType::Q8_0 => qgemm::Format::Q8_0,
-            other => return Err(RunnerError::Step(format!("no packed kernel for {other}"))),
-        };
-        Ok(Linear::Packed(Packed::new(format, bytes, n, k)?))
+        Ok(Linear::Packed(Box::new(Packed::new(ty, bytes, n, k)?)))
     }
 
     /// A matrix of `ty` on candle's kernels, on `device`.
@@ -236,7 +232,7 @@ impl Linear {
         out.resize(t * self.rows(), 0.0);
         match self {
             Linear::Packed(p) => {
-                acts.quantize(x, t, p.k);
+                acts.quantize_for(p, x, t);
                 qgemm::matmul(p, acts, out);
             }
             Linear::Half(h) => h.forward(x, t, out),

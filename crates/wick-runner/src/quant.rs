@@ -325,7 +325,7 @@ fn q3k(b: &[u8], y: &mut [f32]) {
 }
 
 /// The 16 6-bit scales of a Q3_K block (stored biased by 32), unpacked from 12 bytes.
-fn q3k_scales(sc: &[u8]) -> [u8; 16] {
+pub(crate) fn q3k_scales(sc: &[u8]) -> [u8; 16] {
     let mut out = [0u8; 16];
     for (i, o) in out.iter_mut().enumerate() {
         let low = if i < 8 { sc[i] & 0x0F } else { sc[i - 8] >> 4 };

@@ -1,8 +1,8 @@
 //! A GGUF file as a [`Source`]: llama.cpp's tensor names, its hyper-parameter keys under the
 //! architecture's prefix, and the tokenizer and chat template in the metadata.
 //!
-//! Linear layers keep the file's blocks ([`WeightFormat::Native`]): Q4_1 and Q8_0 repacked for
-//! the packed kernels on the host, other types as stored. Matrices fused into one projection
+//! Linear layers keep the file's blocks ([`WeightFormat::Native`]): repacked for the packed
+//! kernels on the host (every common type but Q2_K), other types as stored. Matrices fused into one projection
 //! (Q/K/V, gate/up) are stacked by rows when their types agree, and computed side by side
 //! when they do not.
 
@@ -17,6 +17,7 @@ use crate::config::{ModelConfig, RopeScaling, RopeSpec};
 use crate::gguf::GgufFile;
 use crate::linear::{HalfMatrix, Linear};
 use crate::model::Weights;
+use crate::qgemm::Packed;
 use crate::quant::WeightType;
 use crate::{models, tokenizer, Result, RunnerError};
 
@@ -60,9 +61,7 @@ impl GgufSource {
     /// One host matrix of `ty` in the format the host computes it in.
     fn host_linear(&self, ty: WeightType, bytes: Vec<u8>, n: usize, k: usize) -> Result<Linear> {
         match (self.place.format, ty) {
-            (WeightFormat::Native, WeightType::Q4_1 | WeightType::Q8_0) => {
-                Linear::packed(ty, &bytes, n, k)
-            }
+            (WeightFormat::Native, ty) if Packed::supports(ty) => Linear::packed(ty, &bytes, n, k),
             (WeightFormat::Native, WeightType::F16 | WeightType::BF16) => {
                 Ok(Linear::Half(HalfMatrix::new(ty, &bytes, n, k)?))
             }
