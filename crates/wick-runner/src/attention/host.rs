@@ -1,0 +1,295 @@
+//! Attention on the host over the f16 paged cache, in tiles with an online softmax.
+//!
+//! The work is split into items of one sequence, one group of query heads that share a KV
+//! head, and up to [`BLOCK`] consecutive query tokens of that sequence; items run in parallel.
+//! An item walks its context in tiles of [`TILE`] positions (aligned to absolute positions,
+//! so a token's tiles do not depend on what else is in the step); each tile's key and value
+//! rows are read once for every token and head of the item, from the cache in place. For each
+//! token and head, a tile updates a running maximum `m`, sum `l` and output `acc`:
+//! `m' = max(m, max s)`, `a = exp(m - m')`, `l' = a l + sum exp(s - m')`,
+//! `acc' = a acc + sum exp(s - m') v`. No score buffer longer than a tile exists.
+//!
+//! Every operation for a token and head happens in the same order whatever else shares the
+//! step and whichever instructions the CPU has: the dot products in the canonical 16-lane
+//! order, `exp` as one fixed polynomial ([`exp_canonical`]), the sums in position order. The
+//! AVX-512, AVX2 and portable paths give the same bits (tested), and so does a token alone or
+//! in a batch. Sliding-window layers read only their window.
+
+use half::f16;
+use rayon::prelude::*;
+
+use super::Heads;
+
+/// Positions per tile.
+const TILE: usize = 32;
+/// Query tokens per work item.
+const BLOCK: usize = 16;
+/// Lanes of the canonical dot product: lane `i` accumulates the products of the elements
+/// `i, i + 16, ...` with fused multiply-adds, then the lanes are added pairwise, halving.
+const LANES: usize = 16;
+
+/// The query tokens of one item: rows `rows` of the step, at positions `pos0..`, each
+/// attending to `[window start, its position]` of `slots`.
+pub(super) struct Item<'a> {
+    pub rows: std::ops::Range<usize>,
+    pub pos0: usize,
+    pub slots: &'a [usize],
+    pub group: usize,
+}
+
+/// The inner kernels: a query row against an f16 key row (canonical dot), `o += w * v` for an
+/// f16 value row, and `exp` over a slice in place. Implementations are inlined into
+/// [`attend_item`], compiled once per instruction set.
+pub(super) trait Kernels {
+    /// # Safety
+    /// The CPU has the implementation's instructions; `q` and `k` have the same length (a
+    /// multiple of 16 for the SIMD ones).
+    unsafe fn dot(q: &[f32], k: &[f16]) -> f32;
+    /// # Safety
+    /// As for `dot`.
+    unsafe fn axpy(o: &mut [f32], w: f32, v: &[f16]);
+    /// # Safety
+    /// The CPU has the implementation's instructions.
+    unsafe fn exp(x: &mut [f32]);
+}
+
+/// `exp(x)` for `x <= 0`, as every path computes it: `x` clamped at -87 (results stay
+/// normal), `n = round(x log2 e)`, `r = x - n ln 2` in two steps, a degree-6 polynomial in
+/// `r` by Horner's rule with fused multiply-adds, times `2^n`. Within 2 ulp of `exp`.
+#[inline(always)]
+pub(super) fn exp_canonical(x: f32) -> f32 {
+    let x = x.max(-87.0);
+    let n = (x * EXP_C.log2e).round_ties_even();
+    let r = n.mul_add(-EXP_C.ln2_hi, x);
+    let r = n.mul_add(-EXP_C.ln2_lo, r);
+    let mut p = EXP_C.c[5];
+    for c in EXP_C.c[..5].iter().rev() {
+        p = p.mul_add(r, *c);
+    }
+    let p = p.mul_add(r, 1.0);
+    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+pub(super) struct ExpConsts {
+    pub log2e: f32,
+    pub ln2_hi: f32,
+    pub ln2_lo: f32,
+    /// Coefficients of `r^1 .. r^6`.
+    pub c: [f32; 6],
+}
+
+pub(super) const EXP_C: ExpConsts = ExpConsts {
+    log2e: std::f32::consts::LOG2_E,
+    ln2_hi: 0.693_145_75,
+    ln2_lo: 1.428_606_8e-6,
+    c: [
+        1.0,
+        0.5,
+        0.166_666_67,
+        0.041_666_668,
+        0.008_333_334,
+        0.001_388_889,
+    ],
+};
+
+pub(super) struct Portable;
+
+impl Kernels for Portable {
+    #[inline(always)]
+    unsafe fn dot(q: &[f32], k: &[f16]) -> f32 {
+        let mut acc = [0f32; LANES];
+        for (i, (a, b)) in q.iter().zip(k).enumerate() {
+            acc[i % LANES] = a.mul_add(b.to_f32(), acc[i % LANES]);
+        }
+        let mut width = LANES;
+        while width > 1 {
+            width /= 2;
+            for i in 0..width {
+                acc[i] += acc[i + width];
+            }
+        }
+        acc[0]
+    }
+
+    #[inline(always)]
+    unsafe fn axpy(o: &mut [f32], w: f32, v: &[f16]) {
+        for (o, v) in o.iter_mut().zip(v) {
+            *o = w.mul_add(v.to_f32(), *o);
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn exp(x: &mut [f32]) {
+        for x in x {
+            *x = exp_canonical(*x);
+        }
+    }
+}
+
+/// One item on the widest kernels this CPU runs for the head size (the SIMD ones need whole
+/// 16-lane rows).
+fn attend_item_here(
+    item: &Item,
+    q_rows: &[f32],
+    q_stride: usize,
+    k_cache: &[f16],
+    v_cache: &[f16],
+    heads: Heads,
+) -> Vec<f32> {
+    let args = (item, q_rows, q_stride, k_cache, v_cache, heads);
+    #[cfg(target_arch = "x86_64")]
+    if heads.head_dim.is_multiple_of(LANES) {
+        match super::simd::level() {
+            // SAFETY: AVX-512 F is present (checked by `level`).
+            super::simd::Level::Avx512 => return unsafe { super::simd::attend_item_avx512(args) },
+            // SAFETY: AVX2, FMA and F16C are present (checked by `level`).
+            super::simd::Level::Avx2 => return unsafe { super::simd::attend_item_avx2(args) },
+            super::simd::Level::Portable => {}
+        }
+    }
+    // SAFETY: portable code.
+    unsafe { attend_item::<Portable>(args) }
+}
+
+/// What [`attend_item`] takes: the item, the step's query rows and their stride, the cache,
+/// the layer's heads.
+pub(super) type ItemArgs<'a> = (&'a Item<'a>, &'a [f32], usize, &'a [f16], &'a [f16], Heads);
+
+/// Running state of one (token, head).
+struct Running {
+    m: f32,
+    l: f32,
+}
+
+/// Attends the item's tokens for the heads of `group`; returns `[tokens][group heads][hd]`.
+///
+/// # Safety
+/// `K` must be kernels this CPU runs, and `head_dim` a multiple of 16 unless they are the
+/// portable ones.
+#[inline(always)]
+pub(super) unsafe fn attend_item<K: Kernels>(
+    (item, q_rows, q_stride, k_cache, v_cache, heads): ItemArgs,
+) -> Vec<f32> {
+    let (hd, kd) = (heads.head_dim, heads.num_kv_heads * heads.head_dim);
+    let per_group = heads.num_heads / heads.num_kv_heads;
+    let off = item.group * hd;
+    let n = item.rows.len();
+    let mut acc = vec![0f32; n * per_group * hd];
+    let mut run: Vec<Running> = (0..n * per_group)
+        .map(|_| Running {
+            m: f32::NEG_INFINITY,
+            l: 0.0,
+        })
+        .collect();
+    let span = |t: usize| {
+        let pos = item.pos0 + t;
+        (super::window_start(pos, heads.window), pos)
+    };
+    let (first, _) = span(0);
+    let (_, last) = span(n - 1);
+    let mut s = [0f32; TILE];
+    for tile in first / TILE..=last / TILE {
+        let (t_lo, t_hi) = (tile * TILE, tile * TILE + TILE - 1);
+        for t in 0..n {
+            let (ws, pos) = span(t);
+            let (a, b) = (ws.max(t_lo), pos.min(t_hi));
+            if a > b {
+                continue;
+            }
+            let slots = &item.slots[a..=b];
+            let q_t = &q_rows[(item.rows.start + t) * q_stride..];
+            for h in 0..per_group {
+                let qh = (item.group * per_group + h) * hd;
+                let q = &q_t[qh..qh + hd];
+                let s = &mut s[..slots.len()];
+                let mut max = f32::NEG_INFINITY;
+                for (s, &slot) in s.iter_mut().zip(slots) {
+                    let k = &k_cache[slot * kd + off..slot * kd + off + hd];
+                    *s = K::dot(q, k) * heads.scale;
+                    max = max.max(*s);
+                }
+                let r = &mut run[t * per_group + h];
+                let m = r.m.max(max);
+                let mut alpha = [r.m - m];
+                K::exp(&mut alpha);
+                for s in s.iter_mut() {
+                    *s -= m;
+                }
+                K::exp(s);
+                let mut sum = 0f32;
+                for p in s.iter() {
+                    sum += p;
+                }
+                r.l = r.l.mul_add(alpha[0], sum);
+                r.m = m;
+                let o = &mut acc[(t * per_group + h) * hd..][..hd];
+                for o in o.iter_mut() {
+                    *o *= alpha[0];
+                }
+                for (p, &slot) in s.iter().zip(slots) {
+                    let v = &v_cache[slot * kd + off..slot * kd + off + hd];
+                    K::axpy(o, *p, v);
+                }
+            }
+        }
+    }
+    for (o, r) in acc.chunks_exact_mut(hd).zip(&run) {
+        let inv = 1.0 / r.l;
+        o.iter_mut().for_each(|x| *x *= inv);
+    }
+    acc
+}
+
+/// Attention of every token of the step: `items` cover the tokens once per group of heads.
+/// Writes `[tokens, q_dim]` into `out`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attend(
+    items: &[Item],
+    q_rows: &[f32],
+    q_stride: usize,
+    k_cache: &[f16],
+    v_cache: &[f16],
+    heads: Heads,
+    work: usize,
+    out: &mut [f32],
+) {
+    let hd = heads.head_dim;
+    let per_group = heads.num_heads / heads.num_kv_heads;
+    let qd = heads.num_heads * hd;
+    let one = |item: &Item| attend_item_here(item, q_rows, q_stride, k_cache, v_cache, heads);
+    // Parallel only where it pays for the threads' wake-up.
+    let results: Vec<Vec<f32>> = if work >= 4096 && items.len() > 1 {
+        items.par_iter().map(one).collect()
+    } else {
+        items.iter().map(one).collect()
+    };
+    for (item, res) in items.iter().zip(results) {
+        for (t, row) in item.rows.clone().zip(res.chunks_exact(per_group * hd)) {
+            let at = t * qd + item.group * per_group * hd;
+            out[at..at + per_group * hd].copy_from_slice(row);
+        }
+    }
+}
+
+/// The items of a sequence: its tokens in blocks of [`BLOCK`], for every group.
+pub(super) fn items_of<'a>(
+    rows: std::ops::Range<usize>,
+    pos0: usize,
+    slots: &'a [usize],
+    groups: usize,
+    out: &mut Vec<Item<'a>>,
+) {
+    let mut start = rows.start;
+    while start < rows.end {
+        let end = (start + BLOCK).min(rows.end);
+        for group in 0..groups {
+            out.push(Item {
+                rows: start..end,
+                pos0: pos0 + (start - rows.start),
+                slots,
+                group,
+            });
+        }
+        start = end;
+    }
+}
