@@ -213,19 +213,19 @@ impl Scheduler {
                 None => preempted = true,
             }
         }
+        let free_slots = self.cfg.max_num_seqs.saturating_sub(self.running.len());
+        let waiting = chunks.len() + self.waiting.len().min(free_slots);
         let mut prompts = PromptBudget {
             tokens: budget,
             seconds: f64::INFINITY,
             cost: None,
-            first: true,
+            unserved: waiting,
         };
         if num_decodes > 0 {
             match self.cost {
                 // While streams are decoding, prompts get a share of the step's time ...
                 Some(cost) => {
                     let decode_s = cost.fixed + cost.variable(num_decodes, decode_attended);
-                    let free_slots = self.cfg.max_num_seqs.saturating_sub(self.running.len());
-                    let waiting = chunks.len() + self.waiting.len().min(free_slots);
                     let share = self
                         .cfg
                         .prefill_latency_share
@@ -428,36 +428,37 @@ impl Scheduler {
 }
 
 /// What is left of a step for prompt chunks: tokens, and, with a measured cost, seconds.
+/// Every prompt that can run gets at least one token of every step (while the token budget
+/// lasts), so every admitted request has started and keeps moving; the oldest get the rest.
 struct PromptBudget {
     tokens: usize,
     seconds: f64,
     cost: Option<StepCost>,
-    /// No prompt has a chunk in this step yet: the first gets at least one token, so prompts
-    /// always progress.
-    first: bool,
+    /// Prompts (mid-prefill or admissible) not yet given their chunk in this step.
+    unserved: usize,
 }
 
 impl PromptBudget {
-    /// The largest chunk of `seq`'s pending prompt that fits.
+    /// The largest chunk of `seq`'s pending prompt that fits, leaving one token for each
+    /// prompt after it.
     fn limit(&self, seq: &Sequence) -> usize {
-        let pending = seq.num_pending().min(self.tokens);
+        let cap = self
+            .tokens
+            .saturating_sub(self.unserved.saturating_sub(1))
+            .max(self.tokens.min(1));
+        let pending = seq.num_pending().min(cap);
         match self.cost {
             None => pending,
-            Some(c) => {
-                let fit = c.max_chunk(seq.num_computed, pending, self.seconds);
-                if self.first {
-                    fit.max(pending.min(1))
-                } else {
-                    fit
-                }
-            }
+            Some(c) => c
+                .max_chunk(seq.num_computed, pending, self.seconds)
+                .max(pending.min(1)),
         }
     }
 
     /// Charges a chunk of `chunk` tokens just planned for sequence `id`.
     fn take(&mut self, chunk: usize, id: RequestId, sched: &Scheduler) {
         self.tokens -= chunk;
-        self.first &= chunk == 0;
+        self.unserved = self.unserved.saturating_sub(1);
         if let (Some(c), Some(s)) = (self.cost, sched.running.iter().find(|s| s.id == id)) {
             self.seconds -= c.variable(chunk, attended(s.num_computed, chunk));
         }

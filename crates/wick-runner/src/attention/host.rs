@@ -16,6 +16,7 @@
 //! in a batch. Sliding-window layers read only their window.
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::Heads;
@@ -37,20 +38,69 @@ pub(super) struct Item<'a> {
     pub group: usize,
 }
 
-/// The inner kernels: a query row against an f16 key row (canonical dot), `o += w * v` for an
-/// f16 value row, and `exp` over a slice in place. Implementations are inlined into
+/// The inner kernels, over a tile's key and value rows converted to f32 (`[n][hd]`, row
+/// after row): the scores of a query against each key (canonical dot), `o[d] += sum_j p[j]
+/// v[j][d]` in `j` order, and `exp` over a slice in place. Implementations are inlined into
 /// [`attend_item`], compiled once per instruction set.
 pub(super) trait Kernels {
     /// # Safety
-    /// The CPU has the implementation's instructions; `q` and `k` have the same length (a
-    /// multiple of 16 for the SIMD ones).
-    unsafe fn dot(q: &[f32], k: &[f16]) -> f32;
+    /// The CPU has the implementation's instructions; `keys` holds `out.len()` rows of
+    /// `q.len()` (a multiple of 16 for the SIMD ones), rounded up to a multiple of 16 rows
+    /// (finite values; the extra rows' scores are not written).
+    unsafe fn scores(q: &[f32], keys: &[f32], out: &mut [f32]);
     /// # Safety
-    /// As for `dot`.
-    unsafe fn axpy(o: &mut [f32], w: f32, v: &[f16]);
+    /// As for `scores`, with `values` holding `p.len()` rows of `o.len()`.
+    unsafe fn pv(o: &mut [f32], p: &[f32], values: &[f32]);
     /// # Safety
     /// The CPU has the implementation's instructions.
     unsafe fn exp(x: &mut [f32]);
+    /// `s[i] *= scale`; returns the largest.
+    ///
+    /// # Safety
+    /// The CPU has the implementation's instructions.
+    unsafe fn scale_max(s: &mut [f32], scale: f32) -> f32;
+    /// `s[i] = exp(s[i] - m)`; returns their sum in the canonical order (lane `i % 16`, then
+    /// pairwise halving).
+    ///
+    /// # Safety
+    /// The CPU has the implementation's instructions; `s.len() <= 32`.
+    unsafe fn exp_sum(s: &mut [f32], m: f32) -> f32;
+}
+
+/// The canonical sum of up to 32 values: lane `i` of 16 takes `0 + s[i] (+ s[i + 16])`, then
+/// lanes are added pairwise, halving.
+#[inline(always)]
+pub(super) fn sum_canonical(s: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    for (i, v) in s.iter().enumerate() {
+        acc[i % LANES] += v;
+    }
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+    }
+    acc[0]
+}
+
+/// The canonical dot product of two f32 rows: lane `i` of 16 accumulates the products of the
+/// elements `i, i + 16, ...` with fused multiply-adds, then lanes are added pairwise, halving.
+#[inline(always)]
+pub(super) fn dot_canonical(q: &[f32], k: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    for (i, (a, b)) in q.iter().zip(k).enumerate() {
+        acc[i % LANES] = a.mul_add(*b, acc[i % LANES]);
+    }
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+    }
+    acc[0]
 }
 
 /// `exp(x)` for `x <= 0`, as every path computes it: `x` clamped at -87 (results stay
@@ -96,25 +146,18 @@ pub(super) struct Portable;
 
 impl Kernels for Portable {
     #[inline(always)]
-    unsafe fn dot(q: &[f32], k: &[f16]) -> f32 {
-        let mut acc = [0f32; LANES];
-        for (i, (a, b)) in q.iter().zip(k).enumerate() {
-            acc[i % LANES] = a.mul_add(b.to_f32(), acc[i % LANES]);
+    unsafe fn scores(q: &[f32], keys: &[f32], out: &mut [f32]) {
+        for (o, k) in out.iter_mut().zip(keys.chunks_exact(q.len())) {
+            *o = dot_canonical(q, k);
         }
-        let mut width = LANES;
-        while width > 1 {
-            width /= 2;
-            for i in 0..width {
-                acc[i] += acc[i + width];
-            }
-        }
-        acc[0]
     }
 
     #[inline(always)]
-    unsafe fn axpy(o: &mut [f32], w: f32, v: &[f16]) {
-        for (o, v) in o.iter_mut().zip(v) {
-            *o = w.mul_add(v.to_f32(), *o);
+    unsafe fn pv(o: &mut [f32], p: &[f32], values: &[f32]) {
+        for (p, v) in p.iter().zip(values.chunks_exact(o.len())) {
+            for (o, v) in o.iter_mut().zip(v) {
+                *o = p.mul_add(*v, *o);
+            }
         }
     }
 
@@ -123,6 +166,24 @@ impl Kernels for Portable {
         for x in x {
             *x = exp_canonical(*x);
         }
+    }
+
+    #[inline(always)]
+    unsafe fn scale_max(s: &mut [f32], scale: f32) -> f32 {
+        let mut max = f32::NEG_INFINITY;
+        for s in s.iter_mut() {
+            *s *= scale;
+            max = max.max(*s);
+        }
+        max
+    }
+
+    #[inline(always)]
+    unsafe fn exp_sum(s: &mut [f32], m: f32) -> f32 {
+        for s in s.iter_mut() {
+            *s = exp_canonical(*s - m);
+        }
+        sum_canonical(s)
     }
 }
 
@@ -188,48 +249,46 @@ pub(super) unsafe fn attend_item<K: Kernels>(
     let (first, _) = span(0);
     let (_, last) = span(n - 1);
     let mut s = [0f32; TILE];
+    // Two tiles of rows: groups of 16 keys from any row of the first stay in bounds.
+    let mut keys = vec![0f32; 2 * TILE * hd];
+    let mut values = vec![0f32; TILE * hd];
     for tile in first / TILE..=last / TILE {
-        let (t_lo, t_hi) = (tile * TILE, tile * TILE + TILE - 1);
+        // The tile's rows this item reads, converted once for all its tokens and heads.
+        let lo = first.max(tile * TILE);
+        let hi = last.min(tile * TILE + TILE - 1);
+        for (j, &slot) in item.slots[lo..=hi].iter().enumerate() {
+            let at = slot * kd + off;
+            k_cache[at..at + hd].convert_to_f32_slice(&mut keys[j * hd..(j + 1) * hd]);
+            v_cache[at..at + hd].convert_to_f32_slice(&mut values[j * hd..(j + 1) * hd]);
+        }
         for t in 0..n {
             let (ws, pos) = span(t);
-            let (a, b) = (ws.max(t_lo), pos.min(t_hi));
+            let (a, b) = (ws.max(lo), pos.min(hi));
             if a > b {
                 continue;
             }
-            let slots = &item.slots[a..=b];
+            let (ka, kb) = ((a - lo) * hd, (b + 1 - lo) * hd);
             let q_t = &q_rows[(item.rows.start + t) * q_stride..];
             for h in 0..per_group {
                 let qh = (item.group * per_group + h) * hd;
                 let q = &q_t[qh..qh + hd];
-                let s = &mut s[..slots.len()];
-                let mut max = f32::NEG_INFINITY;
-                for (s, &slot) in s.iter_mut().zip(slots) {
-                    let k = &k_cache[slot * kd + off..slot * kd + off + hd];
-                    *s = K::dot(q, k) * heads.scale;
-                    max = max.max(*s);
-                }
+                let s = &mut s[..b + 1 - a];
+                // The key rows after `kb` are read but not used (the SIMD kernels compute
+                // whole groups of 16 keys).
+                K::scores(q, &keys[ka..], s);
+                let max = K::scale_max(s, heads.scale);
                 let r = &mut run[t * per_group + h];
                 let m = r.m.max(max);
                 let mut alpha = [r.m - m];
                 K::exp(&mut alpha);
-                for s in s.iter_mut() {
-                    *s -= m;
-                }
-                K::exp(s);
-                let mut sum = 0f32;
-                for p in s.iter() {
-                    sum += p;
-                }
+                let sum = K::exp_sum(s, m);
                 r.l = r.l.mul_add(alpha[0], sum);
                 r.m = m;
                 let o = &mut acc[(t * per_group + h) * hd..][..hd];
                 for o in o.iter_mut() {
                     *o *= alpha[0];
                 }
-                for (p, &slot) in s.iter().zip(slots) {
-                    let v = &v_cache[slot * kd + off..slot * kd + off + hd];
-                    K::axpy(o, *p, v);
-                }
+                K::pv(o, s, &values[ka..kb]);
             }
         }
     }

@@ -294,22 +294,7 @@ impl Acts {
         self.d.resize(t * nb, 0.0);
         self.s.resize(t * nb, 0.0);
         let big = QK * SUPER;
-        let one = |((x, q), d): ((&[f32], &mut [i8]), &mut [f32])| {
-            // The first value of the largest magnitude (as llama.cpp picks it), in two passes
-            // the compiler vectorizes.
-            let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let max = x.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0);
-            if amax == 0.0 {
-                q.fill(0);
-                d.fill(0.0);
-                return;
-            }
-            let iscale = -127.0 / max;
-            for (q, &v) in q.iter_mut().zip(x) {
-                *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
-            }
-            d.fill(1.0 / iscale);
-        };
+        let one = |((x, q), d): ((&[f32], &mut [i8]), &mut [f32])| quantize_super_block(x, q, d);
         let blocks = x
             .par_chunks_exact(big)
             .zip(self.q.par_chunks_exact_mut(big))
@@ -360,6 +345,51 @@ impl Acts {
             *sum = q.iter().map(|&v| v as i32).sum();
         }
     }
+}
+
+/// One Q8_K block (see [`Acts::quantize_super`]), compiled for the widest instructions the CPU
+/// has (rounding is then one instruction, not a call); the operations, hence the results, are
+/// the same on every path.
+fn quantize_super_block(x: &[f32], q: &mut [i8], d: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    match isa() {
+        // SAFETY: AVX-512 F/BW are present (checked in `has_vnni`).
+        Isa::Avx512Vnni => return unsafe { quantize_super_block_avx512(x, q, d) },
+        // SAFETY: AVX2 and FMA are present (checked in `isa`).
+        Isa::Avx2 => return unsafe { quantize_super_block_avx2(x, q, d) },
+        Isa::Portable => {}
+    }
+    quantize_super_block_generic(x, q, d)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_super_block_avx512(x: &[f32], q: &mut [i8], d: &mut [f32]) {
+    quantize_super_block_generic(x, q, d)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_super_block_avx2(x: &[f32], q: &mut [i8], d: &mut [f32]) {
+    quantize_super_block_generic(x, q, d)
+}
+
+#[inline(always)]
+fn quantize_super_block_generic(x: &[f32], q: &mut [i8], d: &mut [f32]) {
+    // The first value of the largest magnitude (as llama.cpp picks it), in two passes the
+    // compiler vectorizes.
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let max = x.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0);
+    if amax == 0.0 {
+        q.fill(0);
+        d.fill(0.0);
+        return;
+    }
+    let iscale = -127.0 / max;
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+    }
+    d.fill(1.0 / iscale);
 }
 
 /// One token's blocks, with AVX-512 or AVX2 where the CPU has them; the results are the same.
