@@ -692,3 +692,59 @@ fn export_tokenizer_writes_an_equivalent_tokenizer_json() {
     assert_eq!(sha, reference["model_sha256"].as_str().unwrap());
     assert!(tiny.join("phi3-f16-hf/config.json").exists());
 }
+
+/// The 32-concurrent-equals-solo check on the other test models (Qwen2.5's Q5_0/Q8_0/Q4_K/Q6_K
+/// mix, Gemma 3's sliding windows and 256-wide heads): every packed kernel and the attention
+/// give a sequence the same bits whatever shares its steps. Completions, 12 tokens each, to
+/// keep the two bigger models' time small.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_completions_equal_their_solo_output_on_qwen_and_gemma() {
+    for key in ["qwen", "gemma"] {
+        let model = common::fetch_model(key);
+        let args = [
+            "--model",
+            model.to_str().unwrap(),
+            "--served-model-name",
+            "m",
+            "--kv-cache-blocks",
+            "1024",
+        ];
+        let server = Server::start_with(&args, &[]).await;
+        let prompts: Vec<String> = (0..32)
+            .map(|i| match i % 4 {
+                0 => format!("def function_{i}(x):\n    "),
+                1 => format!("The {i}th reason to visit the mountains is"),
+                2 => format!("Item {i}: a list of fruits: apple, banana,"),
+                _ => format!("Once upon a time, in town number {i}, there"),
+            })
+            .collect();
+        let body = |p: &str| json!({"model": "m", "prompt": p, "max_tokens": 12, "temperature": 0});
+        let text = |v: &Value| v["choices"][0]["text"].as_str().unwrap_or("").to_string();
+        let mut solo = Vec::new();
+        for p in &prompts {
+            let (status, v) = server.post_json("/v1/completions", &body(p)).await;
+            assert_eq!(status, 200, "{v}");
+            solo.push(text(&v));
+        }
+        let steps0 = server.metric("wick_step_batch_size_count").await;
+        let seqs0 = server.metric("wick_step_batch_size_sum").await;
+        let bodies: Vec<Value> = prompts.iter().map(|p| body(p)).collect();
+        let runs = bodies
+            .iter()
+            .map(|b| server.post_json("/v1/completions", b));
+        let together: Vec<String> = futures::future::join_all(runs)
+            .await
+            .iter()
+            .map(|(_, v)| text(v))
+            .collect();
+        for (i, (a, b)) in solo.iter().zip(&together).enumerate() {
+            assert_eq!(a, b, "{key} prompt {i}: solo and concurrent outputs differ");
+        }
+        let steps = server.metric("wick_step_batch_size_count").await - steps0;
+        let seqs = server.metric("wick_step_batch_size_sum").await - seqs0;
+        assert!(
+            seqs > steps * 4.0,
+            "{key}: the requests were not batched ({seqs} in {steps} steps)"
+        );
+    }
+}
