@@ -107,7 +107,7 @@ pub(super) fn dot_canonical(q: &[f32], k: &[f32]) -> f32 {
 /// normal), `n = round(x log2 e)`, `r = x - n ln 2` in two steps, a degree-6 polynomial in
 /// `r` by Horner's rule with fused multiply-adds, times `2^n`. Within 2 ulp of `exp`.
 #[inline(always)]
-pub(super) fn exp_canonical(x: f32) -> f32 {
+pub(crate) fn exp_canonical(x: f32) -> f32 {
     let x = x.max(-87.0);
     let n = (x * EXP_C.log2e).round_ties_even();
     let r = n.mul_add(-EXP_C.ln2_hi, x);

@@ -19,6 +19,10 @@ use crate::{Result, RunnerError};
 
 mod host;
 
+pub(crate) use host::exp_canonical;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use simd::{level as simd_level, Level as SimdLevel};
+
 /// One sequence's place in the packed step input.
 #[derive(Debug, Clone)]
 pub struct SeqSpan {
