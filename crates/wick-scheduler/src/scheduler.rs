@@ -4,6 +4,14 @@ use wick_core::{FinishReason, RequestId, ScheduledBatch, ScheduledSeq};
 
 use crate::{attended, BlockManager, Sequence, StepCost};
 
+/// When at least as many prompts wait as streams decode (a backlog of prompts), each waiting
+/// prompt gets this many decoding streams' worth of a step's time: small steps pay the fixed
+/// cost of a step (a few ms) again and again, and the backlog, not the streams' latency, is
+/// what clients wait on. Measured on a burst of 16 ~2,000-token prompts (Gemma 3 270M): 835
+/// tokens/s with 1, 928 with 2, 1,012 with 4, TTFT p50 18.3 s -> 14.2 s, the streams'
+/// inter-token p99 104 ms -> 263 ms.
+const BACKLOG_WEIGHT: f64 = 4.0;
+
 /// Limits the scheduler works within.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SchedulerConfig {
@@ -21,8 +29,9 @@ pub struct SchedulerConfig {
     pub enable_prefix_caching: bool,
     /// With a measured step cost: while sequences decode, prompt chunks add at most this
     /// share to the time of a step's decodes (so their inter-token latency stays within
-    /// `1 + share` of what it is without prompts), or an even share per sequence when more
-    /// prompts wait than sequences decode, so that prompts are never starved.
+    /// `1 + share` of what it is without prompts), or, when prompts wait, a decoding
+    /// stream's time for each (four streams' when they are a backlog, see `BACKLOG_WEIGHT`),
+    /// so that prompts are never starved.
     pub prefill_latency_share: f64,
     /// Without a measured step cost (the first steps, or a runner that does not time its
     /// attention): while sequences decode, a step computes at most this many prompt tokens
@@ -226,10 +235,15 @@ impl Scheduler {
                 // While streams are decoding, prompts get a share of the step's time ...
                 Some(cost) => {
                     let decode_s = cost.fixed + cost.variable(num_decodes, decode_attended);
+                    let weight = if waiting >= num_decodes {
+                        BACKLOG_WEIGHT
+                    } else {
+                        1.0
+                    };
                     let share = self
                         .cfg
                         .prefill_latency_share
-                        .max(waiting as f64 / num_decodes as f64);
+                        .max(weight * waiting as f64 / num_decodes as f64);
                     prompts.seconds = decode_s * share;
                     prompts.cost = Some(cost);
                 }

@@ -54,6 +54,12 @@ pub(super) trait Kernels {
     /// # Safety
     /// The CPU has the implementation's instructions.
     unsafe fn exp(x: &mut [f32]);
+    /// `dst[i] = src[i]` widened (exact).
+    ///
+    /// # Safety
+    /// The CPU has the implementation's instructions; the lengths are equal (a multiple of
+    /// 16 for the SIMD ones).
+    unsafe fn widen(src: &[f16], dst: &mut [f32]);
     /// `s[i] *= scale`; returns the largest.
     ///
     /// # Safety
@@ -185,6 +191,11 @@ impl Kernels for Portable {
         }
         sum_canonical(s)
     }
+
+    #[inline(always)]
+    unsafe fn widen(src: &[f16], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
 }
 
 /// One item on the widest kernels this CPU runs for the head size (the SIMD ones need whole
@@ -258,8 +269,8 @@ pub(super) unsafe fn attend_item<K: Kernels>(
         let hi = last.min(tile * TILE + TILE - 1);
         for (j, &slot) in item.slots[lo..=hi].iter().enumerate() {
             let at = slot * kd + off;
-            k_cache[at..at + hd].convert_to_f32_slice(&mut keys[j * hd..(j + 1) * hd]);
-            v_cache[at..at + hd].convert_to_f32_slice(&mut values[j * hd..(j + 1) * hd]);
+            K::widen(&k_cache[at..at + hd], &mut keys[j * hd..(j + 1) * hd]);
+            K::widen(&v_cache[at..at + hd], &mut values[j * hd..(j + 1) * hd]);
         }
         for t in 0..n {
             let (ws, pos) = span(t);

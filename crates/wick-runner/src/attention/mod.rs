@@ -245,6 +245,8 @@ fn attention_host(
 mod simd {
     use std::arch::x86_64::*;
 
+    use half::f16;
+
     use super::host::{attend_item, exp_canonical, ItemArgs, Kernels, EXP_C};
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -368,6 +370,14 @@ mod simd {
             }
             Self::exp(s);
             super::host::sum_canonical(s)
+        }
+
+        #[inline(always)]
+        unsafe fn widen(src: &[f16], dst: &mut [f32]) {
+            for i in (0..src.len()).step_by(8) {
+                let v = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(v));
+            }
         }
     }
 
@@ -514,6 +524,14 @@ mod simd {
                 _mm512_castps512_ps256(acc),
                 _mm256_castpd_ps(hi),
             ))
+        }
+
+        #[inline(always)]
+        unsafe fn widen(src: &[f16], dst: &mut [f32]) {
+            for i in (0..src.len()).step_by(16) {
+                let v = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
+                _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(v));
+            }
         }
     }
 
