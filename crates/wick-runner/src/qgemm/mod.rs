@@ -281,9 +281,9 @@ impl Acts {
 
     /// llama.cpp's Q8_K: per block of 256, `d = -max / 127` (f32) where `max` is the value of
     /// largest magnitude, `q = min(127, round(x / d))` (ties to even). Each block of 32 gets
-    /// its super-block's `d`, so the kernels read it as they read Q8_0's. One code path for
-    /// every CPU (its operations are exact or correctly rounded, so a vector version would
-    /// give the same bits).
+    /// its super-block's `d`, so the kernels read it as they read Q8_0's. One source for every
+    /// CPU, compiled per instruction set (its operations are exact or correctly rounded, so
+    /// the bits are the same).
     pub fn quantize_super(&mut self, x: &[f32], t: usize, k: usize) {
         debug_assert_eq!(x.len(), t * k);
         debug_assert_eq!(k % (QK * SUPER), 0);
