@@ -9,20 +9,8 @@
 
 use std::time::Instant;
 
-use wick_runner::qgemm::{matmul, random_blocks, Acts, Packed};
+use wick_runner::qgemm::{matmul, random_blocks, Acts, Packed, TYPES};
 use wick_runner::quant::WeightType;
-
-const TYPES: [WeightType; 9] = [
-    WeightType::Q4_0,
-    WeightType::Q4_1,
-    WeightType::Q5_0,
-    WeightType::Q5_1,
-    WeightType::Q8_0,
-    WeightType::Q3K,
-    WeightType::Q4K,
-    WeightType::Q5K,
-    WeightType::Q6K,
-];
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

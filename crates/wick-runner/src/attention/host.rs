@@ -73,14 +73,10 @@ pub(super) trait Kernels {
     unsafe fn exp_sum(s: &mut [f32], m: f32) -> f32;
 }
 
-/// The canonical sum of up to 32 values: lane `i` of 16 takes `0 + s[i] (+ s[i + 16])`, then
-/// lanes are added pairwise, halving.
+/// The canonical reduction of 16 lanes: lanes `i` and `i + 8` added, then `i + 4`, `i + 2`,
+/// `i + 1`.
 #[inline(always)]
-pub(super) fn sum_canonical(s: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    for (i, v) in s.iter().enumerate() {
-        acc[i % LANES] += v;
-    }
+fn halve(mut acc: [f32; LANES]) -> f32 {
     let mut width = LANES;
     while width > 1 {
         width /= 2;
@@ -91,6 +87,17 @@ pub(super) fn sum_canonical(s: &[f32]) -> f32 {
     acc[0]
 }
 
+/// The canonical sum of up to 32 values: lane `i` of 16 takes `0 + s[i] (+ s[i + 16])`, then
+/// lanes are added pairwise, halving.
+#[inline(always)]
+pub(super) fn sum_canonical(s: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    for (i, v) in s.iter().enumerate() {
+        acc[i % LANES] += v;
+    }
+    halve(acc)
+}
+
 /// The canonical dot product of two f32 rows: lane `i` of 16 accumulates the products of the
 /// elements `i, i + 16, ...` with fused multiply-adds, then lanes are added pairwise, halving.
 #[inline(always)]
@@ -99,14 +106,7 @@ pub(super) fn dot_canonical(q: &[f32], k: &[f32]) -> f32 {
     for (i, (a, b)) in q.iter().zip(k).enumerate() {
         acc[i % LANES] = a.mul_add(*b, acc[i % LANES]);
     }
-    let mut width = LANES;
-    while width > 1 {
-        width /= 2;
-        for i in 0..width {
-            acc[i] += acc[i + width];
-        }
-    }
-    acc[0]
+    halve(acc)
 }
 
 /// `exp(x)` for `x <= 0`, as every path computes it: `x` clamped at -87 (results stay

@@ -247,7 +247,7 @@ mod simd {
 
     use half::f16;
 
-    use super::host::{attend_item, exp_canonical, ItemArgs, Kernels, EXP_C};
+    use super::host::{attend_item, exp_canonical, ItemArgs, Kernels, Portable, EXP_C};
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub enum Level {
@@ -355,12 +355,7 @@ mod simd {
 
         #[inline(always)]
         unsafe fn scale_max(s: &mut [f32], scale: f32) -> f32 {
-            let mut max = f32::NEG_INFINITY;
-            for s in s.iter_mut() {
-                *s *= scale;
-                max = max.max(*s);
-            }
-            max
+            Portable::scale_max(s, scale)
         }
 
         #[inline(always)]

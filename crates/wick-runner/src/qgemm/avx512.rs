@@ -174,8 +174,13 @@ unsafe fn affine<const T: usize, const MODE: u8>(
             }
             let mut s = _mm512_add_epi32(s0, s1);
             let da = _mm512_set1_ps(*a.d.get_unchecked(tok * nb + b));
-            let sums = a.s16.as_ptr().add(tok * 2 * nb + 2 * b);
-            let sum = *sums + *sums.add(1);
+            // The exact sum over the block (`Acts::s16`, filled only for the modes that read it).
+            let sum = if MODE == MIN {
+                0
+            } else {
+                let sums = a.s16.as_ptr().add(tok * 2 * nb + 2 * b);
+                *sums + *sums.add(1)
+            };
             if MODE == OFFSET {
                 s = _mm512_sub_epi32(s, _mm512_set1_epi32(zero * sum));
             }

@@ -104,6 +104,19 @@ pub struct Packed {
     wsum: Vec<i32>,
 }
 
+/// Every type with packed kernels (tests and benchmarks iterate it).
+pub const TYPES: [WeightType; 9] = [
+    WeightType::Q4_0,
+    WeightType::Q4_1,
+    WeightType::Q5_0,
+    WeightType::Q5_1,
+    WeightType::Q8_0,
+    WeightType::Q3K,
+    WeightType::Q4K,
+    WeightType::Q5K,
+    WeightType::Q6K,
+];
+
 impl Packed {
     /// Whether `ty` has packed kernels.
     pub fn supports(ty: WeightType) -> bool {
@@ -264,7 +277,8 @@ pub struct Acts {
     q: Vec<i8>,
     d: Vec<f32>,
     s: Vec<f32>,
-    /// The integers' exact sum over each half block of 16 (for the 6-bit kernels).
+    /// The integers' exact sum over each half block of 16 (for the kernels with offsets,
+    /// K-quant minimums and 6 bits; see [`Acts::quantize_for`]).
     s16: Vec<i32>,
 }
 
@@ -272,10 +286,17 @@ impl Acts {
     /// Quantizes `x` (`[t, w.k]`) the way llama.cpp does for `w`'s type: blocks of 32 with
     /// f16 scales ([`Acts::quantize`]), or, for the K-quants, blocks of 256 with an f32 scale
     /// ([`Acts::quantize_super`]).
+    /// The exact integer sums per 16 ([`Acts::s16`]) are computed only for the layouts
+    /// whose kernels read them (not Q4_1, Q5_1, Q8_0).
     pub fn quantize_for(&mut self, w: &Packed, x: &[f32], t: usize) {
         match w.scales {
             Scales::Super | Scales::Halves => self.quantize_super(x, t, w.k),
             _ => self.quantize(x, t, w.k),
+        }
+        if matches!(w.scales, Scales::Offset(z) if z != 0)
+            || matches!(w.scales, Scales::Super | Scales::Halves)
+        {
+            self.sum_halves();
         }
     }
 
@@ -285,42 +306,27 @@ impl Acts {
     /// CPU, compiled per instruction set (its operations are exact or correctly rounded, so
     /// the bits are the same).
     pub fn quantize_super(&mut self, x: &[f32], t: usize, k: usize) {
-        debug_assert_eq!(x.len(), t * k);
         debug_assert_eq!(k % (QK * SUPER), 0);
-        let nb = k / QK;
-        self.t = t;
-        self.k = k;
-        self.q.resize(t * k, 0);
-        self.d.resize(t * nb, 0.0);
-        self.s.resize(t * nb, 0.0);
+        self.reset(x, t, k);
         let big = QK * SUPER;
         let one = |((x, q), d): ((&[f32], &mut [i8]), &mut [f32])| quantize_super_block(x, q, d);
-        let blocks = x
-            .par_chunks_exact(big)
-            .zip(self.q.par_chunks_exact_mut(big))
-            .zip(self.d.par_chunks_exact_mut(SUPER));
         if t * k >= 1 << 15 {
-            blocks.for_each(one);
+            x.par_chunks_exact(big)
+                .zip(self.q.par_chunks_exact_mut(big))
+                .zip(self.d.par_chunks_exact_mut(SUPER))
+                .for_each(one);
         } else {
             x.chunks_exact(big)
                 .zip(self.q.chunks_exact_mut(big))
                 .zip(self.d.chunks_exact_mut(SUPER))
                 .for_each(one);
         }
-        self.sum_halves();
     }
 
     /// Quantizes `x` (`[t, k]`, row-major), reusing this buffer's memory. Each token's
     /// blocks depend on that token alone; long inputs are split over the thread pool.
     pub fn quantize(&mut self, x: &[f32], t: usize, k: usize) {
-        debug_assert_eq!(x.len(), t * k);
-        debug_assert_eq!(k % QK, 0);
-        let nb = k / QK;
-        self.t = t;
-        self.k = k;
-        self.q.resize(t * k, 0);
-        self.d.resize(t * nb, 0.0);
-        self.s.resize(t * nb, 0.0);
+        let nb = self.reset(x, t, k);
         type Row<'a> = (((&'a [f32], &'a mut [i8]), &'a mut [f32]), &'a mut [f32]);
         let one = |(((x, q), d), s): Row| quantize_row(x, q, d, s);
         if t * k >= 1 << 15 {
@@ -336,7 +342,19 @@ impl Acts {
                 .zip(self.s.chunks_exact_mut(nb))
                 .for_each(one);
         }
-        self.sum_halves();
+    }
+
+    /// Sizes the buffers for `t` tokens of `k`; returns the blocks of 32 per token.
+    fn reset(&mut self, x: &[f32], t: usize, k: usize) -> usize {
+        debug_assert_eq!(x.len(), t * k);
+        debug_assert_eq!(k % QK, 0);
+        let nb = k / QK;
+        self.t = t;
+        self.k = k;
+        self.q.resize(t * k, 0);
+        self.d.resize(t * nb, 0.0);
+        self.s.resize(t * nb, 0.0);
+        nb
     }
 
     fn sum_halves(&mut self) {
@@ -625,18 +643,18 @@ fn portable(w: &Packed, a: &Acts, ti: usize, t0: usize, tn: usize, out: &mut [f3
                         })
                         .sum()
                 };
-                let sum = a.s16[t * 2 * w.nb + 2 * b] + a.s16[t * 2 * w.nb + 2 * b + 1];
+                let sum = || a.s16[t * 2 * w.nb + 2 * b] + a.s16[t * 2 * w.nb + 2 * b + 1];
                 match (w.bits, w.scales) {
                     (Bits::Eight, _) => {
                         acc = (dot(0..QK, true) as f32).mul_add(f0 * da, acc);
                     }
                     (_, Scales::Offset(zero)) => {
-                        let s = dot(0..QK, false) - zero * sum;
+                        let s = dot(0..QK, false) - zero * sum();
                         acc = (s as f32).mul_add(f0 * da, acc);
                     }
                     (_, Scales::Super) => {
                         acc = (dot(0..QK, false) as f32).mul_add(f0 * da, acc);
-                        acc = (sum as f32).mul_add(f1 * da, acc);
+                        acc = (sum() as f32).mul_add(f1 * da, acc);
                     }
                     (_, Scales::Halves) => {
                         for (h, f) in [f0, f1].into_iter().enumerate() {

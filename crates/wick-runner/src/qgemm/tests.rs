@@ -1,17 +1,5 @@
 use super::*;
 
-const TYPES: [WeightType; 9] = [
-    WeightType::Q4_0,
-    WeightType::Q4_1,
-    WeightType::Q5_0,
-    WeightType::Q5_1,
-    WeightType::Q8_0,
-    WeightType::Q3K,
-    WeightType::Q4K,
-    WeightType::Q5K,
-    WeightType::Q6K,
-];
-
 fn lcg(seed: &mut u64) -> u32 {
     *seed = seed
         .wrapping_mul(6364136223846793005)

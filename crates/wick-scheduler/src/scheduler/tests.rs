@@ -445,6 +445,15 @@ fn a_long_prompt_adds_at_most_the_share_to_decoding_steps_and_still_progresses()
     panic!("the long prompt never finished ({done} tokens)");
 }
 
+/// Tokens the step computes for every sequence but `id`.
+fn tokens_except(b: &ScheduledBatch, id: RequestId) -> usize {
+    b.seqs
+        .iter()
+        .filter(|q| q.id != id)
+        .map(|q| q.tokens.len())
+        .sum()
+}
+
 #[test]
 fn many_waiting_prompts_get_an_even_share() {
     // One stream decodes, seven prompts wait (a backlog): each gets four streams' time, so
@@ -456,12 +465,7 @@ fn many_waiting_prompts_get_an_even_share() {
         s.add(seq(i, 2000, 4)).unwrap();
     }
     let b = s.schedule();
-    let prompt_tokens: usize = b
-        .seqs
-        .iter()
-        .filter(|q| q.id != RequestId(0))
-        .map(|q| q.tokens.len())
-        .sum();
+    let prompt_tokens = tokens_except(&b, RequestId(0));
     // A decode costs 4 + 1 + 0.021 ms; 4 x 7 of them, at 1 ms a prompt token: about 140
     // tokens, the oldest prompt's chunk and one token for each of the six others (all start).
     assert!((130..=147).contains(&prompt_tokens), "{prompt_tokens}");
@@ -475,11 +479,6 @@ fn many_waiting_prompts_get_an_even_share() {
     s.postprocess(&sample_all(&b));
     s.set_step_cost(None);
     let b = s.schedule();
-    let prompt_tokens: usize = b
-        .seqs
-        .iter()
-        .filter(|q| q.id != RequestId(0))
-        .map(|q| q.tokens.len())
-        .sum();
+    let prompt_tokens = tokens_except(&b, RequestId(0));
     assert_eq!(prompt_tokens, 32);
 }
