@@ -6,17 +6,17 @@ use std::convert::Infallible;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures::StreamExt;
 
-use crate::generation::{finish_all, merge, submit, total_usage, GenToken, Piece, Run};
+use crate::generation::{finish_all, merge, start, total_usage, GenToken, Piece, Started};
 use crate::openai::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatLogprobs, Choice, ChunkChoice,
-    Delta, Usage,
+    Delta, FunctionCall, FunctionDelta, ToolCall, ToolCallDelta, Usage,
 };
-use crate::routes::{blocking, body_bytes, check_model, json_event, reply_id, unix_now};
+use crate::routes::{body_bytes, json_event, reply_id, sse, unix_now};
 use crate::validate::parse_chat;
 use crate::{logprobs, ApiError, AppState, RequestTag};
 
@@ -41,46 +41,18 @@ pub(crate) async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
-    let model = state.model()?;
     let req = parse_chat(&body)?;
-    check_model(model, &req.model)?;
-    if let Some(user) = &req.sampling.user {
-        tracing::info!(user = %user, "chat completion");
-    }
-    let prompt = {
-        let state = state.clone();
-        let messages = req.messages.clone();
-        blocking(move || {
-            let model = state.model()?;
-            let text = model
-                .chat_template()?
-                .render(&messages)
-                .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-            model.encode(&text, "messages")
-        })
-        .await?
-    };
-    let prompts = [prompt];
-    let runs = submit(
-        &state,
-        &tag,
-        model,
-        &prompts,
-        &req.sampling,
-        &req.response_format,
-        "messages",
-    )
-    .await?;
+    let started = start(&state, &tag, req).await?;
     let reply = Reply {
-        id: reply_id("chatcmpl", runs.len()),
+        id: reply_id("chatcmpl", started.runs.len()),
         created: unix_now(),
-        model: model.name.clone(),
+        model: started.model.clone(),
         state: state.clone(),
     };
-    Ok(if req.sampling.stream {
-        stream(reply, runs, req.sampling.include_usage, prompts.to_vec()).into_response()
+    Ok(if started.stream {
+        stream(reply, started).into_response()
     } else {
-        complete(reply, runs, &prompts).await?.into_response()
+        complete(reply, started).await?.into_response()
     })
 }
 
@@ -98,22 +70,37 @@ impl Reply {
     }
 }
 
-async fn complete(
-    reply: Reply,
-    runs: Vec<Run>,
-    prompts: &[Vec<u32>],
-) -> Result<Json<ChatCompletion>, ApiError> {
-    let (done, usage) = finish_all(runs, prompts).await?;
+async fn complete(reply: Reply, started: Started) -> Result<Json<ChatCompletion>, ApiError> {
+    let (done, usage) = finish_all(started.runs, &started.prompts).await?;
     let choices = done
         .into_iter()
-        .map(|f| Choice {
-            index: f.index,
-            logprobs: reply.logprobs(&f.tokens),
-            message: AssistantMessage {
-                role: "assistant",
-                content: f.text,
-            },
-            finish_reason: Some(f.reason),
+        .map(|f| {
+            let reasoning = (!f.reasoning.is_empty()).then_some(f.reasoning);
+            Choice {
+                index: f.index,
+                logprobs: reply.logprobs(&f.tokens),
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: (!f.calls.is_empty() && f.text.is_empty())
+                        .then_some(())
+                        .map_or(Some(f.text), |()| None),
+                    reasoning_content: reasoning.clone(),
+                    reasoning,
+                    tool_calls: f
+                        .calls
+                        .into_iter()
+                        .map(|c| ToolCall {
+                            id: c.id,
+                            kind: "function",
+                            function: FunctionCall {
+                                name: c.name,
+                                arguments: c.arguments,
+                            },
+                        })
+                        .collect(),
+                },
+                finish_reason: Some(f.reason),
+            }
         })
         .collect();
     Ok(Json(ChatCompletion {
@@ -137,39 +124,58 @@ fn chunk(reply: &Reply, choice: ChunkChoice, usage: Option<Option<Usage>>) -> Ev
     })
 }
 
-fn stream(
-    reply: Reply,
-    runs: Vec<Run>,
-    include_usage: bool,
-    prompts: Vec<Vec<u32>>,
-) -> impl IntoResponse {
+/// One call's piece of a stream delta.
+fn call_delta(index: usize, id: Option<String>, name: Option<String>, arguments: String) -> Delta {
+    Delta {
+        tool_calls: Some(vec![ToolCallDelta {
+            index,
+            kind: id.as_ref().map(|_| "function"),
+            id,
+            function: FunctionDelta { name, arguments },
+        }]),
+        ..Delta::default()
+    }
+}
+
+fn stream(reply: Reply, started: Started) -> impl IntoResponse {
+    let Started {
+        runs,
+        prompts,
+        include_usage,
+        ..
+    } = started;
     let usage_field = include_usage.then_some(None);
     let indices: Vec<usize> = runs.iter().map(|r| r.index).collect();
     let events = async_stream::stream! {
         for &index in &indices {
-            let delta = Delta { role: Some("assistant"), content: Some(String::new()) };
+            let delta = Delta { role: Some("assistant"), content: Some(String::new()), ..Delta::default() };
             let c = ChunkChoice { index, delta, logprobs: None, finish_reason: None };
             yield Ok::<_, Infallible>(chunk(&reply, c, usage_field));
         }
         let mut usages = Vec::new();
         let mut pieces = merge(runs);
         while let Some((index, piece)) = pieces.next().await {
-            match piece {
+            let (delta, logprobs, finish_reason) = match piece {
                 Piece::Text { text, tokens } => {
-                    let delta = Delta { role: None, content: Some(text) };
-                    let c = ChunkChoice { index, delta, logprobs: reply.logprobs(&tokens), finish_reason: None };
-                    yield Ok(chunk(&reply, c, usage_field));
+                    (Delta { content: Some(text), ..Delta::default() }, reply.logprobs(&tokens), None)
                 }
-                Piece::Finish { reason, usage } => {
+                Piece::Reasoning(text) => {
+                    let delta = Delta { reasoning_content: Some(text.clone()), reasoning: Some(text), ..Delta::default() };
+                    (delta, None, None)
+                }
+                Piece::Call { call, id, name } => (call_delta(call, Some(id), Some(name), String::new()), None, None),
+                Piece::Args { call, args } => (call_delta(call, None, None, args), None, None),
+                Piece::Finish { reason, usage, .. } => {
                     usages.push(usage);
-                    let c = ChunkChoice { index, delta: Delta::default(), logprobs: None, finish_reason: Some(reason) };
-                    yield Ok(chunk(&reply, c, usage_field));
+                    (Delta::default(), None, Some(reason))
                 }
                 Piece::Error(e) => {
                     yield Ok(json_event(&e.body()));
                     break;
                 }
-            }
+            };
+            let c = ChunkChoice { index, delta, logprobs, finish_reason };
+            yield Ok(chunk(&reply, c, usage_field));
         }
         if include_usage && usages.len() == indices.len() {
             yield Ok(json_event(&ChatCompletionChunk {
@@ -183,8 +189,5 @@ fn stream(
         }
         yield Ok(Event::default().data("[DONE]"));
     };
-    (
-        [("x-accel-buffering", "no"), ("cache-control", "no-cache")],
-        Sse::new(events).keep_alive(KeepAlive::default()),
-    )
+    sse(events)
 }

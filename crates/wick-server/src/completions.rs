@@ -6,16 +6,15 @@ use std::convert::Infallible;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures::StreamExt;
 
-use crate::generation::{finish_all, merge, submit, total_usage, GenToken, Piece, Run};
+use crate::generation::{finish_all, merge, start, total_usage, GenToken, Piece, Started};
 use crate::openai::{Completion, CompletionChoice, CompletionLogprobs, Usage};
-use crate::routes::{blocking, body_bytes, check_model, json_event, reply_id, unix_now};
-use crate::structured::ResponseFormat;
-use crate::validate::{parse_completion, PromptInput};
+use crate::routes::{body_bytes, json_event, reply_id, sse, unix_now};
+use crate::validate::parse_completion;
 use crate::{logprobs, ApiError, AppState, RequestTag};
 
 /// Text completion of raw prompts: JSON, or with `stream: true` SSE.
@@ -38,47 +37,18 @@ pub(crate) async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
-    let model = state.model()?;
     let req = parse_completion(&body)?;
-    check_model(model, &req.model)?;
-    if let Some(user) = &req.sampling.user {
-        tracing::info!(user = %user, "completion");
-    }
-    let prompts: Vec<Vec<u32>> = {
-        let state = state.clone();
-        let inputs = req.prompts.clone();
-        blocking(move || {
-            let model = state.model()?;
-            inputs
-                .into_iter()
-                .map(|p| match p {
-                    PromptInput::Text(t) => model.encode(&t, "prompt"),
-                    PromptInput::Ids(ids) => model.check_ids(ids, "prompt"),
-                })
-                .collect::<Result<Vec<_>, ApiError>>()
-        })
-        .await?
-    };
-    let runs = submit(
-        &state,
-        &tag,
-        model,
-        &prompts,
-        &req.sampling,
-        &ResponseFormat::Text,
-        "prompt",
-    )
-    .await?;
+    let started = start(&state, &tag, req).await?;
     let reply = Reply {
-        id: reply_id("cmpl", runs.len()),
+        id: reply_id("cmpl", started.runs.len()),
         created: unix_now(),
-        model: model.name.clone(),
+        model: started.model.clone(),
         state: state.clone(),
     };
-    Ok(if req.sampling.stream {
-        stream(reply, runs, req.sampling.include_usage, prompts).into_response()
+    Ok(if started.stream {
+        stream(reply, started).into_response()
     } else {
-        complete(reply, runs, &prompts).await?.into_response()
+        complete(reply, started).await?.into_response()
     })
 }
 
@@ -116,12 +86,8 @@ impl Reply {
     }
 }
 
-async fn complete(
-    reply: Reply,
-    runs: Vec<Run>,
-    prompts: &[Vec<u32>],
-) -> Result<Json<Completion>, ApiError> {
-    let (done, usage) = finish_all(runs, prompts).await?;
+async fn complete(reply: Reply, started: Started) -> Result<Json<Completion>, ApiError> {
+    let (done, usage) = finish_all(started.runs, &started.prompts).await?;
     let choices = done
         .into_iter()
         .map(|f| {
@@ -138,12 +104,13 @@ async fn complete(
     Ok(Json(reply.body(choices, Some(Some(usage)))))
 }
 
-fn stream(
-    reply: Reply,
-    runs: Vec<Run>,
-    include_usage: bool,
-    prompts: Vec<Vec<u32>>,
-) -> impl IntoResponse {
+fn stream(reply: Reply, started: Started) -> impl IntoResponse {
+    let Started {
+        runs,
+        prompts,
+        include_usage,
+        ..
+    } = started;
     let usage_field = include_usage.then_some(None);
     let total = runs.len();
     let events = async_stream::stream! {
@@ -159,7 +126,7 @@ fn stream(
                     let c = CompletionChoice { index, text, logprobs: lps, finish_reason: None };
                     yield Ok::<_, Infallible>(json_event(&reply.body(vec![c], usage_field)));
                 }
-                Piece::Finish { reason, usage } => {
+                Piece::Finish { reason, usage, .. } => {
                     usages.push(usage);
                     let c = CompletionChoice { index, text: String::new(), logprobs: None, finish_reason: Some(reason) };
                     yield Ok(json_event(&reply.body(vec![c], usage_field)));
@@ -168,6 +135,8 @@ fn stream(
                     yield Ok(json_event(&e.body()));
                     break;
                 }
+                // Raw prompts are never parsed into reasoning or calls.
+                Piece::Reasoning(_) | Piece::Call { .. } | Piece::Args { .. } => {}
             }
         }
         if include_usage && usages.len() == total {
@@ -175,8 +144,5 @@ fn stream(
         }
         yield Ok(Event::default().data("[DONE]"));
     };
-    (
-        [("x-accel-buffering", "no"), ("cache-control", "no-cache")],
-        Sse::new(events).keep_alive(KeepAlive::default()),
-    )
+    sse(events)
 }

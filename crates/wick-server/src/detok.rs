@@ -10,6 +10,9 @@ use tokenizers::Tokenizer;
 /// character; a window of previous tokens gives the decoder its context (spaces, merges).
 pub struct Detokenizer {
     tokenizer: Arc<Tokenizer>,
+    /// Special tokens written out as their text (a tool-call marker such as `[TOOL_CALLS]`);
+    /// every other special token is skipped.
+    visible: Vec<u32>,
     ids: Vec<u32>,
     prefix_offset: usize,
     read_offset: usize,
@@ -19,6 +22,7 @@ impl Detokenizer {
     pub fn new(tokenizer: Arc<Tokenizer>) -> Self {
         Self {
             tokenizer,
+            visible: Vec::new(),
             ids: Vec::new(),
             prefix_offset: 0,
             read_offset: 0,
@@ -29,8 +33,19 @@ impl Detokenizer {
         self.tokenizer.decode(ids, true).unwrap_or_default()
     }
 
+    /// Writes these special tokens out as their text.
+    pub fn with_visible(mut self, ids: Vec<u32>) -> Self {
+        self.visible = ids;
+        self
+    }
+
     /// Adds one token; returns the text it completes (often empty mid-character).
     pub fn push(&mut self, id: u32) -> String {
+        if self.visible.contains(&id) {
+            let mut out = self.flush();
+            out.push_str(&self.tokenizer.id_to_token(id).unwrap_or_default());
+            return out;
+        }
         self.ids.push(id);
         let prefix = self.decode(&self.ids[self.prefix_offset..self.read_offset]);
         let full = self.decode(&self.ids[self.prefix_offset..]);
@@ -54,12 +69,25 @@ impl Detokenizer {
     }
 }
 
+/// Length of the longest end of `text` that is a proper prefix of `marker` (text that must
+/// be held back: the marker may be arriving).
+pub(crate) fn partial_suffix(text: &str, marker: &str) -> usize {
+    marker
+        .char_indices()
+        .map(|(i, _)| i)
+        .skip(1)
+        .filter(|&i| text.ends_with(&marker[..i]))
+        .max()
+        .unwrap_or(0)
+}
+
 /// Holds back text that could be the start of a stop string, and cuts the output where one
 /// appears.
 #[derive(Debug, Default)]
 pub struct StopBuffer {
     stops: Vec<String>,
     pending: String,
+    matched: Option<usize>,
 }
 
 impl StopBuffer {
@@ -67,6 +95,7 @@ impl StopBuffer {
         Self {
             stops,
             pending: String::new(),
+            matched: None,
         }
     }
 
@@ -77,9 +106,11 @@ impl StopBuffer {
         let hit = self
             .stops
             .iter()
-            .filter_map(|s| self.pending.find(s.as_str()))
+            .enumerate()
+            .filter_map(|(i, s)| Some((self.pending.find(s.as_str())?, i)))
             .min();
-        if let Some(at) = hit {
+        if let Some((at, i)) = hit {
+            self.matched = Some(i);
             let out = self.pending[..at].to_string();
             self.pending.clear();
             return (out, true);
@@ -96,14 +127,15 @@ impl StopBuffer {
         (out, false)
     }
 
-    /// Length of the longest end of `pending` that is a proper prefix of `stop`.
     fn partial_suffix(&self, stop: &str) -> usize {
-        stop.char_indices()
-            .map(|(i, _)| i)
-            .skip(1)
-            .filter(|&i| self.pending.ends_with(&stop[..i]))
-            .max()
-            .unwrap_or(0)
+        partial_suffix(&self.pending, stop)
+    }
+
+    /// The stop string that was reached, if one was.
+    pub fn matched(&self) -> Option<&str> {
+        self.matched
+            .and_then(|i| self.stops.get(i))
+            .map(String::as_str)
     }
 
     /// The held-back text, at the end of generation.

@@ -1,7 +1,9 @@
-//! From a validated request to engine submissions (one per choice), and from each choice's
-//! token events back to text pieces: detokenized, stop strings applied, log-probabilities
-//! attached to the text they produced.
+//! From a [`GenRequest`] (any API shape) to engine submissions, one per choice, with every
+//! check that needs the model made here; and from each choice's token events back to
+//! pieces: text detokenized, stop strings applied, log-probabilities attached to the text
+//! they produced, then split into reasoning, content and tool calls.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,9 +15,11 @@ use wick_core::{
 
 use crate::detok::{Detokenizer, StopBuffer};
 use crate::openai::Usage;
-use crate::routes::blocking;
+use crate::routes::{blocking, check_model};
 use crate::structured::ResponseFormat;
-use crate::validate::ValidSampling;
+use crate::tools::parse::{Out, OutputParser, Thinking};
+use crate::tools::{ToolFormat, ToolSpec};
+use crate::validate::{GenInput, GenRequest, PromptInput};
 use crate::{ApiError, AppState, RequestTag, ServedModel};
 
 /// One generated token, with its log-probabilities if asked for.
@@ -25,10 +29,30 @@ pub(crate) struct GenToken {
     pub logprobs: Option<TokenLogprobs>,
 }
 
-/// What a generation yields, in order: text pieces, then one end.
+/// What a generation yields, in order: text, reasoning and call pieces, then one end.
 pub(crate) enum Piece {
-    Text { text: String, tokens: Vec<GenToken> },
-    Finish { reason: &'static str, usage: Usage },
+    /// Content (the answer's text).
+    Text {
+        text: String,
+        tokens: Vec<GenToken>,
+    },
+    Reasoning(String),
+    /// A tool call begins; its arguments follow in `Args` pieces.
+    Call {
+        call: usize,
+        id: String,
+        name: String,
+    },
+    Args {
+        call: usize,
+        args: String,
+    },
+    /// `reason` is OpenAI's finish reason; `stop_sequence` the stop string that ended it.
+    Finish {
+        reason: &'static str,
+        usage: Usage,
+        stop_sequence: Option<String>,
+    },
     Error(ApiError),
 }
 
@@ -50,10 +74,11 @@ impl Generation {
         model: &ServedModel,
         stops: Vec<String>,
         prompt_tokens: usize,
+        visible: Vec<u32>,
     ) -> Self {
         Self {
             rx,
-            detok: Detokenizer::new(Arc::clone(&model.tokenizer)),
+            detok: Detokenizer::new(Arc::clone(&model.tokenizer)).with_visible(visible),
             stop: StopBuffer::new(stops),
             prompt_tokens,
             completion_tokens: 0,
@@ -97,10 +122,12 @@ impl Generation {
                     let (emit, stopped) = self.stop.push(&text);
                     if stopped {
                         let usage = Usage::new(self.prompt_tokens, self.completion_tokens);
+                        let stop_sequence = self.stop.matched().map(str::to_string);
                         return self.end(
                             Piece::Finish {
                                 reason: "stop",
                                 usage,
+                                stop_sequence,
                             },
                             emit,
                         );
@@ -127,7 +154,13 @@ impl Generation {
                         }
                     };
                     let usage = Usage::new(prompt_tokens, completion_tokens);
-                    return self.end(Piece::Finish { reason, usage }, rest);
+                    let stop_sequence = self.stop.matched().map(str::to_string);
+                    let finish = Piece::Finish {
+                        reason,
+                        usage,
+                        stop_sequence,
+                    };
+                    return self.end(finish, rest);
                 }
                 Some(TokenEvent::Error { kind, message }) => {
                     let e = match kind {
@@ -148,18 +181,74 @@ impl Generation {
     }
 }
 
-/// One choice: its index, its first piece (already received) and the rest.
+/// One choice: its index, its first piece (already received) and the rest, split into
+/// reasoning, content and tool calls when the request needs it.
 pub(crate) struct Run {
     pub index: usize,
-    pub first: Option<Piece>,
-    pub gen: Generation,
+    first: Option<Piece>,
+    gen: Generation,
+    parser: Option<OutputParser>,
+    ready: VecDeque<Piece>,
 }
 
 impl Run {
     pub(crate) async fn next(&mut self) -> Option<Piece> {
-        match self.first.take() {
-            Some(p) => Some(p),
-            None => self.gen.next().await,
+        loop {
+            if let Some(p) = self.ready.pop_front() {
+                return Some(p);
+            }
+            let piece = match self.first.take() {
+                Some(p) => p,
+                None => self.gen.next().await?,
+            };
+            let Some(parser) = &mut self.parser else {
+                return Some(piece);
+            };
+            match piece {
+                Piece::Text { text, tokens } => {
+                    let outs = parser.push(&text);
+                    self.queue(outs, tokens);
+                }
+                Piece::Finish {
+                    reason,
+                    usage,
+                    stop_sequence,
+                } => {
+                    let outs = parser.finish();
+                    let reason = if parser.calls() > 0 && reason == "stop" {
+                        "tool_calls"
+                    } else {
+                        reason
+                    };
+                    self.queue(outs, Vec::new());
+                    self.ready.push_back(Piece::Finish {
+                        reason,
+                        usage,
+                        stop_sequence,
+                    });
+                }
+                other => return Some(other),
+            }
+        }
+    }
+
+    /// Parsed pieces, ready to go; the tokens' log-probabilities go with the first text.
+    fn queue(&mut self, outs: Vec<Out>, tokens: Vec<GenToken>) {
+        let mut tokens = Some(tokens);
+        for o in outs {
+            self.ready.push_back(match o {
+                Out::Content(text) => Piece::Text {
+                    text,
+                    tokens: tokens.take().unwrap_or_default(),
+                },
+                Out::Reasoning(t) => Piece::Reasoning(t),
+                Out::Call { index, id, name } => Piece::Call {
+                    call: index,
+                    id,
+                    name,
+                },
+                Out::Args { index, args } => Piece::Args { call: index, args },
+            });
         }
     }
 
@@ -203,37 +292,77 @@ pub(crate) fn output_budget(
     }
 }
 
-/// Submits `n` choices for each prompt (choice index `prompt * n + j`) and waits for each
-/// one's first event, so that an engine refusal becomes this request's status code.
-pub(crate) async fn submit(
+/// A generation under way: one run per choice, and what every answer reports.
+pub(crate) struct Started {
+    pub runs: Vec<Run>,
+    pub prompts: Vec<Vec<u32>>,
+    /// The served model's name.
+    pub model: String,
+    /// Whether the sampling asked for a stream.
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// Checks `req` against the model (name, template, tools, token ids, context budget,
+/// logit_bias), renders and tokenizes its prompts off the reactor, compiles its grammar,
+/// submits `n` choices per prompt (choice index `prompt * n + j`) and waits for each one's
+/// first event, so that an engine refusal becomes this request's status code.
+pub(crate) async fn start(
     state: &AppState,
     tag: &RequestTag,
-    model: &ServedModel,
-    prompts: &[Vec<u32>],
-    sampling: &ValidSampling,
-    format: &ResponseFormat,
-    prompt_param: &str,
-) -> Result<Vec<Run>, ApiError> {
-    let mut constraints = compile(state, format, prompts.len() * sampling.n)
-        .await?
-        .into_iter();
-    let mut runs = Vec::with_capacity(prompts.len() * sampling.n);
-    for (p, prompt) in prompts.iter().enumerate() {
-        let max_tokens = output_budget(model, prompt.len(), sampling.max_tokens, prompt_param)?;
-        if let Some(&(id, _)) = sampling
-            .params
-            .logit_bias
-            .iter()
-            .find(|(id, _)| *id as usize >= model.vocab_size)
-        {
+    req: GenRequest,
+) -> Result<Started, ApiError> {
+    let model = state.model()?;
+    check_model(model, &req.model)?;
+    if let Some(user) = &req.sampling.user {
+        tracing::info!(user = %user, "generation request");
+    }
+    let tool_format = if req.tools.active() {
+        if req.format != ResponseFormat::Text {
             return Err(ApiError::invalid(
-                "logit_bias",
-                format!(
-                    "token id {id} is not in the vocabulary (size {})",
-                    model.vocab_size
-                ),
+                "response_format",
+                "a JSON response format cannot be combined with tools",
             ));
         }
+        let format = model.tool_format()?;
+        tracing::debug!(syntax = format.syntax.name(), choice = ?req.tools.choice, "tool calls");
+        Some(format)
+    } else {
+        None
+    };
+    let sampling = &req.sampling;
+    if let Some(&(id, _)) = sampling
+        .params
+        .logit_bias
+        .iter()
+        .find(|(id, _)| *id as usize >= model.vocab_size)
+    {
+        return Err(ApiError::invalid(
+            "logit_bias",
+            format!(
+                "token id {id} is not in the vocabulary (size {})",
+                model.vocab_size
+            ),
+        ));
+    }
+    let (prompts, thinking) = {
+        let state = state.clone();
+        let (input, tools, param) = (req.input.clone(), req.tools.clone(), req.prompt_param);
+        blocking(move || tokenize(state.model()?, input, &tools, param)).await?
+    };
+    let count = prompts.len() * sampling.n;
+    let mut constraints = match tool_format {
+        Some(f) => compile_tools(state, f, &req.tools, count).await?,
+        None => compile(state, &req.format, count).await?,
+    }
+    .into_iter();
+    let visible: Vec<u32> = tool_format
+        .and_then(|f| f.start_token)
+        .into_iter()
+        .collect();
+    let mut runs = Vec::with_capacity(count);
+    for (p, prompt) in prompts.iter().enumerate() {
+        let max_tokens = output_budget(model, prompt.len(), sampling.max_tokens, req.prompt_param)?;
         for j in 0..sampling.n {
             let mut params = sampling.params.clone();
             // Choices of one request differ, reproducibly when seeded.
@@ -257,10 +386,19 @@ pub(crate) async fn submit(
                     constraint: constraints.next().flatten(),
                 })
                 .map_err(|e| submit_error(state, e))?;
+            let parse = thinking != Thinking::Never || tool_format.is_some();
             runs.push(Run {
                 index: p * sampling.n + j,
                 first: None,
-                gen: Generation::new(rx, model, sampling.stop.clone(), prompt.len()),
+                gen: Generation::new(
+                    rx,
+                    model,
+                    sampling.stop.clone(),
+                    prompt.len(),
+                    visible.clone(),
+                ),
+                parser: parse.then(|| OutputParser::new(thinking, tool_format.map(|f| f.syntax))),
+                ready: VecDeque::new(),
             });
         }
     }
@@ -271,7 +409,68 @@ pub(crate) async fn submit(
             None => return Err(ApiError::EngineStopped),
         }
     }
-    Ok(runs)
+    Ok(Started {
+        runs,
+        prompts,
+        model: model.name.clone(),
+        stream: sampling.stream,
+        include_usage: sampling.include_usage,
+    })
+}
+
+/// The prompts' token ids (chat messages rendered with the template, and the tools when
+/// they are in play), and where the output starts relative to the model's thinking.
+fn tokenize(
+    model: &ServedModel,
+    input: GenInput,
+    tools: &ToolSpec,
+    param: &str,
+) -> Result<(Vec<Vec<u32>>, Thinking), ApiError> {
+    match input {
+        GenInput::Chat(messages) => {
+            let template = model.chat_template()?;
+            let tool_values: Vec<serde_json::Value> =
+                tools.tools.iter().map(|t| t.template_value()).collect();
+            let text = template
+                .render(&messages, tools.active().then_some(tool_values.as_slice()))
+                .map_err(|e| ApiError::invalid(param, e.to_string()))?;
+            let thinking = Thinking::detect(template.source(), &text);
+            Ok((vec![model.encode(&text, param)?], thinking))
+        }
+        GenInput::Prompts(prompts) => {
+            let ids = prompts
+                .into_iter()
+                .map(|p| match p {
+                    PromptInput::Text(t) => model.encode(&t, param),
+                    PromptInput::Ids(ids) => model.check_ids(ids, param),
+                })
+                .collect::<Result<Vec<_>, ApiError>>()?;
+            Ok((ids, Thinking::Never))
+        }
+    }
+}
+
+/// The tools' grammar, one per choice, compiled on a blocking thread.
+async fn compile_tools(
+    state: &AppState,
+    format: ToolFormat,
+    spec: &ToolSpec,
+    count: usize,
+) -> Result<Vec<Option<Box<dyn TokenConstraint>>>, ApiError> {
+    let state = state.clone();
+    let spec = spec.clone();
+    blocking(move || {
+        let grammars = state.model()?.grammars.clone().ok_or_else(|| {
+            ApiError::unsupported(
+                "tools",
+                "(constrained tool calls) for this model's tokenizer",
+            )
+        })?;
+        (0..count)
+            .map(|_| grammars.tool_constraint(format, &spec))
+            .collect()
+    })
+    .await
 }
 
 /// One grammar per choice, compiled on a blocking thread (never on the engine's).
@@ -322,13 +521,62 @@ fn submit_error(state: &AppState, e: SubmitError) -> ApiError {
     }
 }
 
-/// One choice's whole output, for a non-streaming answer.
+/// A tool call in a finished answer.
+#[derive(Debug, Clone)]
+pub(crate) struct CallOut {
+    pub id: String,
+    pub name: String,
+    /// The arguments' JSON text, as the model wrote it.
+    pub arguments: String,
+}
+
+/// One choice's whole output, for a non-streaming answer: its pieces joined.
+#[derive(Default)]
 pub(crate) struct Finished {
     pub index: usize,
     pub text: String,
-    /// Every token with its log-probabilities, in order.
+    pub reasoning: String,
+    pub calls: Vec<CallOut>,
+    /// Every content token with its log-probabilities, in order.
     pub tokens: Vec<GenToken>,
     pub reason: &'static str,
+    pub stop_sequence: Option<String>,
+    pub usage: Usage,
+}
+
+impl Finished {
+    /// Adds one piece; `Some` once the choice has ended.
+    fn add(&mut self, piece: Piece) -> Option<Result<(), ApiError>> {
+        match piece {
+            Piece::Text { text, tokens } => {
+                self.tokens.extend(tokens);
+                self.text.push_str(&text);
+            }
+            Piece::Reasoning(t) => self.reasoning.push_str(&t),
+            Piece::Call { id, name, .. } => self.calls.push(CallOut {
+                id,
+                name,
+                arguments: String::new(),
+            }),
+            Piece::Args { call, args } => {
+                if let Some(c) = self.calls.get_mut(call) {
+                    c.arguments.push_str(&args);
+                }
+            }
+            Piece::Error(e) => return Some(Err(e)),
+            Piece::Finish {
+                reason,
+                usage,
+                stop_sequence,
+            } => {
+                self.reason = reason;
+                self.usage = usage;
+                self.stop_sequence = stop_sequence;
+                return Some(Ok(()));
+            }
+        }
+        None
+    }
 }
 
 /// Runs every choice to its end; returns them in index order, and the usage of all.
@@ -337,30 +585,13 @@ pub(crate) async fn finish_all(
     prompts: &[Vec<u32>],
 ) -> Result<(Vec<Finished>, Usage), ApiError> {
     let results = futures::future::join_all(runs.into_iter().map(|mut run| async move {
-        let mut text = String::new();
-        let mut tokens = Vec::new();
+        let mut done = Finished {
+            index: run.index,
+            ..Finished::default()
+        };
         while let Some(piece) = run.next().await {
-            match piece {
-                Piece::Text {
-                    text: t,
-                    tokens: ts,
-                } => {
-                    tokens.extend(ts);
-                    text.push_str(&t);
-                }
-                Piece::Error(e) => return Err(e),
-                Piece::Finish { reason, usage } => {
-                    let index = run.index;
-                    return Ok((
-                        Finished {
-                            index,
-                            text,
-                            tokens,
-                            reason,
-                        },
-                        usage,
-                    ));
-                }
+            if let Some(end) = done.add(piece) {
+                return end.map(|()| done);
             }
         }
         Err(ApiError::Internal(
@@ -368,14 +599,9 @@ pub(crate) async fn finish_all(
         ))
     }))
     .await;
-    let mut done = Vec::with_capacity(results.len());
-    let mut usages = Vec::with_capacity(results.len());
-    for r in results {
-        let (f, u) = r?;
-        done.push(f);
-        usages.push(u);
-    }
+    let mut done = results.into_iter().collect::<Result<Vec<_>, _>>()?;
     done.sort_by_key(|f| f.index);
+    let usages: Vec<Usage> = done.iter().map(|f| f.usage).collect();
     Ok((done, total_usage(prompts, &usages)))
 }
 

@@ -18,9 +18,11 @@ mod logprobs;
 pub mod openai;
 mod openapi;
 mod ops;
+mod pyjson;
 mod routes;
 mod structured;
 mod template;
+mod tools;
 mod validate;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,8 +39,9 @@ pub use error::ApiError;
 pub use openapi::ApiDoc;
 pub use ops::{RequestTag, REQUEST_ID_HEADER};
 pub use structured::{Grammars, JsonConstraint, ResponseFormat};
-pub use template::{ChatTemplate, TemplateError, TemplateMessage};
-pub use validate::{parse_chat, parse_completion, ValidChat, ValidCompletion};
+pub use template::{
+    ChatTemplate, TemplateError, TemplateFunction, TemplateMessage, TemplateToolCall,
+};
 
 /// Largest request body accepted (413 beyond).
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -88,6 +91,33 @@ impl ServedModel {
                 "messages",
                 "this model has no chat template (a base model?): use /v1/completions with a plain prompt, or start the server with --chat-template FILE",
             )
+        })
+    }
+
+    /// How the model's template asks for tool calls, or a 400 on `tools` saying that it
+    /// does not present tools (or in no syntax this server parses).
+    pub(crate) fn tool_format(&self) -> Result<tools::ToolFormat, ApiError> {
+        let template = self.chat_template()?;
+        let syntax = tools::syntax_for(template.source()).ok_or_else(|| {
+            ApiError::invalid(
+                "tools",
+                if template.supports_tools() {
+                    "this model's chat template asks for tool calls in a syntax this server does not parse (it parses Hermes <tool_call>, Llama 3 JSON and Mistral [TOOL_CALLS])"
+                } else {
+                    "this model's chat template has no tool support: tools cannot be used with it"
+                },
+            )
+        })?;
+        // A marker that is one special token is named by id in grammars and written out
+        // by the detokenizer (which skips other special tokens).
+        let start_token = self.tokenizer.token_to_id(syntax.start()).filter(|_| {
+            self.tokenizer
+                .get_added_vocabulary()
+                .is_special_token(syntax.start())
+        });
+        Ok(tools::ToolFormat {
+            syntax,
+            start_token,
         })
     }
 

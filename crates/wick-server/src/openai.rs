@@ -115,6 +115,17 @@ pub struct ChatMessage {
     #[serde(default)]
     pub content: Option<MessageContent>,
     pub name: Option<String>,
+    /// An assistant's earlier calls: `[{"id", "type": "function", "function": {"name",
+    /// "arguments"}}]`.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub tool_calls: Option<Vec<Value>>,
+    /// A `tool` message answers this call.
+    pub tool_call_id: Option<String>,
+    /// An assistant's earlier reasoning (`reasoning` is the other name clients use).
+    pub reasoning_content: Option<String>,
+    pub reasoning: Option<String>,
+    /// OpenAI's refusal text on assistant messages; accepted, not shown to the model.
+    pub refusal: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -189,7 +200,50 @@ pub struct Choice {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    /// The text (null when the answer is only tool calls).
+    pub content: Option<String>,
+    /// The model's thinking, for models that think (`reasoning` holds the same text).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+}
+
+/// A tool call in an answer.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments as a JSON string.
+    pub arguments: String,
+}
+
+/// A piece of a streamed tool call: the first carries `id`, `type` and the name with empty
+/// arguments; the rest carry argument text.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionDelta,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 /// `choices[].logprobs` of the chat API.
@@ -238,6 +292,12 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 /// `POST /v1/completions` response (and, with `object` "text_completion", its chunks).

@@ -5,7 +5,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, StatusCode, Uri};
-use axum::response::sse::Event;
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
@@ -48,6 +48,17 @@ where
 
 pub(crate) fn json_event<T: serde::Serialize>(value: &T) -> Event {
     Event::default().data(serde_json::to_string(value).unwrap_or_else(|_| "{}".into()))
+}
+
+/// An SSE response of `events` (no proxy buffering, no caching, keep-alive comments).
+pub(crate) fn sse<S>(events: S) -> impl IntoResponse
+where
+    S: futures::Stream<Item = Result<Event, std::convert::Infallible>> + Send + 'static,
+{
+    (
+        [("x-accel-buffering", "no"), ("cache-control", "no-cache")],
+        Sse::new(events).keep_alive(KeepAlive::default()),
+    )
 }
 
 /// The body, or 413 / 400 when it could not be read.
@@ -113,7 +124,7 @@ pub(crate) async fn tokenize(
         (Some(p), None) => p,
         (None, Some(m)) => model
             .chat_template()?
-            .render(&messages_from(&m)?)
+            .render(&messages_from(&m)?, None)
             .map_err(|e| ApiError::invalid("messages", e.to_string()))?,
         _ => {
             return Err(ApiError::invalid(

@@ -12,6 +12,7 @@ use tokenizers::Tokenizer;
 use wick_core::TokenConstraint;
 
 use crate::detok::token_bytes;
+use crate::tools::{Entry, ToolChoice, ToolFormat, ToolSpec, BARE_START};
 use crate::ApiError;
 
 /// What `response_format` asks for.
@@ -75,6 +76,7 @@ impl TokenizerEnv for WickTokEnv {
 /// Compiles grammars for one model.
 pub struct Grammars {
     factory: ParserFactory,
+    env: TokEnv,
 }
 
 impl Grammars {
@@ -96,7 +98,7 @@ impl Grammars {
         let env: TokEnv = Arc::new(WickTokEnv { trie, tokenizer });
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
         factory.quiet();
-        Ok(Self { factory })
+        Ok(Self { factory, env })
     }
 
     /// A fresh constraint for `format` (`None` for plain text). Compiling can take a while:
@@ -113,21 +115,141 @@ impl Grammars {
             obj.entry("x-guidance")
                 .or_insert_with(|| json!({"whitespace_flexible": false}));
         }
-        let grammar = TopLevelGrammar::from_json_schema(schema);
-        let parser = self.factory.create_parser(grammar).map_err(|e| {
-            ApiError::invalid(
-                "response_format",
-                format!("the JSON schema cannot be used: {e}"),
-            )
-        })?;
-        let matcher = Matcher::new(Ok(parser));
-        if let Some(e) = matcher.get_error() {
-            return Err(ApiError::invalid(
-                "response_format",
-                format!("the JSON schema cannot be used: {e}"),
-            ));
-        }
+        let matcher = self.matcher(TopLevelGrammar::from_json_schema(schema), "response_format")?;
         Ok(Some(JsonConstraint { matcher }))
+    }
+
+    fn matcher(&self, grammar: TopLevelGrammar, param: &str) -> Result<Matcher, ApiError> {
+        let bad =
+            |e: String| ApiError::invalid(param, format!("the JSON schema cannot be used: {e}"));
+        let parser = self
+            .factory
+            .create_parser(grammar)
+            .map_err(|e| bad(e.to_string()))?;
+        let matcher = Matcher::new(Ok(parser));
+        match matcher.get_error() {
+            Some(e) => Err(bad(e)),
+            None => Ok(matcher),
+        }
+    }
+
+    /// The constraint for a request's tools: with `required` or a named tool, the output
+    /// is calls from the first token; with `auto`, the model writes freely until it starts a
+    /// call, and from there on the call must parse and match a tool's schema.
+    pub(crate) fn tool_constraint(
+        &self,
+        format: ToolFormat,
+        spec: &ToolSpec,
+    ) -> Result<Option<Box<dyn TokenConstraint>>, ApiError> {
+        let grammar = |entry| TopLevelGrammar::from_lark(format.grammar(spec, entry));
+        Ok(Some(match spec.choice {
+            ToolChoice::None => return Ok(None),
+            ToolChoice::Auto => Box::new(CallConstraint {
+                after_marker: Some(self.matcher(grammar(Entry::AfterMarker), "tools")?),
+                bare: format
+                    .syntax
+                    .bare_json()
+                    .then(|| self.matcher(grammar(Entry::Bare), "tools"))
+                    .transpose()?,
+                env: self.env.clone(),
+                format,
+                seen: Vec::new(),
+                searched: 0,
+                active: None,
+            }),
+            _ => Box::new(JsonConstraint {
+                matcher: self.matcher(grammar(Entry::Forced), "tools")?,
+            }),
+        }))
+    }
+}
+
+/// Masks `logits` to what `matcher` allows; ids past the tokenizer's vocabulary (a padded
+/// output layer) are never allowed.
+fn mask_with(matcher: &mut Matcher, logits: &mut [f32]) -> Result<(), String> {
+    let allowed = matcher.compute_mask_or_eos().map_err(|e| e.to_string())?;
+    for (id, l) in logits.iter_mut().enumerate() {
+        if id >= allowed.len() || !allowed.is_allowed(id as TokenId) {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+    Ok(())
+}
+
+/// `auto` tool choice: no constraint until the output opens a call (with the marker, or
+/// bare where the syntax allows), then the grammar of calls from there.
+pub struct CallConstraint {
+    after_marker: Option<Matcher>,
+    bare: Option<Matcher>,
+    env: TokEnv,
+    format: ToolFormat,
+    /// The output's bytes so far (until a call opens).
+    seen: Vec<u8>,
+    /// How much of `seen` was searched for the start marker.
+    searched: usize,
+    /// The grammar in force once a call has opened.
+    active: Option<Matcher>,
+}
+
+impl std::fmt::Debug for CallConstraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CallConstraint")
+    }
+}
+
+impl CallConstraint {
+    /// Where the grammar takes over in `seen` and which entry, once a call has opened.
+    fn call_opened(&self, token: u32) -> Option<(usize, Entry)> {
+        if self.format.start_token == Some(token) {
+            return Some((self.seen.len(), Entry::AfterMarker));
+        }
+        let start = self.format.syntax.start().as_bytes();
+        let from = self.searched.saturating_sub(start.len());
+        if let Some(at) = self.seen[from..]
+            .windows(start.len())
+            .position(|w| w == start)
+        {
+            return Some((from + at + start.len(), Entry::AfterMarker));
+        }
+        let first = self.seen.iter().position(|b| !b.is_ascii_whitespace())?;
+        (self.bare.is_some() && self.seen[first..].starts_with(BARE_START.as_bytes()))
+            .then_some((first, Entry::Bare))
+    }
+}
+
+impl TokenConstraint for CallConstraint {
+    fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
+        match &mut self.active {
+            Some(m) => mask_with(m, logits),
+            None => Ok(()),
+        }
+    }
+
+    fn consume(&mut self, token: u32) -> Result<(), String> {
+        if let Some(m) = &mut self.active {
+            return m.consume_token(token).map_err(|e| e.to_string());
+        }
+        self.seen
+            .extend_from_slice(self.env.tok_trie().token(token));
+        let opened = self.call_opened(token);
+        self.searched = self.seen.len();
+        let Some((at, entry)) = opened else {
+            return Ok(());
+        };
+        let mut m = match entry {
+            Entry::Bare => self.bare.take(),
+            _ => self.after_marker.take(),
+        }
+        .ok_or("no grammar for this call")?;
+        for t in self.env.tokenize_bytes(&self.seen[at..]) {
+            m.consume_token(t).map_err(|e| e.to_string())?;
+        }
+        self.active = Some(m);
+        Ok(())
+    }
+
+    fn is_finished(&self) -> bool {
+        self.active.as_ref().is_some_and(|m| m.is_stopped())
     }
 }
 
@@ -144,16 +266,7 @@ impl std::fmt::Debug for JsonConstraint {
 
 impl TokenConstraint for JsonConstraint {
     fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
-        let allowed = self
-            .matcher
-            .compute_mask_or_eos()
-            .map_err(|e| e.to_string())?;
-        for (id, l) in logits.iter_mut().enumerate() {
-            if !allowed.is_allowed(id as TokenId) {
-                *l = f32::NEG_INFINITY;
-            }
-        }
-        Ok(())
+        mask_with(&mut self.matcher, logits)
     }
 
     fn consume(&mut self, token: u32) -> Result<(), String> {

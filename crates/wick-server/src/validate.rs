@@ -10,13 +10,14 @@ use crate::openai::{
     CHAT_FIELDS, COMPLETION_FIELDS, SAMPLING_FIELDS,
 };
 use crate::structured::ResponseFormat;
-use crate::template::TemplateMessage;
+use crate::template::{TemplateFunction, TemplateMessage, TemplateToolCall};
+use crate::tools::{self, ToolSpec};
 use crate::ApiError;
 
 const MAX_STOP_STRINGS: usize = 4;
 const MAX_N: usize = 16;
 const MAX_TOP_LOGPROBS: usize = 20;
-const ROLES: &[&str] = &["system", "developer", "user", "assistant"];
+const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
 
 /// Sampling and control, checked; shared by both endpoints.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,13 +33,26 @@ pub struct ValidSampling {
     pub user: Option<String>,
 }
 
-/// A chat request that passed every check.
+/// One generation request, whatever API shape it arrived in (chat completions,
+/// completions, Responses, Anthropic Messages): every endpoint translates its body into
+/// this, and `generation::start` makes the checks that need the model, in one place.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ValidChat {
+pub(crate) struct GenRequest {
     pub model: String,
-    pub messages: Vec<TemplateMessage>,
+    pub input: GenInput,
     pub sampling: ValidSampling,
-    pub response_format: ResponseFormat,
+    pub format: ResponseFormat,
+    pub tools: ToolSpec,
+    /// The request field that holds the prompt (named by context-length errors).
+    pub prompt_param: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum GenInput {
+    /// Messages, rendered with the model's chat template.
+    Chat(Vec<TemplateMessage>),
+    /// Raw prompts, one or several.
+    Prompts(Vec<PromptInput>),
 }
 
 /// One completions prompt.
@@ -46,14 +60,6 @@ pub struct ValidChat {
 pub enum PromptInput {
     Text(String),
     Ids(Vec<u32>),
-}
-
-/// A completions request that passed every check.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ValidCompletion {
-    pub model: String,
-    pub prompts: Vec<PromptInput>,
-    pub sampling: ValidSampling,
 }
 
 fn invalid_json(message: String) -> ApiError {
@@ -65,7 +71,7 @@ fn invalid_json(message: String) -> ApiError {
 }
 
 /// Parses a JSON object body, refusing unknown fields by name and type errors by path.
-fn parse_object<T: DeserializeOwned>(
+pub(crate) fn parse_object<T: DeserializeOwned>(
     body: &[u8],
     fields: &[&[&str]],
     required: &[&str],
@@ -122,13 +128,28 @@ fn first_bad_field(obj: &serde_json::Map<String, Value>) -> Option<String> {
 }
 
 /// Parses and checks a `POST /v1/chat/completions` body.
-pub fn parse_chat(body: &[u8]) -> Result<ValidChat, ApiError> {
+pub(crate) fn parse_chat(body: &[u8]) -> Result<GenRequest, ApiError> {
     let req: ChatCompletionRequest = parse_object(
         body,
         &[CHAT_FIELDS, SAMPLING_FIELDS],
         &["model", "messages"],
     )?;
-    refuse_chat_unsupported(&req)?;
+    let parallel = match &req.parallel_tool_calls {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "parallel_tool_calls",
+                "'parallel_tool_calls' must be a boolean",
+            ))
+        }
+    };
+    let tools = ToolSpec::new(
+        tools::openai_tools(req.tools.as_ref())?,
+        tools::openai_choice(req.tool_choice.as_ref())?,
+        parallel,
+        "tool_choice",
+    )?;
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (false, Some(_)) => {
             return Err(ApiError::invalid(
@@ -148,16 +169,18 @@ pub fn parse_chat(body: &[u8]) -> Result<ValidChat, ApiError> {
         Some(n) => Some(("max_completion_tokens", n)),
         None => req.sampling.max_tokens.map(|n| ("max_tokens", n)),
     };
-    Ok(ValidChat {
-        response_format: ResponseFormat::parse(req.response_format.as_ref())?,
-        messages: messages_from(&req.messages)?,
+    Ok(GenRequest {
+        format: ResponseFormat::parse(req.response_format.as_ref())?,
+        input: GenInput::Chat(messages_from(&req.messages)?),
         sampling: sampling(&req.sampling, max_tokens, logprobs)?,
         model: req.model,
+        tools,
+        prompt_param: "messages",
     })
 }
 
 /// Parses and checks a `POST /v1/completions` body.
-pub fn parse_completion(body: &[u8]) -> Result<ValidCompletion, ApiError> {
+pub(crate) fn parse_completion(body: &[u8]) -> Result<GenRequest, ApiError> {
     let req: CompletionRequest = parse_object(
         body,
         &[COMPLETION_FIELDS, SAMPLING_FIELDS],
@@ -197,14 +220,17 @@ pub fn parse_completion(body: &[u8]) -> Result<ValidCompletion, ApiError> {
     }
     // OpenAI's completions default to 16 tokens.
     let max_tokens = Some(("max_tokens", req.sampling.max_tokens.unwrap_or(16)));
-    Ok(ValidCompletion {
+    Ok(GenRequest {
         sampling: sampling(&req.sampling, max_tokens, logprobs)?,
-        prompts,
+        input: GenInput::Prompts(prompts),
         model: req.model,
+        format: ResponseFormat::Text,
+        tools: ToolSpec::none(),
+        prompt_param: "prompt",
     })
 }
 
-fn in_range(param: &str, n: i64, lo: usize, hi: usize) -> Result<usize, ApiError> {
+pub(crate) fn in_range(param: &str, n: i64, lo: usize, hi: usize) -> Result<usize, ApiError> {
     if n < lo as i64 || n > hi as i64 {
         return Err(ApiError::invalid(
             param,
@@ -231,7 +257,7 @@ fn float_in(
     Ok(v as f32)
 }
 
-fn sampling(
+pub(crate) fn sampling(
     f: &SamplingFields,
     max_tokens: Option<(&str, i64)>,
     logprobs: Option<usize>,
@@ -338,31 +364,6 @@ fn sampling(
     })
 }
 
-/// Chat fields this server does not implement: accepted only at their neutral values.
-fn refuse_chat_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
-    if req.tools.as_ref().is_some_and(|v| !v.is_null()) {
-        return Err(ApiError::unsupported("tools", "(tool calling)"));
-    }
-    if req
-        .tool_choice
-        .as_ref()
-        .is_some_and(|v| !v.is_null() && v != "none")
-    {
-        return Err(ApiError::unsupported("tool_choice", "other than \"none\""));
-    }
-    if req
-        .parallel_tool_calls
-        .as_ref()
-        .is_some_and(|v| !v.is_null())
-    {
-        return Err(ApiError::unsupported(
-            "parallel_tool_calls",
-            "(tool calling)",
-        ));
-    }
-    Ok(())
-}
-
 pub(crate) fn messages_from(
     list: &[crate::openai::ChatMessage],
 ) -> Result<Vec<TemplateMessage>, ApiError> {
@@ -419,13 +420,63 @@ pub(crate) fn messages_from(
             } else {
                 &m.role
             };
+            let tool_calls = m
+                .tool_calls
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(j, c)| openai_tool_call(c, &format!("messages[{i}].tool_calls[{j}]")))
+                .collect::<Result<Vec<_>, _>>()?;
+            if !tool_calls.is_empty() && m.role != "assistant" {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].tool_calls"),
+                    "only assistant messages have tool calls",
+                ));
+            }
             Ok(TemplateMessage {
                 role: role.to_string(),
                 content,
                 name: m.name.clone(),
+                tool_calls,
+                tool_call_id: m.tool_call_id.clone(),
+                reasoning_content: m.reasoning_content.clone().or_else(|| m.reasoning.clone()),
             })
         })
         .collect()
+}
+
+/// One of an assistant message's earlier tool calls, its arguments parsed (templates write
+/// them as JSON).
+fn openai_tool_call(v: &Value, param: &str) -> Result<TemplateToolCall, ApiError> {
+    let name = v.pointer("/function/name").and_then(Value::as_str);
+    let args = v.pointer("/function/arguments");
+    let (Some(name), Some(args)) = (name, args) else {
+        return Err(ApiError::invalid(
+            param,
+            "a tool call needs 'function.name' and 'function.arguments'",
+        ));
+    };
+    Ok(TemplateToolCall {
+        id: v
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        kind: "function",
+        function: TemplateFunction {
+            name: name.to_string(),
+            arguments: call_arguments(args, &format!("{param}.function.arguments"))?,
+        },
+    })
+}
+
+/// Call arguments as a JSON value: given as a JSON string (OpenAI) or as an object.
+pub(crate) fn call_arguments(args: &Value, param: &str) -> Result<Value, ApiError> {
+    match args {
+        Value::String(s) => serde_json::from_str(s)
+            .map_err(|e| ApiError::invalid(param, format!("the arguments are not JSON: {e}"))),
+        other => Ok(other.clone()),
+    }
 }
 
 #[cfg(test)]

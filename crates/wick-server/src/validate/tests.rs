@@ -18,8 +18,11 @@ fn a_full_chat_request_parses() {
              "ignore_eos":true}"#,
     )
     .unwrap();
-    assert_eq!(v.messages[0].role, "system");
-    assert_eq!(v.messages[0].content, "ab");
+    let GenInput::Chat(messages) = &v.input else {
+        panic!("{v:?}")
+    };
+    assert_eq!(messages[0].role, "system");
+    assert_eq!(messages[0].content, "ab");
     let s = &v.sampling;
     assert_eq!(s.max_tokens, Some(5));
     assert_eq!(s.params.temperature, 0.0);
@@ -69,7 +72,10 @@ fn every_bad_chat_field_is_named() {
         ("logit_bias", r#"{"abc": 1}"#),
         ("logit_bias", r#"{"5": 1000}"#),
         ("top_logprobs", "3"),
-        ("tools", "[]"),
+        ("tools", "{}"),
+        ("tool_choice", "\"sometimes\""),
+        ("tool_choice", "\"required\""),
+        ("parallel_tool_calls", "1"),
         ("response_format", r#"{"type":"xml"}"#),
         (
             "response_format",
@@ -91,13 +97,16 @@ fn every_bad_chat_field_is_named() {
 #[test]
 fn completions_prompts_and_refusals() {
     let v = parse_completion(br#"{"model":"m","prompt":["a","b"],"n":2,"logprobs":2}"#).unwrap();
-    assert_eq!(v.prompts.len(), 2);
+    assert!(matches!(&v.input, GenInput::Prompts(p) if p.len() == 2));
     assert_eq!(v.sampling.max_tokens, Some(16));
     assert_eq!(v.sampling.params.logprobs, Some(2));
     let v = parse_completion(br#"{"model":"m","prompt":[[1,2],[3]],"max_tokens":4}"#).unwrap();
     assert_eq!(
-        v.prompts,
-        vec![PromptInput::Ids(vec![1, 2]), PromptInput::Ids(vec![3])]
+        v.input,
+        GenInput::Prompts(vec![
+            PromptInput::Ids(vec![1, 2]),
+            PromptInput::Ids(vec![3])
+        ])
     );
     for (body, param) in [
         (r#"{"model":"m","prompt":"a","echo":true}"#, "echo"),
@@ -114,4 +123,60 @@ fn completions_prompts_and_refusals() {
             other => panic!("{body}: {other:?}"),
         }
     }
+}
+
+#[test]
+fn tools_and_tool_messages_parse() {
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"w?"},
+        {"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"get_weather","arguments":"{\"city\": \"Paris\"}"}}]},
+        {"role":"tool","tool_call_id":"c1","content":"sunny"}],
+        "tools":[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object"}}}],
+        "tool_choice":{"type":"function","function":{"name":"get_weather"}},"parallel_tool_calls":false}"#;
+    let v = parse_chat(body.as_bytes()).unwrap();
+    assert_eq!(
+        v.tools.choice,
+        crate::tools::ToolChoice::Named("get_weather".into())
+    );
+    assert!(!v.tools.parallel);
+    let GenInput::Chat(messages) = &v.input else {
+        panic!("{v:?}")
+    };
+    let call = &messages[1].tool_calls[0];
+    assert_eq!(
+        (call.id.as_str(), call.function.name.as_str()),
+        ("c1", "get_weather")
+    );
+    assert_eq!(
+        call.function.arguments,
+        serde_json::json!({"city": "Paris"})
+    );
+    assert_eq!(messages[2].tool_call_id.as_deref(), Some("c1"));
+
+    let m = r#""model":"m","messages":[{"role":"user","content":"hi"}]"#;
+    for (extra, param) in [
+        (r#""tools":[{"type":"retrieval"}]"#, "tools[0].type"),
+        (
+            r#""tools":[{"type":"function","function":{"name":"a b"}}]"#,
+            "tools[0].function.name",
+        ),
+        (
+            r#""tools":[{"type":"function","function":{"name":"f","parameters":3}}]"#,
+            "tools[0].function.parameters",
+        ),
+        (
+            r#""tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":{"type":"function","function":{"name":"g"}}"#,
+            "tool_choice",
+        ),
+    ] {
+        assert_eq!(
+            param_of(&format!("{{{m},{extra}}}")).as_deref(),
+            Some(param),
+            "{extra}"
+        );
+    }
+    let bad_args = body.replace(r#"{\"city\": \"Paris\"}"#, "{oops");
+    assert_eq!(
+        param_of(&bad_args).as_deref(),
+        Some("messages[1].tool_calls[0].function.arguments")
+    );
 }

@@ -1,0 +1,484 @@
+//! Splitting a model's output as it streams into reasoning (`<think>...</think>`), content
+//! and tool calls. Markers never reach the content: text that may be the start of one is
+//! held back until the next piece decides. A non-streamed answer is the same pieces joined,
+//! so both agree by construction.
+
+use super::{call_id, ToolSyntax, BARE_START};
+use crate::detok::partial_suffix;
+
+const THINK_OPEN: &str = "<think>";
+const THINK_CLOSE: &str = "</think>";
+
+/// One piece of parsed output.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Out {
+    Content(String),
+    Reasoning(String),
+    /// A call begins (its arguments follow as `Args`).
+    Call {
+        index: usize,
+        id: String,
+        name: String,
+    },
+    Args {
+        index: usize,
+        args: String,
+    },
+}
+
+/// Where the output starts relative to the model's thinking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Thinking {
+    /// The model does not think in `<think>` tags.
+    Never,
+    /// It may open its answer with `<think>`.
+    MayOpen,
+    /// The prompt opened `<think>`: the output starts inside it.
+    Inside,
+}
+
+impl Thinking {
+    /// From the template (does it know `<think>`?) and the rendered prompt's end.
+    pub(crate) fn detect(template: &str, prompt: &str) -> Self {
+        if !template.contains(THINK_CLOSE) {
+            Thinking::Never
+        } else if prompt.trim_end().ends_with(THINK_OPEN) {
+            Thinking::Inside
+        } else {
+            Thinking::MayOpen
+        }
+    }
+}
+
+enum Think {
+    Off,
+    Maybe(String),
+    In(String),
+}
+
+pub(crate) struct OutputParser {
+    think: Think,
+    /// Just past `</think>`: the whitespace that separates the answer is dropped.
+    after_think: bool,
+    calls: Option<Calls>,
+    out: Vec<Out>,
+}
+
+impl OutputParser {
+    /// `tools`: the syntax to parse calls in (`None`: all text is content).
+    pub(crate) fn new(thinking: Thinking, tools: Option<&'static dyn ToolSyntax>) -> Self {
+        Self {
+            think: match thinking {
+                Thinking::Never => Think::Off,
+                Thinking::MayOpen => Think::Maybe(String::new()),
+                Thinking::Inside => Think::In(String::new()),
+            },
+            after_think: false,
+            calls: tools.map(Calls::new),
+            out: Vec::new(),
+        }
+    }
+
+    /// Adds generated text; returns what it completes.
+    pub(crate) fn push(&mut self, text: &str) -> Vec<Out> {
+        match &mut self.think {
+            Think::Off => self.content(text),
+            Think::Maybe(held) => {
+                held.push_str(text);
+                let t = held.trim_start();
+                if let Some(rest) = t.strip_prefix(THINK_OPEN) {
+                    let rest = rest.to_string();
+                    self.think = Think::In(String::new());
+                    return self.push(&rest);
+                }
+                if !(t.is_empty() || THINK_OPEN.starts_with(t)) {
+                    let held = std::mem::take(held);
+                    self.think = Think::Off;
+                    self.content(&held);
+                }
+            }
+            Think::In(held) => {
+                held.push_str(text);
+                if let Some(at) = held.find(THINK_CLOSE) {
+                    let reasoning = held[..at].to_string();
+                    let rest = held[at + THINK_CLOSE.len()..].to_string();
+                    self.think = Think::Off;
+                    self.after_think = true;
+                    self.reasoning(reasoning);
+                    self.content(&rest);
+                } else {
+                    let keep = partial_suffix(held, THINK_CLOSE);
+                    let ready: String = held.drain(..held.len() - keep).collect();
+                    self.reasoning(ready);
+                }
+            }
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    /// The end of the output: whatever was held back.
+    pub(crate) fn finish(&mut self) -> Vec<Out> {
+        match std::mem::replace(&mut self.think, Think::Off) {
+            Think::Off => {}
+            Think::Maybe(held) => self.content(&held),
+            Think::In(held) => self.reasoning(held),
+        }
+        if let Some(calls) = &mut self.calls {
+            calls.finish(&mut self.out);
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    /// How many tool calls the output held.
+    pub(crate) fn calls(&self) -> usize {
+        self.calls.as_ref().map_or(0, |c| c.count)
+    }
+
+    fn reasoning(&mut self, text: String) {
+        if !text.is_empty() {
+            self.out.push(Out::Reasoning(text));
+        }
+    }
+
+    fn content(&mut self, text: &str) {
+        let text = if self.after_think {
+            let t = text.trim_start();
+            self.after_think = t.is_empty();
+            t
+        } else {
+            text
+        };
+        match &mut self.calls {
+            Some(calls) => calls.push(text, &mut self.out),
+            None => push_content(&mut self.out, text.to_string()),
+        }
+    }
+}
+
+fn push_content(out: &mut Vec<Out>, text: String) {
+    if !text.is_empty() {
+        out.push(Out::Content(text));
+    }
+}
+
+/// JSON nesting, strings and escapes, one character at a time.
+#[derive(Debug, Clone, Copy, Default)]
+struct Scan {
+    depth: i32,
+    in_str: bool,
+    esc: bool,
+}
+
+impl Scan {
+    fn step(&mut self, c: char) {
+        if self.in_str {
+            if self.esc {
+                self.esc = false;
+            } else if c == '\\' {
+                self.esc = true;
+            } else if c == '"' {
+                self.in_str = false;
+            }
+            return;
+        }
+        match c {
+            '"' => self.in_str = true,
+            '{' | '[' => self.depth += 1,
+            '}' | ']' => self.depth -= 1,
+            _ => {}
+        }
+    }
+
+    fn outside(&self) -> bool {
+        self.depth == 0 && !self.in_str
+    }
+}
+
+enum State {
+    /// Content; the marker has not appeared.
+    Text(String),
+    /// Between calls: waiting for a call's `{`.
+    Seek,
+    /// A call's opening, until its name and the start of its arguments are known.
+    Head(String, Scan),
+    /// Streaming a call's arguments; then the rest of the call object.
+    Args {
+        value: Scan,
+        started: bool,
+    },
+    Tail(Scan),
+    /// A call not in the expected key order: parsed whole once it closes.
+    Whole(String, Scan),
+}
+
+struct Calls {
+    syntax: &'static dyn ToolSyntax,
+    state: State,
+    /// Whether content other than whitespace was emitted (a bare `{` no longer opens a call).
+    wrote_text: bool,
+    /// The text since the marker: content after all if no call parses.
+    raw: String,
+    count: usize,
+}
+
+enum Head {
+    Need,
+    No,
+    Yes { name: String, value_at: usize },
+}
+
+/// Reads `{"name": "...", "arguments": ` (or `"parameters"`) at the start of `buf`, up to
+/// the first character of the arguments.
+fn head(buf: &str) -> Head {
+    let b = buf.as_bytes();
+    let mut i = 0;
+    let ws = |i: &mut usize| {
+        while *i < b.len() && b[*i].is_ascii_whitespace() {
+            *i += 1;
+        }
+    };
+    // Some(true): matched; Some(false): cannot match; None: need more text.
+    let lit = |i: &mut usize, s: &str| -> Option<bool> {
+        let rest = &buf[*i..];
+        if rest.starts_with(s) {
+            *i += s.len();
+            Some(true)
+        } else if s.starts_with(rest) {
+            None
+        } else {
+            Some(false)
+        }
+    };
+    macro_rules! expect {
+        ($s:expr) => {
+            match lit(&mut i, $s) {
+                Some(true) => {}
+                Some(false) => return Head::No,
+                None => return Head::Need,
+            }
+        };
+    }
+    ws(&mut i);
+    expect!("{");
+    ws(&mut i);
+    expect!("\"name\"");
+    ws(&mut i);
+    expect!(":");
+    ws(&mut i);
+    expect!("\"");
+    let start = i - 1;
+    let mut esc = false;
+    let end = loop {
+        match b.get(i) {
+            None => return Head::Need,
+            Some(b'\\') if !esc => esc = true,
+            Some(b'"') if !esc => break i,
+            _ => esc = false,
+        }
+        i += 1;
+    };
+    let Ok(name) = serde_json::from_str::<String>(&buf[start..=end]) else {
+        return Head::No;
+    };
+    i = end + 1;
+    ws(&mut i);
+    expect!(",");
+    ws(&mut i);
+    match (lit(&mut i, "\"arguments\""), lit(&mut i, "\"parameters\"")) {
+        (Some(true), _) | (_, Some(true)) => {}
+        (None, _) | (_, None) => return Head::Need,
+        _ => return Head::No,
+    }
+    ws(&mut i);
+    expect!(":");
+    ws(&mut i);
+    if i >= b.len() {
+        return Head::Need;
+    }
+    Head::Yes { name, value_at: i }
+}
+
+impl Calls {
+    fn new(syntax: &'static dyn ToolSyntax) -> Self {
+        Self {
+            syntax,
+            state: State::Text(String::new()),
+            wrote_text: false,
+            raw: String::new(),
+            count: 0,
+        }
+    }
+
+    fn push(&mut self, text: &str, out: &mut Vec<Out>) {
+        let State::Text(held) = &mut self.state else {
+            self.feed(text, out);
+            return;
+        };
+        held.push_str(text);
+        let start = self.syntax.start();
+        if let Some(at) = held.find(start) {
+            let before = held[..at].to_string();
+            let rest = held[at + start.len()..].to_string();
+            push_content(out, before);
+            self.raw = start.to_string();
+            self.state = State::Seek;
+            self.feed(&rest, out);
+            return;
+        }
+        if self.syntax.bare_json() && !self.wrote_text {
+            let t = held.trim_start();
+            if t.starts_with(BARE_START) {
+                let rest = t.to_string();
+                self.state = State::Seek;
+                self.feed(&rest, out);
+                return;
+            }
+            if BARE_START.starts_with(t) {
+                return;
+            }
+        }
+        let keep = partial_suffix(held, start);
+        let ready: String = held.drain(..held.len() - keep).collect();
+        self.wrote_text |= !ready.trim().is_empty();
+        push_content(out, ready);
+    }
+
+    fn feed(&mut self, text: &str, out: &mut Vec<Out>) {
+        self.raw.push_str(text);
+        let mut args = String::new();
+        for c in text.chars() {
+            self.state = match std::mem::replace(&mut self.state, State::Seek) {
+                State::Text(t) => State::Text(t),
+                State::Seek if c == '{' => {
+                    let mut scan = Scan::default();
+                    scan.step(c);
+                    State::Head(c.to_string(), scan)
+                }
+                State::Seek => State::Seek,
+                State::Head(mut buf, mut scan) => {
+                    buf.push(c);
+                    scan.step(c);
+                    match head(&buf) {
+                        Head::Need if scan.outside() => self.whole(&buf, out),
+                        Head::Need => State::Head(buf, scan),
+                        Head::No => State::Whole(buf, scan),
+                        Head::Yes { name, value_at } => {
+                            out.push(Out::Call {
+                                index: self.count,
+                                id: call_id(),
+                                name,
+                            });
+                            self.count += 1;
+                            let mut state = State::Args {
+                                value: Scan::default(),
+                                started: false,
+                            };
+                            for c in buf[value_at..].chars() {
+                                state = self.args(state, c, &mut args);
+                            }
+                            state
+                        }
+                    }
+                }
+                state @ (State::Args { .. } | State::Tail(_)) => self.args(state, c, &mut args),
+                State::Whole(mut buf, mut scan) => {
+                    buf.push(c);
+                    scan.step(c);
+                    if scan.outside() {
+                        self.whole(&buf, out)
+                    } else {
+                        State::Whole(buf, scan)
+                    }
+                }
+            };
+            if !args.is_empty() && !matches!(self.state, State::Args { .. }) {
+                self.flush_args(&mut args, out);
+            }
+        }
+        self.flush_args(&mut args, out);
+    }
+
+    fn flush_args(&self, args: &mut String, out: &mut Vec<Out>) {
+        if !args.is_empty() {
+            out.push(Out::Args {
+                index: self.count - 1,
+                args: std::mem::take(args),
+            });
+        }
+    }
+
+    /// One character of a call's arguments (written to `args`) or of what follows them.
+    fn args(&self, state: State, c: char, args: &mut String) -> State {
+        match state {
+            State::Args {
+                mut value,
+                mut started,
+            } => {
+                if started && value.outside() && (c == ',' || c == '}') {
+                    // A bare value ended; the character belongs to the call object.
+                    let mut outer = Scan {
+                        depth: 1,
+                        ..Scan::default()
+                    };
+                    outer.step(c);
+                    return if outer.outside() {
+                        State::Seek
+                    } else {
+                        State::Tail(outer)
+                    };
+                }
+                value.step(c);
+                started |= !c.is_whitespace();
+                args.push(c);
+                if started && value.outside() && (c == '}' || c == ']') {
+                    State::Tail(Scan {
+                        depth: 1,
+                        ..Scan::default()
+                    })
+                } else {
+                    State::Args { value, started }
+                }
+            }
+            State::Tail(mut scan) => {
+                scan.step(c);
+                if scan.outside() {
+                    State::Seek
+                } else {
+                    State::Tail(scan)
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// A whole call object, parsed at once.
+    fn whole(&mut self, buf: &str, out: &mut Vec<Out>) -> State {
+        let Ok(serde_json::Value::Object(obj)) = serde_json::from_str(buf) else {
+            return State::Seek;
+        };
+        let name = obj.get("name").and_then(|n| n.as_str());
+        let args = obj.get("arguments").or_else(|| obj.get("parameters"));
+        if let (Some(name), Some(args)) = (name, args) {
+            out.push(Out::Call {
+                index: self.count,
+                id: call_id(),
+                name: name.to_string(),
+            });
+            out.push(Out::Args {
+                index: self.count,
+                args: crate::pyjson::dumps(args),
+            });
+            self.count += 1;
+        }
+        State::Seek
+    }
+
+    fn finish(&mut self, out: &mut Vec<Out>) {
+        match std::mem::replace(&mut self.state, State::Seek) {
+            State::Text(held) => push_content(out, held),
+            // The marker was not followed by a call: it was text after all.
+            _ if self.count == 0 => push_content(out, std::mem::take(&mut self.raw)),
+            _ => {}
+        }
+    }
+}
