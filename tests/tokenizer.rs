@@ -25,9 +25,9 @@ fn tokenizer_matches_llama_cpp() {
     tokenizer_cases_match(&assets(), &reference);
 }
 
-/// Renders every chat case of `reference` (but those with tools, which reach the template in
-/// the agents issue's work) with the model's template and tokenizes it (BOS as the model
-/// asks): exactly llama.cpp's prompt text and ids. Returns how many cases it checked.
+/// Renders every chat case of `reference` (with its tools, when it has some) with the model's
+/// template and tokenizes it (BOS as the model asks): exactly llama.cpp's prompt text and
+/// ids. Returns how many cases it checked.
 fn chat_cases_match(assets: &wick_runner::ModelAssets, reference: &serde_json::Value) -> usize {
     let template = ChatTemplate::new(
         assets.chat_template.as_deref().expect("a chat template"),
@@ -37,20 +37,19 @@ fn chat_cases_match(assets: &wick_runner::ModelAssets, reference: &serde_json::V
     .unwrap();
     let mut n = 0;
     for case in reference["cases"].as_array().unwrap() {
-        if case["kind"] != "chat" || case.get("tools").is_some() {
+        if case["kind"] != "chat" {
             continue;
         }
         let messages: Vec<TemplateMessage> = case["messages"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|m| TemplateMessage {
-                role: m["role"].as_str().unwrap().into(),
-                content: m["content"].as_str().unwrap().into(),
-                name: None,
+            .map(|m| {
+                TemplateMessage::text(m["role"].as_str().unwrap(), m["content"].as_str().unwrap())
             })
             .collect();
-        let text = template.render(&messages).unwrap();
+        let tools = case.get("tools").and_then(|t| t.as_array());
+        let text = template.render(&messages, tools.map(Vec::as_slice)).unwrap();
         let id = &case["id"];
         assert_eq!(text, case["prompt_text"].as_str().unwrap(), "case {id}");
         let enc = assets.tokenizer.encode(text, assets.add_bos).unwrap();
@@ -158,7 +157,8 @@ fn qwen_tokenizer_and_template_match_llama_cpp() {
     let assets = wick_runner::load_assets(&common::fetch_model("qwen")).unwrap();
     tokenizer_cases_match(&assets, &reference);
     assert!(!assets.add_bos);
-    assert_eq!(chat_cases_match(&assets, &reference), 5);
+    // Six chat cases, one with tools.
+    assert_eq!(chat_cases_match(&assets, &reference), 6);
     let im_end = assets.tokenizer.token_to_id("<|im_end|>").unwrap();
     assert!(assets.stop_token_ids.contains(&im_end));
     assert_eq!(assets.max_model_len, 32768);
