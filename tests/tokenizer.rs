@@ -49,7 +49,9 @@ fn chat_cases_match(assets: &wick_runner::ModelAssets, reference: &serde_json::V
             })
             .collect();
         let tools = case.get("tools").and_then(|t| t.as_array());
-        let text = template.render(&messages, tools.map(Vec::as_slice)).unwrap();
+        let text = template
+            .render(&messages, tools.map(Vec::as_slice))
+            .unwrap();
         let id = &case["id"];
         assert_eq!(text, case["prompt_text"].as_str().unwrap(), "case {id}");
         let enc = assets.tokenizer.encode(text, assets.add_bos).unwrap();

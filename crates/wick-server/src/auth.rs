@@ -1,4 +1,5 @@
-//! `--api-key`: API routes require `Authorization: Bearer <key>`, compared in constant time.
+//! `--api-key`: API routes require `Authorization: Bearer <key>` (or Anthropic's
+//! `x-api-key: <key>`), compared in constant time.
 
 use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;
@@ -26,11 +27,12 @@ pub(crate) async fn require_key(
     let Some(key) = state.api_key() else {
         return next.run(req).await;
     };
-    let given = req
-        .headers()
+    let headers = req.headers();
+    let given = headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
         .unwrap_or("");
     if constant_time_eq(given.as_bytes(), key.as_bytes()) {
         next.run(req).await

@@ -40,7 +40,7 @@ pub enum ApiError {
     RouteNotFound(String),
     #[error("The request body is larger than {0} bytes.")]
     PayloadTooLarge(usize),
-    #[error("Incorrect or missing API key: send `Authorization: Bearer <key>`.")]
+    #[error("Incorrect or missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`.")]
     Unauthorized,
 }
 
@@ -61,7 +61,7 @@ impl ApiError {
         }
     }
 
-    fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,

@@ -418,6 +418,21 @@ pub(crate) async fn start(
     })
 }
 
+/// How many tokens `req`'s prompt takes, rendered as a generation would render it.
+pub(crate) async fn count_prompt(state: &AppState, req: GenRequest) -> Result<usize, ApiError> {
+    let model = state.model()?;
+    check_model(model, &req.model)?;
+    if req.tools.active() {
+        model.tool_format()?;
+    }
+    let state = state.clone();
+    blocking(move || {
+        let (prompts, _) = tokenize(state.model()?, req.input, &req.tools, req.prompt_param)?;
+        Ok(prompts.iter().map(Vec::len).sum())
+    })
+    .await
+}
+
 /// The prompts' token ids (chat messages rendered with the template, and the tools when
 /// they are in play), and where the output starts relative to the model's thinking.
 fn tokenize(

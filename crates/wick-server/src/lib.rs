@@ -15,10 +15,12 @@ mod detok;
 mod error;
 mod generation;
 mod logprobs;
+mod messages;
 pub mod openai;
 mod openapi;
 mod ops;
 mod pyjson;
+mod responses;
 mod routes;
 mod structured;
 mod template;
@@ -212,6 +214,9 @@ pub fn app(state: AppState) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route("/v1/responses", post(responses::responses))
+        .route("/v1/messages", post(messages::messages))
+        .route("/v1/messages/count_tokens", post(messages::count_tokens))
         .route("/v1/models", get(routes::models))
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
@@ -231,6 +236,7 @@ pub fn app(state: AppState) -> Router {
         .route("/openapi.json", get(openapi::openapi_json))
         .fallback(routes::not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(messages::anthropic_errors))
         .layer(axum::middleware::from_fn(ops::tag_requests))
         .with_state(state)
 }

@@ -12,6 +12,9 @@ use utoipa::OpenApi;
     paths(
         crate::chat::chat_completions,
         crate::completions::completions,
+        crate::responses::responses,
+        crate::messages::messages,
+        crate::messages::count_tokens,
         crate::routes::models,
         crate::routes::tokenize,
         crate::routes::detokenize,

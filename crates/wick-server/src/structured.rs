@@ -52,6 +52,27 @@ impl ResponseFormat {
     }
 }
 
+impl ResponseFormat {
+    /// Reads the Responses API's `text.format` (the schema sits beside `type`).
+    pub(crate) fn from_text_format(v: Option<&Value>) -> Result<Self, ApiError> {
+        let Some(v) = v.filter(|v| !v.is_null()) else {
+            return Ok(Self::Text);
+        };
+        let bad = |m: &str| ApiError::invalid("text.format", m.to_string());
+        match v.get("type").and_then(Value::as_str) {
+            Some("text") => Ok(Self::Text),
+            Some("json_object") => Ok(Self::JsonObject),
+            Some("json_schema") => match v.get("schema") {
+                Some(s @ Value::Object(_)) => Ok(Self::JsonSchema(s.clone())),
+                _ => Err(bad("'text.format.schema' must be a JSON schema object")),
+            },
+            _ => Err(bad(
+                "'text.format.type' must be text, json_object or json_schema",
+            )),
+        }
+    }
+}
+
 /// The tokenizer as llguidance sees it: each token's bytes (special tokens behind the
 /// 0xFF marker, so text can never produce them).
 struct WickTokEnv {
