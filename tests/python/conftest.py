@@ -84,3 +84,11 @@ def gemma(gemma_server):
 @pytest.fixture(scope="session")
 def client(server):
     return openai.OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def qwen_anthropic(qwen_server):
+    """The official anthropic client on the Qwen server (it sends the key as x-api-key)."""
+    import anthropic
+
+    return anthropic.Anthropic(base_url=qwen_server, api_key=API_KEY, max_retries=0)

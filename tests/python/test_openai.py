@@ -254,3 +254,16 @@ def _post(client, path, body):
     )
     with urllib.request.urlopen(req) as r:
         return json.loads(r.read())
+
+
+def test_tools_on_a_model_without_tool_support_is_a_400(client):
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], tools=[tool])
+    assert e.value.body["param"] == "tools"
+    assert "no tool support" in e.value.body["message"]
+    # tool_choice none: the tools are not used, the chat is served.
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], tools=[tool], tool_choice="none", max_tokens=3
+    )
+    assert r.choices[0].message.content is not None and not r.choices[0].message.tool_calls

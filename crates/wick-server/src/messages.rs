@@ -39,6 +39,7 @@ struct MessagesRequest {
     top_k: Option<i64>,
     tools: Option<Vec<Value>>,
     tool_choice: Option<Value>,
+    output_config: Option<Value>,
     container: Option<Value>,
     mcp_servers: Option<Value>,
     context_management: Option<Value>,
@@ -56,6 +57,7 @@ const FIELDS: &[&str] = &[
     "top_k",
     "tools",
     "tool_choice",
+    "output_config",
     "container",
     "mcp_servers",
     "context_management",
@@ -63,10 +65,27 @@ const FIELDS: &[&str] = &[
 
 /// Fields of the API that cannot change the output: accepted and ignored (`thinking`: a
 /// thinking model thinks anyway, one that does not cannot).
-const IGNORED: &[&str] = &["metadata", "service_tier", "thinking", "inference_geo"];
+const IGNORED: &[&str] = &[
+    "metadata",
+    "service_tier",
+    "thinking",
+    "inference_geo",
+    "cache_control",
+    "diagnostics",
+    "speed",
+    "user_profile_id",
+    "workspace_id",
+];
 
 /// `count_tokens` takes the prompt's fields only.
-const COUNT_FIELDS: &[&str] = &["model", "messages", "system", "tools", "tool_choice"];
+const COUNT_FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    "system",
+    "tools",
+    "tool_choice",
+    "output_config",
+];
 
 fn parse(body: &[u8], count_only: bool) -> Result<GenRequest, ApiError> {
     let req: MessagesRequest = if count_only {
@@ -139,11 +158,24 @@ fn parse(body: &[u8], count_only: bool) -> Result<GenRequest, ApiError> {
         },
         e => e,
     })?;
+    // `output_config.format` is structured output; `effort` cannot be honoured and is ignored.
+    let format = match req.output_config.as_ref().and_then(|c| c.get("format")) {
+        None | Some(Value::Null) => ResponseFormat::Text,
+        Some(f) => match (block_type(f), f.get("schema")) {
+            ("json_schema", Some(s @ Value::Object(_))) => ResponseFormat::JsonSchema(s.clone()),
+            _ => {
+                return Err(ApiError::invalid(
+                    "output_config.format",
+                    "'output_config.format' must be {\"type\": \"json_schema\", \"schema\": {...}}",
+                ))
+            }
+        },
+    };
     Ok(GenRequest {
         model: req.model,
         input: GenInput::Chat(messages),
         sampling,
-        format: ResponseFormat::Text,
+        format,
         tools,
         prompt_param: "messages",
     })
@@ -598,7 +630,8 @@ mod tests {
                 {"role":"assistant","content":[{"type":"text","text":"Checking."},{"type":"tool_use","id":"t1","name":"w","input":{"city":"Paris"}}]},
                 {"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":[{"type":"text","text":"sunny"}]},{"type":"text","text":"thanks"}]}],
                 "tools":[{"name":"w","input_schema":{"type":"object"}}],"tool_choice":{"type":"any","disable_parallel_tool_use":true},
-                "stop_sequences":["\n\n"],"top_k":5,"metadata":{"user_id":"u"},"thinking":{"type":"enabled","budget_tokens":1024}}"#,
+                "stop_sequences":["\n\n"],"top_k":5,"metadata":{"user_id":"u"},"thinking":{"type":"enabled","budget_tokens":1024},
+                "cache_control":{"type":"ephemeral"},"speed":"fast","output_config":{"effort":"low","format":{"type":"json_schema","schema":{"type":"object"}}}}"#,
             false,
         )
         .unwrap();
@@ -622,6 +655,7 @@ mod tests {
         assert_eq!(req.sampling.stop, vec!["\n\n".to_string()]);
         assert_eq!(req.sampling.params.top_k, 5);
         assert_eq!(req.sampling.max_tokens, Some(30));
+        assert_eq!(req.format, ResponseFormat::JsonSchema(json!({"type": "object"})));
     }
 
     #[test]
@@ -649,6 +683,7 @@ mod tests {
             ),
             (r#""max_tokens":5,"mcp_servers":[{}]"#, "mcp_servers"),
             (r#""max_tokens":5,"n":2"#, "n"),
+            (r#""max_tokens":5,"output_config":{"format":{"type":"xml"}}"#, "output_config.format"),
         ] {
             assert_eq!(
                 param_of(&format!("{{{m},{extra}}}")).as_deref(),

@@ -354,6 +354,9 @@ pub struct TokenizeRequest {
     pub model: Option<String>,
     pub prompt: Option<String>,
     pub messages: Option<Vec<ChatMessage>>,
+    /// Tools, rendered with `messages` as chat completions render them.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub tools: Option<Value>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -122,10 +122,16 @@ pub(crate) async fn tokenize(
     }
     let text = match (req.prompt, req.messages) {
         (Some(p), None) => p,
-        (None, Some(m)) => model
-            .chat_template()?
-            .render(&messages_from(&m)?, None)
-            .map_err(|e| ApiError::invalid("messages", e.to_string()))?,
+        (None, Some(m)) => {
+            let tools: Vec<serde_json::Value> = crate::tools::openai_tools(req.tools.as_ref())?
+                .iter()
+                .map(crate::tools::Tool::template_value)
+                .collect();
+            model
+                .chat_template()?
+                .render(&messages_from(&m)?, (!tools.is_empty()).then_some(tools.as_slice()))
+                .map_err(|e| ApiError::invalid("messages", e.to_string()))?
+        }
         _ => {
             return Err(ApiError::invalid(
                 "prompt",

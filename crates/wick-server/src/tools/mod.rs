@@ -303,30 +303,28 @@ impl ToolFormat {
             }
         };
         let several = spec.parallel && !matches!(spec.choice, ToolChoice::Named(_));
-        let entry = match entry {
-            Entry::Forced if s.marker_optional() => Entry::Bare,
-            e => e,
+        let bare = match s.bare_between() {
+            Some(between) if several => format!("call ({} call)*", lit(between)),
+            _ => "call".to_string(),
         };
-        let calls = match (entry, several) {
-            (Entry::Bare, true) => match s.bare_between() {
-                Some(between) => format!("call ({} call)*", lit(between)),
-                None => "call".to_string(),
-            },
-            (Entry::Bare, false) => "call".to_string(),
-            (_, true) => format!(
-                "{} call ({} call)* {}",
-                lit(s.open()),
-                lit(s.between()),
-                lit(s.close())
-            ),
-            (_, false) => format!("{} call {}", lit(s.open()), lit(s.close())),
+        let after_marker = if several {
+            format!("{} call ({} call)* {}", lit(s.open()), lit(s.between()), lit(s.close()))
+        } else {
+            format!("{} call {}", lit(s.open()), lit(s.close()))
         };
-        let marker = match (entry, self.start_token) {
-            (Entry::Forced, Some(id)) => format!("<[{id}]>"),
-            (Entry::Forced, None) => lit(s.start()),
-            _ => String::new(),
+        let marker = match self.start_token {
+            Some(id) => format!("<[{id}]>"),
+            None => lit(s.start()),
         };
-        format!("start: {marker} {calls}\ncall: %json {schema}\n")
+        let start = match entry {
+            Entry::AfterMarker => after_marker,
+            Entry::Bare => bare,
+            Entry::Forced if s.marker_optional() => bare,
+            // The model may call in either form; a bare call is a single one.
+            Entry::Forced if s.bare_json() => format!("{marker} {after_marker} | {bare}"),
+            Entry::Forced => format!("{marker} {after_marker}"),
+        };
+        format!("start: {start}\ncall: %json {schema}\n")
     }
 }
 

@@ -231,6 +231,10 @@ fn the_grammar_allows_only_calls_that_validate() {
         "unknown tool"
     );
     assert!(!accepts(&g, &format!("Hi {call}")), "text first");
+    // Or one bare call, the form small models prefer.
+    let json = "{\"name\": \"get_time\", \"arguments\": {}}";
+    assert!(accepts(&g, json));
+    assert!(!accepts(&g, &format!("{json}\n{json}")));
     let single = hermes.grammar(&weather_tools(ToolChoice::Required, false), Entry::Forced);
     assert!(!accepts(&single, &format!("{call}\n{call}")));
     let named = hermes.grammar(
@@ -257,6 +261,7 @@ fn the_grammar_allows_only_calls_that_validate() {
     };
     let g = mistral.grammar(&weather_tools(ToolChoice::Required, true), Entry::Forced);
     assert!(g.starts_with("start: <[256]> \"[\""), "{g}");
+    assert!(!g.contains('|'), "no bare calls in Mistral's syntax: {g}");
     let llama = ToolFormat {
         syntax: &llama3::Llama3,
         start_token: Some(256),
