@@ -16,7 +16,7 @@ use crate::openai::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatLogprobs, Choice, ChunkChoice,
     Delta, FunctionCall, FunctionDelta, ToolCall, ToolCallDelta, Usage,
 };
-use crate::routes::{body_bytes, json_event, reply_id, sse, unix_now};
+use crate::routes::{generation_body, json_event, reply_id, sse, unix_now};
 use crate::validate::parse_chat;
 use crate::{logprobs, ApiError, AppState, RequestTag};
 
@@ -40,7 +40,7 @@ pub(crate) async fn chat_completions(
     Extension(tag): Extension<RequestTag>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body_bytes(body)?;
+    let body = generation_body(&state, body)?;
     let req = parse_chat(&body)?;
     let started = start(&state, &tag, req).await?;
     let reply = Reply {

@@ -13,7 +13,7 @@ use futures::StreamExt;
 
 use crate::generation::{finish_all, merge, start, total_usage, GenToken, Piece, Started};
 use crate::openai::{Completion, CompletionChoice, CompletionLogprobs, Usage};
-use crate::routes::{body_bytes, json_event, reply_id, sse, unix_now};
+use crate::routes::{generation_body, json_event, reply_id, sse, unix_now};
 use crate::validate::parse_completion;
 use crate::{logprobs, ApiError, AppState, RequestTag};
 
@@ -36,7 +36,7 @@ pub(crate) async fn completions(
     Extension(tag): Extension<RequestTag>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body_bytes(body)?;
+    let body = generation_body(&state, body)?;
     let req = parse_completion(&body)?;
     let started = start(&state, &tag, req).await?;
     let reply = Reply {

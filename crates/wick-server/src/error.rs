@@ -40,7 +40,9 @@ pub enum ApiError {
     RouteNotFound(String),
     #[error("The request body is larger than {0} bytes.")]
     PayloadTooLarge(usize),
-    #[error("Incorrect or missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`.")]
+    #[error(
+        "Incorrect or missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`."
+    )]
     Unauthorized,
 }
 

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use crate::generation::{count_prompt, start, Piece, Run};
 use crate::openai::{SamplingFields, Stop};
 use crate::responses::sse_event;
-use crate::routes::{body_bytes, reply_id, sse};
+use crate::routes::{generation_body, reply_id, sse};
 use crate::structured::ResponseFormat;
 use crate::template::{TemplateFunction, TemplateMessage, TemplateToolCall};
 use crate::tools::{self, Tool, ToolChoice, ToolSpec};
@@ -355,7 +355,7 @@ pub(crate) async fn messages(
     Extension(tag): Extension<RequestTag>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body_bytes(body)?;
+    let body = generation_body(&state, body)?;
     let req = parse(&body, false)?;
     let started = start(&state, &tag, req).await?;
     let mut builder = Builder {
@@ -392,7 +392,7 @@ pub(crate) async fn count_tokens(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let body = body_bytes(body)?;
+    let body = generation_body(&state, body)?;
     let req = parse(&body, true)?;
     let n = count_prompt(&state, req).await?;
     Ok(Json(json!({"input_tokens": n})))
@@ -655,7 +655,10 @@ mod tests {
         assert_eq!(req.sampling.stop, vec!["\n\n".to_string()]);
         assert_eq!(req.sampling.params.top_k, 5);
         assert_eq!(req.sampling.max_tokens, Some(30));
-        assert_eq!(req.format, ResponseFormat::JsonSchema(json!({"type": "object"})));
+        assert_eq!(
+            req.format,
+            ResponseFormat::JsonSchema(json!({"type": "object"}))
+        );
     }
 
     #[test]
@@ -683,7 +686,10 @@ mod tests {
             ),
             (r#""max_tokens":5,"mcp_servers":[{}]"#, "mcp_servers"),
             (r#""max_tokens":5,"n":2"#, "n"),
-            (r#""max_tokens":5,"output_config":{"format":{"type":"xml"}}"#, "output_config.format"),
+            (
+                r#""max_tokens":5,"output_config":{"format":{"type":"xml"}}"#,
+                "output_config.format",
+            ),
         ] {
             assert_eq!(
                 param_of(&format!("{{{m},{extra}}}")).as_deref(),

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use crate::generation::{start, Piece, Run};
 use crate::openai::SamplingFields;
-use crate::routes::{body_bytes, reply_id, sse, unix_now};
+use crate::routes::{generation_body, reply_id, sse, unix_now};
 use crate::structured::ResponseFormat;
 use crate::template::{TemplateFunction, TemplateMessage, TemplateToolCall};
 use crate::tools::{self, Tool, ToolSpec};
@@ -577,7 +577,7 @@ pub(crate) async fn responses(
     Extension(tag): Extension<RequestTag>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body_bytes(body)?;
+    let body = generation_body(&state, body)?;
     let (req, echo) = parse(&body)?;
     let started = start(&state, &tag, req).await?;
     let stream = started.stream;

@@ -61,6 +61,17 @@ where
     )
 }
 
+/// A generation endpoint's body (as [`body_bytes`]); 503 while the model loads, before
+/// the body's contents are checked.
+pub(crate) fn generation_body(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Bytes, ApiError> {
+    let body = body_bytes(body)?;
+    state.model()?;
+    Ok(body)
+}
+
 /// The body, or 413 / 400 when it could not be read.
 pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
@@ -129,7 +140,10 @@ pub(crate) async fn tokenize(
                 .collect();
             model
                 .chat_template()?
-                .render(&messages_from(&m)?, (!tools.is_empty()).then_some(tools.as_slice()))
+                .render(
+                    &messages_from(&m)?,
+                    (!tools.is_empty()).then_some(tools.as_slice()),
+                )
                 .map_err(|e| ApiError::invalid("messages", e.to_string()))?
         }
         _ => {

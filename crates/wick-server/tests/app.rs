@@ -119,6 +119,9 @@ async fn openapi_describes_every_route_from_the_handler_types() {
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/models",
+        "/v1/responses",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
         "/tokenize",
         "/detokenize",
         "/health",
@@ -168,4 +171,71 @@ async fn openapi_describes_every_route_from_the_handler_types() {
     ] {
         assert!(schemas[name].is_object(), "no schema {name}");
     }
+}
+
+/// Every error under /v1/messages is in Anthropic's shape, whatever produced it (the
+/// handler, the key check, the body limit, an unknown route or method); the key may come as
+/// x-api-key; other routes keep OpenAI's shape.
+#[tokio::test]
+async fn messages_errors_are_in_anthropics_shape() {
+    let (handle, _queue) = request_queue(LIMITS);
+    let app = app(AppState::new(handle, Metrics::new(), Some("sekrit".into())));
+    let send = |req: Request<Body>| {
+        let app = app.clone();
+        async move {
+            let res = app.oneshot(req).await.unwrap();
+            let status = res.status();
+            let bytes = res.into_body().collect().await.unwrap().to_bytes();
+            (
+                status,
+                serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null),
+            )
+        }
+    };
+    let post = |path: &str, key: Option<&str>, body: Vec<u8>| {
+        let mut r = Request::post(path).header("content-type", "application/json");
+        if let Some(k) = key {
+            r = r.header("x-api-key", k);
+        }
+        r.body(Body::from(body)).unwrap()
+    };
+    let anthropic = |v: &Value, kind: &str| {
+        assert_eq!(v["type"], "error", "{v}");
+        assert_eq!(v["error"]["type"], kind, "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{v}"
+        );
+    };
+    let (status, v) = send(post("/v1/messages", None, b"{}".to_vec())).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    anthropic(&v, "authentication_error");
+    // The key as x-api-key gets through, to a 503 (no model here).
+    let (status, v) = send(post("/v1/messages", Some("sekrit"), b"{}".to_vec())).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    anthropic(&v, "overloaded_error");
+    let (status, v) = send(post(
+        "/v1/messages",
+        Some("sekrit"),
+        vec![b' '; MAX_BODY_BYTES + 10],
+    ))
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    anthropic(&v, "request_too_large");
+    let (status, v) = send(post("/v1/messages/nothing", Some("sekrit"), b"{}".to_vec())).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    anthropic(&v, "not_found_error");
+    let get = Request::get("/v1/messages")
+        .header("x-api-key", "sekrit")
+        .body(Body::empty())
+        .unwrap();
+    let (status, v) = send(get).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    anthropic(&v, "invalid_request_error");
+    // Elsewhere, OpenAI's shape.
+    let (status, v) = send(post("/v1/responses", Some("sekrit"), b"{}".to_vec())).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(v["error"]["code"], "service_unavailable");
 }

@@ -308,7 +308,12 @@ impl ToolFormat {
             _ => "call".to_string(),
         };
         let after_marker = if several {
-            format!("{} call ({} call)* {}", lit(s.open()), lit(s.between()), lit(s.close()))
+            format!(
+                "{} call ({} call)* {}",
+                lit(s.open()),
+                lit(s.between()),
+                lit(s.close())
+            )
         } else {
             format!("{} call {}", lit(s.open()), lit(s.close()))
         };
