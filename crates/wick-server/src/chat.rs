@@ -81,9 +81,12 @@ async fn complete(reply: Reply, started: Started) -> Result<Json<ChatCompletion>
                 logprobs: reply.logprobs(&f.tokens),
                 message: AssistantMessage {
                     role: "assistant",
-                    content: (!f.calls.is_empty() && f.text.is_empty())
-                        .then_some(())
-                        .map_or(Some(f.text), |()| None),
+                    // Null when the answer is only tool calls, as OpenAI's is.
+                    content: if f.calls.is_empty() || !f.text.is_empty() {
+                        Some(f.text)
+                    } else {
+                        None
+                    },
                     reasoning_content: reasoning.clone(),
                     reasoning,
                     tool_calls: f

@@ -444,10 +444,8 @@ fn tokenize(
     match input {
         GenInput::Chat(messages) => {
             let template = model.chat_template()?;
-            let tool_values: Vec<serde_json::Value> =
-                tools.tools.iter().map(|t| t.template_value()).collect();
             let text = template
-                .render(&messages, tools.active().then_some(tool_values.as_slice()))
+                .render(&messages, tools.template_values().as_deref())
                 .map_err(|e| ApiError::invalid(param, e.to_string()))?;
             let thinking = Thinking::detect(template.source(), &text);
             Ok((vec![model.encode(&text, param)?], thinking))

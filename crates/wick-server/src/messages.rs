@@ -18,8 +18,7 @@ use serde_json::{json, Value};
 
 use crate::generation::{count_prompt, start, Piece, Run};
 use crate::openai::{SamplingFields, Stop};
-use crate::responses::sse_event;
-use crate::routes::{generation_body, reply_id, sse};
+use crate::routes::{generation_body, reply_id, sse, sse_event};
 use crate::structured::ResponseFormat;
 use crate::template::{TemplateFunction, TemplateMessage, TemplateToolCall};
 use crate::tools::{self, Tool, ToolChoice, ToolSpec};

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use crate::generation::{start, Piece, Run};
 use crate::openai::SamplingFields;
-use crate::routes::{generation_body, reply_id, sse, unix_now};
+use crate::routes::{generation_body, reply_id, sse, sse_event, unix_now};
 use crate::structured::ResponseFormat;
 use crate::template::{TemplateFunction, TemplateMessage, TemplateToolCall};
 use crate::tools::{self, Tool, ToolSpec};
@@ -633,11 +633,6 @@ fn events(
             }
         }
     }
-}
-
-/// One named SSE event (`event: <kind>` and its JSON).
-pub(crate) fn sse_event(kind: &str, body: &Value) -> Event {
-    Event::default().event(kind).data(body.to_string())
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use crate::openai::{
     DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
 };
+use crate::tools::{openai_tools, ToolSpec};
 use crate::validate::messages_from;
 use crate::{ApiError, AppState, ServedModel};
 
@@ -48,6 +49,11 @@ where
 
 pub(crate) fn json_event<T: serde::Serialize>(value: &T) -> Event {
     Event::default().data(serde_json::to_string(value).unwrap_or_else(|_| "{}".into()))
+}
+
+/// One named SSE event (`event: <kind>` and its JSON), as Responses and Messages stream.
+pub(crate) fn sse_event(kind: &str, body: &serde_json::Value) -> Event {
+    Event::default().event(kind).data(body.to_string())
 }
 
 /// An SSE response of `events` (no proxy buffering, no caching, keep-alive comments).
@@ -134,16 +140,10 @@ pub(crate) async fn tokenize(
     let text = match (req.prompt, req.messages) {
         (Some(p), None) => p,
         (None, Some(m)) => {
-            let tools: Vec<serde_json::Value> = crate::tools::openai_tools(req.tools.as_ref())?
-                .iter()
-                .map(crate::tools::Tool::template_value)
-                .collect();
+            let tools = ToolSpec::new(openai_tools(req.tools.as_ref())?, None, true, "tools")?;
             model
                 .chat_template()?
-                .render(
-                    &messages_from(&m)?,
-                    (!tools.is_empty()).then_some(tools.as_slice()),
-                )
+                .render(&messages_from(&m)?, tools.template_values().as_deref())
                 .map_err(|e| ApiError::invalid("messages", e.to_string()))?
         }
         _ => {

@@ -257,15 +257,24 @@ impl TokenConstraint for CallConstraint {
         let Some((at, entry)) = opened else {
             return Ok(());
         };
-        let mut m = match entry {
+        let grammar = match entry {
             Entry::Bare => self.bare.take(),
             _ => self.after_marker.take(),
+        };
+        let Some(mut m) = grammar else {
+            return Ok(());
+        };
+        // What the model wrote of the call so far; if the grammar cannot take it (a spelling
+        // the grammar does not allow), the call goes on unconstrained rather than failing
+        // the request: the parser still reads it.
+        let rest = self.env.tokenize_bytes(&self.seen[at..]);
+        if rest.iter().all(|&t| m.consume_token(t).is_ok()) {
+            self.active = Some(m);
+        } else {
+            tracing::debug!(
+                "a tool call began in a form its grammar does not take; left unconstrained"
+            );
         }
-        .ok_or("no grammar for this call")?;
-        for t in self.env.tokenize_bytes(&self.seen[at..]) {
-            m.consume_token(t).map_err(|e| e.to_string())?;
-        }
-        self.active = Some(m);
         Ok(())
     }
 

@@ -60,6 +60,12 @@ impl ToolSpec {
         }
     }
 
+    /// The tools as the chat template sees them (`None` when they are not in play).
+    pub(crate) fn template_values(&self) -> Option<Vec<Value>> {
+        self.active()
+            .then(|| self.tools.iter().map(Tool::template_value).collect())
+    }
+
     /// Whether the model is shown tools and its calls are parsed.
     pub(crate) fn active(&self) -> bool {
         !self.tools.is_empty() && self.choice != ToolChoice::None
