@@ -189,6 +189,8 @@ pub(crate) struct Run {
     gen: Generation,
     parser: Option<OutputParser>,
     ready: VecDeque<Piece>,
+    /// Tokens whose text the parser holds back.
+    tokens: Vec<GenToken>,
 }
 
 impl Run {
@@ -232,22 +234,33 @@ impl Run {
         }
     }
 
-    /// Parsed pieces, ready to go; the tokens' log-probabilities go with the first text.
+    /// Parsed pieces, ready to go. Tokens (for their log-probabilities) go with the next
+    /// content, held while the parser holds their text; those that became reasoning or a
+    /// call are not reported.
     fn queue(&mut self, outs: Vec<Out>, tokens: Vec<GenToken>) {
-        let mut tokens = Some(tokens);
+        self.tokens.extend(tokens);
         for o in outs {
             self.ready.push_back(match o {
                 Out::Content(text) => Piece::Text {
                     text,
-                    tokens: tokens.take().unwrap_or_default(),
+                    tokens: std::mem::take(&mut self.tokens),
                 },
-                Out::Reasoning(t) => Piece::Reasoning(t),
-                Out::Call { index, id, name } => Piece::Call {
-                    call: index,
-                    id,
-                    name,
-                },
-                Out::Args { index, args } => Piece::Args { call: index, args },
+                Out::Reasoning(t) => {
+                    self.tokens.clear();
+                    Piece::Reasoning(t)
+                }
+                Out::Call { index, id, name } => {
+                    self.tokens.clear();
+                    Piece::Call {
+                        call: index,
+                        id,
+                        name,
+                    }
+                }
+                Out::Args { index, args } => {
+                    self.tokens.clear();
+                    Piece::Args { call: index, args }
+                }
             });
         }
     }
@@ -399,6 +412,7 @@ pub(crate) async fn start(
                 ),
                 parser: parse.then(|| OutputParser::new(thinking, tool_format.map(|f| f.syntax))),
                 ready: VecDeque::new(),
+                tokens: Vec::new(),
             });
         }
     }
