@@ -59,7 +59,7 @@ def test_tool_calls_streamed_equal_non_streamed(qwen, choice):
     assert json.loads(full.message.tool_calls[0].function.arguments) == {"city": "Paris"}
     s = streamed(qwen, tool_choice=choice)
     assert s.finish_reason == "tool_calls"
-    assert not s.message.content
+    assert s.message.content is None
     got = [(c.function.name, c.function.arguments) for c in s.message.tool_calls]
     want = [(c.function.name, c.function.arguments) for c in full.message.tool_calls]
     assert got == want

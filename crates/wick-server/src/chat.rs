@@ -145,13 +145,16 @@ fn stream(reply: Reply, started: Started) -> impl IntoResponse {
         runs,
         prompts,
         include_usage,
+        tools,
         ..
     } = started;
     let usage_field = include_usage.then_some(None);
     let indices: Vec<usize> = runs.iter().map(|r| r.index).collect();
+    // An answer that may be only tool calls starts without content (null, as OpenAI's).
+    let first_content = (!tools).then(String::new);
     let events = async_stream::stream! {
         for &index in &indices {
-            let delta = Delta { role: Some("assistant"), content: Some(String::new()), ..Delta::default() };
+            let delta = Delta { role: Some("assistant"), content: first_content.clone(), ..Delta::default() };
             let c = ChunkChoice { index, delta, logprobs: None, finish_reason: None };
             yield Ok::<_, Infallible>(chunk(&reply, c, usage_field));
         }

@@ -314,6 +314,8 @@ pub(crate) struct Started {
     /// Whether the sampling asked for a stream.
     pub stream: bool,
     pub include_usage: bool,
+    /// Whether the answer may be tool calls.
+    pub tools: bool,
 }
 
 /// Checks `req` against the model (name, template, tools, token ids, context budget,
@@ -429,6 +431,7 @@ pub(crate) async fn start(
         model: model.name.clone(),
         stream: sampling.stream,
         include_usage: sampling.include_usage,
+        tools: tool_format.is_some(),
     })
 }
 
