@@ -43,7 +43,7 @@ pub struct ServeArgs {
     /// GPU), f32, bf16 or f16. GGUF models compute in f32. [key: model.dtype]
     #[arg(long, env = "WICK_DTYPE")]
     pub dtype: Option<String>,
-    /// Require `Authorization: Bearer <key>` on the API (not on /health and /metrics). [key: server.api_key]
+    /// Require `Authorization: Bearer <key>` (or `x-api-key: <key>`) on the API (not on /health and /metrics). [key: server.api_key]
     #[arg(long, env = "WICK_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// Address to listen on. [key: server.host]
