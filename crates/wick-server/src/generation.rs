@@ -375,6 +375,7 @@ pub(crate) async fn start(
         .and_then(|f| f.start_token)
         .into_iter()
         .collect();
+    let parse = thinking != Thinking::Never || tool_format.is_some();
     let mut runs = Vec::with_capacity(count);
     for (p, prompt) in prompts.iter().enumerate() {
         let max_tokens = output_budget(model, prompt.len(), sampling.max_tokens, req.prompt_param)?;
@@ -401,7 +402,6 @@ pub(crate) async fn start(
                     constraint: constraints.next().flatten(),
                 })
                 .map_err(|e| submit_error(state, e))?;
-            let parse = thinking != Thinking::Never || tool_format.is_some();
             runs.push(Run {
                 index: p * sampling.n + j,
                 first: None,

@@ -22,7 +22,7 @@ use crate::routes::{generation_body, reply_id, sse, sse_event};
 use crate::structured::ResponseFormat;
 use crate::template::{TemplateFunction, TemplateMessage, TemplateToolCall};
 use crate::tools::{self, Tool, ToolChoice, ToolSpec};
-use crate::validate::{parse_object, sampling, GenInput, GenRequest};
+use crate::validate::{parse_object, required_str, sampling, text_parts, GenInput, GenRequest};
 use crate::{ApiError, AppState, RequestTag};
 
 #[derive(Debug, Deserialize)]
@@ -117,7 +117,10 @@ fn parse(body: &[u8], count_only: bool) -> Result<GenRequest, ApiError> {
     let mut messages = Vec::new();
     match &req.system {
         None | Some(Value::Null) => {}
-        Some(v) => messages.push(TemplateMessage::text("system", blocks_text(v, "system")?)),
+        v => messages.push(TemplateMessage::text(
+            "system",
+            text_parts(v.as_ref(), "system", &["text"])?,
+        )),
     }
     if req.messages.is_empty() {
         return Err(ApiError::invalid(
@@ -180,32 +183,6 @@ fn parse(body: &[u8], count_only: bool) -> Result<GenRequest, ApiError> {
     })
 }
 
-/// `system` or a tool result's content: a string or text blocks.
-fn blocks_text(v: &Value, param: &str) -> Result<String, ApiError> {
-    match v {
-        Value::String(s) => Ok(s.clone()),
-        Value::Array(blocks) => {
-            let mut text = String::new();
-            for (j, b) in blocks.iter().enumerate() {
-                match (block_type(b), b.get("text").and_then(Value::as_str)) {
-                    ("text", Some(t)) => text.push_str(t),
-                    (kind, _) => {
-                        return Err(ApiError::invalid(
-                            format!("{param}[{j}]"),
-                            format!("only text blocks are supported here, got '{kind}'"),
-                        ))
-                    }
-                }
-            }
-            Ok(text)
-        }
-        _ => Err(ApiError::invalid(
-            param,
-            "must be a string or a list of text blocks",
-        )),
-    }
-}
-
 fn block_type(b: &Value) -> &str {
     b.get("type").and_then(Value::as_str).unwrap_or("")
 }
@@ -236,11 +213,7 @@ fn message(m: &Value, param: &str, out: &mut Vec<TemplateMessage>) -> Result<(),
     let mut turn = TemplateMessage::text(role, "");
     for (j, b) in blocks.iter().enumerate() {
         let at = format!("{param}.content[{j}]");
-        let str_field = |name: &str| {
-            b.get(name).and_then(Value::as_str).ok_or_else(|| {
-                ApiError::invalid(format!("{at}.{name}"), format!("'{at}.{name}' is required"))
-            })
-        };
+        let str_field = |name: &str| required_str(b, name, &at);
         match (block_type(b), role) {
             ("text", _) => turn.content.push_str(str_field("text")?),
             ("thinking", "assistant") => turn
@@ -259,7 +232,7 @@ fn message(m: &Value, param: &str, out: &mut Vec<TemplateMessage>) -> Result<(),
             ("tool_result", "user") => {
                 let content = match b.get("content") {
                     None | Some(Value::Null) => String::new(),
-                    Some(v) => blocks_text(v, &format!("{at}.content"))?,
+                    v => text_parts(v, &format!("{at}.content"), &["text"])?,
                 };
                 out.push(TemplateMessage {
                     tool_call_id: Some(str_field("tool_use_id")?.to_string()),

@@ -20,8 +20,10 @@ use crate::openai::SamplingFields;
 use crate::routes::{generation_body, reply_id, sse, sse_event, unix_now};
 use crate::structured::ResponseFormat;
 use crate::template::{TemplateFunction, TemplateMessage, TemplateToolCall};
-use crate::tools::{self, Tool, ToolSpec};
-use crate::validate::{call_arguments, parse_object, sampling, GenInput, GenRequest};
+use crate::tools::{self, ToolSpec};
+use crate::validate::{
+    call_arguments, parse_object, required_str, sampling, text_parts, GenInput, GenRequest,
+};
 use crate::{ApiError, AppState, RequestTag};
 
 /// The request fields read here; the API's others are in `IGNORED` or refused.
@@ -121,7 +123,7 @@ fn parse(body: &[u8]) -> Result<(GenRequest, Echo), ApiError> {
     }
     input_messages(&req.input, &mut messages)?;
     let tools = ToolSpec::new(
-        responses_tools(req.tools.as_ref())?,
+        tools::openai_tools(req.tools.as_ref(), false)?,
         tools::openai_choice(req.tool_choice.as_ref())?,
         req.parallel_tool_calls.unwrap_or(true),
         "tool_choice",
@@ -176,14 +178,7 @@ fn input_messages(input: &Value, out: &mut Vec<TemplateMessage>) -> Result<(), A
             .get("type")
             .and_then(Value::as_str)
             .unwrap_or("message");
-        let str_field = |name: &str| {
-            item.get(name).and_then(Value::as_str).ok_or_else(|| {
-                ApiError::invalid(
-                    format!("{param}.{name}"),
-                    format!("'{param}.{name}' is required"),
-                )
-            })
-        };
+        let str_field = |name: &str| required_str(item, name, &param);
         match kind {
             "message" => {
                 let role = str_field("role")?;
@@ -194,7 +189,7 @@ fn input_messages(input: &Value, out: &mut Vec<TemplateMessage>) -> Result<(), A
                     ));
                 }
                 let role = if role == "developer" { "system" } else { role };
-                let content = item_text(item.get("content"), &format!("{param}.content"))?;
+                let content = text_parts(item.get("content"), &format!("{param}.content"), TEXT)?;
                 out.push(TemplateMessage::text(role, content));
             }
             "function_call" => {
@@ -221,7 +216,7 @@ fn input_messages(input: &Value, out: &mut Vec<TemplateMessage>) -> Result<(), A
             "function_call_output" => {
                 let output = match item.get("output") {
                     Some(Value::String(s)) => s.clone(),
-                    other => item_text(other, &format!("{param}.output"))?,
+                    other => text_parts(other, &format!("{param}.output"), TEXT)?,
                 };
                 out.push(TemplateMessage {
                     tool_call_id: Some(str_field("call_id")?.to_string()),
@@ -241,60 +236,8 @@ fn input_messages(input: &Value, out: &mut Vec<TemplateMessage>) -> Result<(), A
     Ok(())
 }
 
-/// A message's content: a string, or text parts (`input_text`, `output_text`).
-fn item_text(v: Option<&Value>, param: &str) -> Result<String, ApiError> {
-    match v {
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(Value::Array(parts)) => {
-            let mut text = String::new();
-            for (j, p) in parts.iter().enumerate() {
-                let kind = p.get("type").and_then(Value::as_str).unwrap_or("");
-                match (kind, p.get("text").and_then(Value::as_str)) {
-                    ("input_text" | "output_text" | "text", Some(t)) => text.push_str(t),
-                    _ => {
-                        return Err(ApiError::invalid(
-                            format!("{param}[{j}]"),
-                            format!("only text content parts are supported, got '{kind}'"),
-                        ))
-                    }
-                }
-            }
-            Ok(text)
-        }
-        _ => Err(ApiError::invalid(
-            param,
-            "content must be a string or a list of text parts",
-        )),
-    }
-}
-
-/// The Responses API's function tools (`{"type": "function", "name", "parameters"}`).
-fn responses_tools(v: Option<&Value>) -> Result<Vec<Tool>, ApiError> {
-    let Some(v) = v.filter(|v| !v.is_null()) else {
-        return Ok(Vec::new());
-    };
-    let list = v
-        .as_array()
-        .ok_or_else(|| ApiError::invalid("tools", "'tools' must be an array"))?;
-    list.iter()
-        .enumerate()
-        .map(|(i, t)| {
-            let kind = t.get("type").and_then(Value::as_str).unwrap_or("");
-            if kind != "function" {
-                return Err(ApiError::invalid(
-                    format!("tools[{i}].type"),
-                    format!("tools of type '{kind}' are not supported (only 'function')"),
-                ));
-            }
-            tools::tool(
-                t.get("name").and_then(Value::as_str),
-                t.get("description").and_then(Value::as_str),
-                t.get("parameters"),
-                &format!("tools[{i}]"),
-            )
-        })
-        .collect()
-}
+/// The text part types of input items.
+const TEXT: &[&str] = &["input_text", "output_text", "text"];
 
 /// Request settings the response object repeats.
 struct Echo {

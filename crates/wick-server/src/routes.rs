@@ -140,7 +140,8 @@ pub(crate) async fn tokenize(
     let text = match (req.prompt, req.messages) {
         (Some(p), None) => p,
         (None, Some(m)) => {
-            let tools = ToolSpec::new(openai_tools(req.tools.as_ref())?, None, true, "tools")?;
+            let tools =
+                ToolSpec::new(openai_tools(req.tools.as_ref(), true)?, None, true, "tools")?;
             model
                 .chat_template()?
                 .render(&messages_from(&m)?, tools.template_values().as_deref())

@@ -145,7 +145,7 @@ pub(crate) fn parse_chat(body: &[u8]) -> Result<GenRequest, ApiError> {
         }
     };
     let tools = ToolSpec::new(
-        tools::openai_tools(req.tools.as_ref())?,
+        tools::openai_tools(req.tools.as_ref(), true)?,
         tools::openai_choice(req.tool_choice.as_ref())?,
         parallel,
         "tool_choice",
@@ -468,6 +468,48 @@ fn openai_tool_call(v: &Value, param: &str) -> Result<TemplateToolCall, ApiError
             arguments: call_arguments(args, &format!("{param}.function.arguments"))?,
         },
     })
+}
+
+/// `v[name]` as a string, or a 400 naming `param.name` as required.
+pub(crate) fn required_str<'a>(v: &'a Value, name: &str, param: &str) -> Result<&'a str, ApiError> {
+    v.get(name).and_then(Value::as_str).ok_or_else(|| {
+        ApiError::invalid(
+            format!("{param}.{name}"),
+            format!("'{param}.{name}' is required"),
+        )
+    })
+}
+
+/// Content given as a string or as a list of text parts whose `type` is one of `kinds`
+/// (Responses' `input_text`, Anthropic's `text` blocks): their text joined.
+pub(crate) fn text_parts(
+    v: Option<&Value>,
+    param: &str,
+    kinds: &[&str],
+) -> Result<String, ApiError> {
+    match v {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for (j, p) in parts.iter().enumerate() {
+                let kind = p.get("type").and_then(Value::as_str).unwrap_or("");
+                match p.get("text").and_then(Value::as_str) {
+                    Some(t) if kinds.contains(&kind) => text.push_str(t),
+                    _ => {
+                        return Err(ApiError::invalid(
+                            format!("{param}[{j}]"),
+                            format!("only text parts are supported here, got '{kind}'"),
+                        ))
+                    }
+                }
+            }
+            Ok(text)
+        }
+        _ => Err(ApiError::invalid(
+            param,
+            "content must be a string or a list of text parts",
+        )),
+    }
 }
 
 /// Call arguments as a JSON value: given as a JSON string (OpenAI) or as an object.

@@ -147,8 +147,10 @@ pub(crate) fn tool(
     })
 }
 
-/// OpenAI's `tools` list (`[{"type": "function", "function": {...}}]`).
-pub(crate) fn openai_tools(v: Option<&Value>) -> Result<Vec<Tool>, ApiError> {
+/// OpenAI's `tools` list: chat completions nest each function
+/// (`{"type": "function", "function": {"name", ...}}`), Responses does not
+/// (`{"type": "function", "name", ...}`).
+pub(crate) fn openai_tools(v: Option<&Value>, nested: bool) -> Result<Vec<Tool>, ApiError> {
     let Some(v) = v.filter(|v| !v.is_null()) else {
         return Ok(Vec::new());
     };
@@ -159,20 +161,26 @@ pub(crate) fn openai_tools(v: Option<&Value>) -> Result<Vec<Tool>, ApiError> {
         .enumerate()
         .map(|(i, t)| {
             let p = format!("tools[{i}]");
-            if t.get("type").and_then(Value::as_str) != Some("function") {
+            let kind = t.get("type").and_then(Value::as_str).unwrap_or("");
+            if kind != "function" {
                 return Err(ApiError::invalid(
                     format!("{p}.type"),
-                    "only tools of type 'function' are supported",
+                    format!("tools of type '{kind}' are not supported (only 'function')"),
                 ));
             }
-            let f = t.get("function").filter(|f| f.is_object()).ok_or_else(|| {
-                ApiError::invalid(format!("{p}.function"), "a function tool needs 'function'")
-            })?;
+            let (f, p) = if nested {
+                let f = t.get("function").filter(|f| f.is_object()).ok_or_else(|| {
+                    ApiError::invalid(format!("{p}.function"), "a function tool needs 'function'")
+                })?;
+                (f, format!("{p}.function"))
+            } else {
+                (t, p)
+            };
             tool(
                 f.get("name").and_then(Value::as_str),
                 f.get("description").and_then(Value::as_str),
                 f.get("parameters"),
-                &format!("{p}.function"),
+                &p,
             )
         })
         .collect()
