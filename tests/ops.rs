@@ -108,6 +108,47 @@ async fn past_the_drain_timeout_a_stream_ends_with_a_clear_error() {
     assert_eq!(status.code(), Some(0));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_step_fails_its_request_and_a_dead_engine_exits_non_zero() {
+    // One panic (the first step): that request gets a 500, the next is served.
+    let model = common::model_path();
+    let model = model.to_str().unwrap();
+    let args = [
+        "--model",
+        model,
+        "--served-model-name",
+        "smollm2",
+        "--kv-cache-blocks",
+        "256",
+    ];
+    let s = Server::start_with(&args, &[("WICK_TEST_PANIC_STEPS", "0")]).await;
+    let (status, body) = s.post_json("/v1/chat/completions", &chat("Hi", 4)).await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"]["code"], "internal_error", "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("WICK_TEST_PANIC_STEPS: step 0"));
+    let (status, body) = s.post_json("/v1/chat/completions", &chat("Hi", 4)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(status_of(&s, "/health").await, Some(200));
+    assert_eq!(
+        s.metric("wick_request_failure_total{error_type=\"internal\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(s.metric("wick_kv_cache_blocks_used").await, 0.0);
+
+    // Every step panics: the third in a row gives up, and the process exits 1.
+    let mut s = Server::start_with(&args, &[("WICK_TEST_PANIC_STEPS", "all")]).await;
+    for _ in 0..3 {
+        let (status, body) = s.post_json("/v1/chat/completions", &chat("Hi", 4)).await;
+        assert_eq!(status, 500, "{body}");
+    }
+    let status = s.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(1));
+}
+
 async fn served_name(s: &Server) -> String {
     let v = s.get_json("/v1/models").await;
     v["data"][0]["id"].as_str().unwrap().to_string()

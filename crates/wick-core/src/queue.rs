@@ -45,6 +45,8 @@ struct Admission {
     completion_rate: AtomicU64,
     /// Set once at shutdown: the engine ends every request it still has, with an error.
     end_all: AtomicBool,
+    /// Set by the engine when it cannot go on (see [`QueueReceiver::mark_failed`]).
+    failed: AtomicBool,
 }
 
 impl Admission {
@@ -92,6 +94,9 @@ pub struct EngineHandle {
 impl EngineHandle {
     /// Never blocks: past the queue limits it fails at once, with a retry estimate.
     pub fn submit(&self, request: EngineRequest) -> Result<(), SubmitError> {
+        if self.has_failed() {
+            return Err(SubmitError::EngineStopped);
+        }
         let tokens = request.prompt.len();
         self.admission.reserve(tokens)?;
         self.tx
@@ -116,7 +121,6 @@ impl EngineHandle {
             .map_err(|_| SubmitError::EngineStopped)
     }
 
-    /// Requests accepted and not yet started.
     /// At shutdown, once the drain timeout has run out: the engine ends every request it
     /// still has with [`crate::ErrorKind::Shutdown`]. Not a queued command, so it cannot be
     /// refused by a full queue.
@@ -124,8 +128,15 @@ impl EngineHandle {
         self.admission.end_all.store(true, Ordering::Release);
     }
 
+    /// Requests accepted and not yet started.
     pub fn num_waiting(&self) -> usize {
         self.admission.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Whether the engine has failed for good: readiness turns 503 and the process should
+    /// exit so that it is restarted.
+    pub fn has_failed(&self) -> bool {
+        self.admission.failed.load(Ordering::Acquire)
     }
 }
 
@@ -155,12 +166,18 @@ impl QueueReceiver {
         }
     }
 
-    /// A request with `prompt_tokens` left the waiting queue (started, or ended unstarted).
     /// Whether [`EngineHandle::end_all`] was called.
     pub fn end_all_requested(&self) -> bool {
         self.admission.end_all.load(Ordering::Acquire)
     }
 
+    /// The engine cannot go on (a panic it could not contain): every handle sees
+    /// [`EngineHandle::has_failed`] and new requests are refused.
+    pub fn mark_failed(&self) {
+        self.admission.failed.store(true, Ordering::Release);
+    }
+
+    /// A request with `prompt_tokens` left the waiting queue (started, or ended unstarted).
     pub fn release(&self, prompt_tokens: usize) {
         self.admission.release(prompt_tokens);
     }
@@ -192,6 +209,7 @@ pub fn request_queue(limits: QueueLimits) -> (EngineHandle, QueueReceiver) {
         waiting_tokens: AtomicUsize::new(0),
         completion_rate: AtomicU64::new(0f64.to_bits()),
         end_all: AtomicBool::new(false),
+        failed: AtomicBool::new(false),
     });
     (
         EngineHandle {

@@ -1,4 +1,5 @@
 use std::collections::{HashMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -16,6 +17,10 @@ use wick_scheduler::{attended, CostFit, Scheduler, SchedulerConfig, SeqOutcome, 
 const IDLE_WAIT: Duration = Duration::from_millis(50);
 /// The window over which the completion rate (for `Retry-After`) is measured.
 const RATE_WINDOW: Duration = Duration::from_secs(30);
+/// Steps in a row that may panic before the engine gives up: one failed step ends only its
+/// own requests; a runner that panics on every step is broken, and the process should exit
+/// so that it is restarted.
+const MAX_PANICKED_STEPS: u32 = 3;
 
 /// What the engine needs from a model runner: one step over a scheduled batch, returning
 /// a row of logits per sequence scheduled with `sample`, in batch order.
@@ -145,6 +150,8 @@ pub(crate) struct Engine<R> {
     finishes: VecDeque<Instant>,
     preemptions_seen: u64,
     prefix_seen: (u64, u64),
+    /// Steps in a row whose runner or sampler panicked.
+    panicked_steps: u32,
 }
 
 impl<R: StepRunner> Engine<R> {
@@ -167,25 +174,63 @@ impl<R: StepRunner> Engine<R> {
             finishes: VecDeque::new(),
             preemptions_seen: 0,
             prefix_seen: (0, 0),
+            panicked_steps: 0,
         }
     }
 
-    /// Runs until every handle is dropped and every accepted request has ended.
+    /// Runs until every handle is dropped and every accepted request has ended, or until
+    /// the engine fails for good: a panic outside a step's runner and sampler (the
+    /// scheduler's state can no longer be trusted), or [`MAX_PANICKED_STEPS`] steps in a
+    /// row that panicked. Then it marks the queue failed (readiness turns 503, new requests
+    /// are refused) and ends every request it has with an internal error.
     pub(crate) fn run(mut self) {
         loop {
-            if !self.take_commands() && !self.sched.has_work() {
-                return;
+            match catch_unwind(AssertUnwindSafe(|| self.turn())) {
+                Ok(Turn::Go) => {}
+                Ok(Turn::Closed) => return,
+                Ok(Turn::Fail(message)) => return self.fail_for_good(message),
+                Err(panic) => return self.fail_for_good(panic_message(&*panic)),
             }
-            if self.queue.end_all_requested() && !self.live.is_empty() {
-                self.end_all();
-            }
-            self.reap_closed();
-            self.expire_waiting();
-            if self.sched.has_work() {
-                self.step();
-            }
-            self.update_gauges();
         }
+    }
+
+    /// One pass of the loop: commands, reaping, one step, gauges.
+    fn turn(&mut self) -> Turn {
+        if !self.take_commands() && !self.sched.has_work() {
+            return Turn::Closed;
+        }
+        if self.queue.end_all_requested() && !self.live.is_empty() {
+            self.end_all();
+        }
+        self.reap_closed();
+        self.expire_waiting();
+        if self.sched.has_work() {
+            self.step();
+            if self.panicked_steps >= MAX_PANICKED_STEPS {
+                return Turn::Fail(format!("{MAX_PANICKED_STEPS} steps in a row panicked"));
+            }
+        }
+        self.update_gauges();
+        Turn::Go
+    }
+
+    fn fail_for_good(mut self, message: String) {
+        tracing::error!(error = %message, "the engine cannot go on; readiness turns 503");
+        self.queue.mark_failed();
+        let ids: Vec<RequestId> = self.live.keys().copied().collect();
+        let message = format!("the engine failed and is restarting: {message}");
+        for id in ids {
+            // The scheduler may be what panicked: tell the clients directly.
+            if let Some(live) = self.live.remove(&id) {
+                self.metrics.failure(ErrorKind::Internal.as_str());
+                let _ = live.events.send(TokenEvent::Error {
+                    kind: ErrorKind::Internal,
+                    message: message.clone(),
+                });
+            }
+        }
+        self.metrics.requests_running.set(0);
+        self.metrics.requests_waiting.set(0);
     }
 
     /// Takes queued commands, waiting a little if there is nothing else to do. Returns false
@@ -338,28 +383,19 @@ impl<R: StepRunner> Engine<R> {
         self.metrics
             .step_batch_size
             .observe(batch.seqs.len() as f64);
-        let logits = match self.runner.step(&batch) {
-            Ok(l) => l,
-            Err(message) => return self.fail_batch(&batch, message),
-        };
-        let mut rows = logits.into_iter();
-        let mut sampled = Vec::with_capacity(rows.len());
-        let mut logprobs = HashMap::new();
-        let mut failed = Vec::new();
-        for s in batch.seqs.iter().filter(|s| s.sample) {
-            let (Some(mut row), Some(live)) = (rows.next(), self.live.get_mut(&s.id)) else {
-                continue;
-            };
-            match sample(live, &mut row) {
-                Ok(drawn) => {
-                    sampled.push((s.id, drawn.id));
-                    if drawn.logprobs.is_some() {
-                        logprobs.insert(s.id, drawn.logprobs);
-                    }
-                }
-                Err(message) => failed.push((s.id, message)),
+        // The runner and the sampler (kernels, grammars) run contained: a panic there fails
+        // this step's requests, and the engine goes on.
+        let drawn = catch_unwind(AssertUnwindSafe(|| self.run_and_sample(&batch)));
+        let (sampled, mut logprobs, failed) = match drawn {
+            Ok(Ok(drawn)) => drawn,
+            Ok(Err(message)) => return self.fail_batch(&batch, message),
+            Err(panic) => {
+                self.panicked_steps += 1;
+                let message = format!("internal error: {}", panic_message(&*panic));
+                return self.fail_batch(&batch, message);
             }
-        }
+        };
+        self.panicked_steps = 0;
         if let Some(attention) = self.runner.attention_seconds() {
             let attended: f64 = batch
                 .seqs
@@ -392,6 +428,31 @@ impl<R: StepRunner> Engine<R> {
         self.metrics
             .step_duration
             .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// The runner's step and each row's sampling: the ids drawn, their log-probabilities,
+    /// and the requests whose grammar failed.
+    fn run_and_sample(&mut self, batch: &ScheduledBatch) -> Result<Drawn, String> {
+        let logits = self.runner.step(batch)?;
+        let mut rows = logits.into_iter();
+        let mut sampled = Vec::with_capacity(rows.len());
+        let mut logprobs = HashMap::new();
+        let mut failed = Vec::new();
+        for s in batch.seqs.iter().filter(|s| s.sample) {
+            let (Some(mut row), Some(live)) = (rows.next(), self.live.get_mut(&s.id)) else {
+                continue;
+            };
+            match sample(live, &mut row) {
+                Ok(drawn) => {
+                    sampled.push((s.id, drawn.id));
+                    if drawn.logprobs.is_some() {
+                        logprobs.insert(s.id, drawn.logprobs);
+                    }
+                }
+                Err(message) => failed.push((s.id, message)),
+            }
+        }
+        Ok((sampled, logprobs, failed))
     }
 
     fn emit(&mut self, o: SeqOutcome, logprobs: Option<TokenLogprobs>, now: Instant) {
@@ -511,6 +572,32 @@ impl<R: StepRunner> Engine<R> {
         m.prefix_cache_queries.inc_by(q - self.prefix_seen.0);
         m.prefix_cache_hits.inc_by(h - self.prefix_seen.1);
         self.prefix_seen = (q, h);
+    }
+}
+
+/// What a step's sampling gives: (request, id) pairs, log-probabilities by request, and the
+/// requests that failed with their messages.
+type Drawn = (
+    Vec<(RequestId, u32)>,
+    HashMap<RequestId, Option<TokenLogprobs>>,
+    Vec<(RequestId, String)>,
+);
+
+/// What the loop does after one turn.
+enum Turn {
+    Go,
+    /// Every handle is gone and nothing is left to do.
+    Closed,
+    /// The engine cannot go on.
+    Fail(String),
+}
+
+/// The text a panic carried (`panic!` with a literal or a formatted message).
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(s), _) => format!("panic: {s}"),
+        (_, Some(s)) => format!("panic: {s}"),
+        _ => "panic".into(),
     }
 }
 

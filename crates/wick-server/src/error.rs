@@ -27,7 +27,7 @@ pub enum ApiError {
     QueueTimeout(String),
     #[error("The model is still loading.")]
     NotReady,
-    #[error("The server is shutting down.")]
+    #[error("The engine has stopped: the server is shutting down or restarting.")]
     EngineStopped,
     #[error("The server is shutting down and accepts no new requests; retry on another replica.")]
     ShuttingDown,

@@ -174,7 +174,11 @@ impl AppState {
         let _ = self.inner.model.set(model);
     }
 
+    /// The served model, once loaded and while its engine runs.
     pub(crate) fn model(&self) -> Result<&ServedModel, ApiError> {
+        if self.inner.engine.has_failed() {
+            return Err(ApiError::EngineStopped);
+        }
         self.inner.model.get().ok_or(ApiError::NotReady)
     }
 

@@ -193,7 +193,8 @@ pub(crate) async fn live() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "alive"}))
 }
 
-/// Readiness: 503 until the model is loaded, 200 after, 503 again once shutdown begins.
+/// Readiness: 503 until the model is loaded, 200 after, 503 again once shutdown begins or
+/// if the engine fails for good (the process then exits non-zero).
 #[utoipa::path(get, path = "/health", responses((status = 200), (status = 503, body = crate::error::ErrorBody)))]
 pub(crate) async fn health(State(state): State<AppState>) -> Response {
     if state.is_draining() {

@@ -51,6 +51,30 @@ async fn not_ready_until_the_model_is_loaded() {
 }
 
 #[tokio::test]
+async fn a_failed_engine_turns_readiness_503() {
+    let (handle, queue) = request_queue(LIMITS);
+    let app = app(AppState::new(handle, Metrics::new(), None));
+    queue.mark_failed();
+    for path in ["/health", "/v1/models"] {
+        let res = app
+            .clone()
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "{path}");
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        let body: Value = serde_json::from_slice(&bytes).unwrap();
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("engine has stopped"),
+            "{body}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn metrics_are_served_before_ready() {
     let (handle, _queue) = request_queue(LIMITS);
     let res = app(AppState::new(handle, Metrics::new(), None))

@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use wick_core::{Metrics, QueueLimits};
-use wick_engine::{EngineConfig, Loaded, Ready};
+use wick_engine::{EngineConfig, Loaded, Ready, StepRunner};
 use wick_runner::{CacheConfig, KvCache, LoadOptions, Runner};
 use wick_scheduler::SchedulerConfig;
 use wick_server::{AppState, ChatTemplate, Grammars, ServedModel};
@@ -186,7 +186,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         };
         let runner = Runner::new(loaded.model, cache).map_err(|e| e.to_string())?;
         Ok(Loaded {
-            runner,
+            runner: FaultInjection::from_env(runner)?,
             assets: loaded.assets,
             num_blocks,
         })
@@ -243,7 +243,68 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         }
         _ => bail!("the engine thread stopped while loading the model"),
     }
-    server.await.context("server failed")
+    // The engine thread ends while serving only if it failed for good: then readiness is
+    // already 503; the clients in flight get their errors, and the process exits non-zero
+    // so that an orchestrator restarts it. Never a live process with a dead engine.
+    let thread = engine.thread;
+    let engine_ended = tokio::task::spawn_blocking(move || thread.join());
+    tokio::select! {
+        res = &mut server => res.context("server failed"),
+        joined = engine_ended => {
+            let panicked = !matches!(joined, Ok(Ok(())));
+            if state.engine_handle().has_failed() || panicked {
+                state.wait_idle(Duration::from_secs(2)).await;
+                bail!("the engine failed (see the error above); exiting so that the server is restarted");
+            }
+            server.await.context("server failed")
+        }
+    }
+}
+
+/// The runner, with a test hook: `WICK_TEST_PANIC_STEPS` (`all`, or step numbers from 0
+/// separated by commas) makes those steps panic, so that the end-to-end tests can drive the
+/// engine's panic containment through the real binary. Unset, it costs one branch a step.
+struct FaultInjection {
+    runner: Runner,
+    panic_on: Option<Option<Vec<u64>>>,
+    steps: u64,
+}
+
+impl FaultInjection {
+    fn from_env(runner: Runner) -> Result<Self, String> {
+        let panic_on = match std::env::var("WICK_TEST_PANIC_STEPS") {
+            Err(_) => None,
+            Ok(v) if v == "all" => Some(None),
+            Ok(v) => Some(Some(
+                v.split(',')
+                    .map(|n| n.trim().parse::<u64>())
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| format!("WICK_TEST_PANIC_STEPS={v}: {e}"))?,
+            )),
+        };
+        Ok(Self {
+            runner,
+            panic_on,
+            steps: 0,
+        })
+    }
+}
+
+impl StepRunner for FaultInjection {
+    fn step(&mut self, batch: &wick_core::ScheduledBatch) -> Result<Vec<Vec<f32>>, String> {
+        if let Some(on) = &self.panic_on {
+            let n = self.steps;
+            self.steps += 1;
+            if on.as_ref().is_none_or(|steps| steps.contains(&n)) {
+                panic!("WICK_TEST_PANIC_STEPS: step {n}");
+            }
+        }
+        StepRunner::step(&mut self.runner, batch)
+    }
+
+    fn attention_seconds(&self) -> Option<f64> {
+        self.runner.attention_seconds()
+    }
 }
 
 /// How the KV cache's size is chosen: blocks, else memory, else a share of what is available.

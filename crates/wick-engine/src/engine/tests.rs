@@ -211,6 +211,101 @@ fn a_failing_step_reports_an_error_and_the_engine_survives() {
     t.join().unwrap();
 }
 
+/// The counting runner, panicking on the steps listed (0-based), or on every step.
+struct PanickingRunner {
+    steps: usize,
+    panic_on: Option<Vec<usize>>,
+}
+
+impl StepRunner for PanickingRunner {
+    fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>, String> {
+        let n = self.steps;
+        self.steps += 1;
+        if self.panic_on.as_ref().is_none_or(|p| p.contains(&n)) {
+            panic!("kernel bug on step {n}");
+        }
+        CountingRunner { fail: false }.step(batch)
+    }
+}
+
+#[test]
+fn a_panicking_step_fails_its_requests_and_the_engine_goes_on() {
+    let runner = PanickingRunner {
+        steps: 0,
+        panic_on: Some(vec![0]),
+    };
+    let (h, metrics, t) = spawn_runner(cfg(), runner, None);
+    let events = collect(submit(&h, 1, vec![1, 2], 4));
+    match &events[..] {
+        [TokenEvent::Error {
+            kind: ErrorKind::Internal,
+            message,
+        }] => assert!(message.contains("kernel bug on step 0"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    // The next request is served, the failed one's blocks are back, nothing is marked dead.
+    let events = collect(submit(&h, 2, vec![1], 3));
+    assert_eq!(tokens(&events), vec![2, 3, 4]);
+    wait_until(|| metrics.kv_blocks_used.get() == 0);
+    assert_eq!(
+        metrics
+            .request_failure
+            .with_label_values(&["internal"])
+            .get(),
+        1
+    );
+    assert!(!h.has_failed());
+    drop(h);
+    t.join().unwrap();
+}
+
+#[test]
+fn an_engine_whose_every_step_panics_marks_itself_failed_and_stops() {
+    let runner = PanickingRunner {
+        steps: 0,
+        panic_on: None,
+    };
+    let (h, metrics, t) = spawn_runner(cfg(), runner, None);
+    // One request per step: each fails alone, until the third in a row gives up.
+    for id in 1..=MAX_PANICKED_STEPS as u64 {
+        let events = collect(submit(&h, id, vec![1], 4));
+        assert!(
+            matches!(
+                events[..],
+                [TokenEvent::Error {
+                    kind: ErrorKind::Internal,
+                    ..
+                }]
+            ),
+            "{events:?}"
+        );
+    }
+    // The thread ends by itself (the handle is still held), marked failed.
+    t.join().unwrap();
+    assert!(h.has_failed());
+    assert!(matches!(
+        h.submit(EngineRequest {
+            id: RequestId(99),
+            tag: "t99".into(),
+            prompt: vec![1],
+            max_tokens: 1,
+            stop_token_ids: vec![],
+            sampling: SamplingParams::greedy(),
+            arrived: Instant::now(),
+            events: unbounded_channel().0,
+            constraint: None,
+        }),
+        Err(wick_core::SubmitError::EngineStopped)
+    ));
+    assert_eq!(
+        metrics
+            .request_failure
+            .with_label_values(&["internal"])
+            .get(),
+        MAX_PANICKED_STEPS as u64
+    );
+}
+
 #[test]
 fn a_request_too_large_for_the_cache_is_refused() {
     let (h, _metrics, t) = spawn_with(
