@@ -89,10 +89,16 @@ where
     let thread = std::thread::Builder::new()
         .name("wick-engine".into())
         .spawn(move || {
-            let loaded = match load() {
-                Ok(x) => x,
-                Err(e) => {
+            // A loader that panics (a bug the model file's checks missed) is a load error
+            // with its message, not a silent end of the thread.
+            let loaded = match catch_unwind(AssertUnwindSafe(load)) {
+                Ok(Ok(x)) => x,
+                Ok(Err(e)) => {
                     let _ = ready_tx.send(Err(e));
+                    return;
+                }
+                Err(panic) => {
+                    let _ = ready_tx.send(Err(panic_message(&*panic)));
                     return;
                 }
             };

@@ -285,6 +285,20 @@ impl GgufFile {
                 )));
             }
         }
+        // Each tensor's bytes, as its type and shape size them, are its own: a region that
+        // runs into the next tensor's means a wrong type or shape in the directory.
+        let mut by_offset: Vec<&String> = order.iter().collect();
+        by_offset.sort_by_key(|n| tensors[*n].offset);
+        for pair in by_offset.windows(2) {
+            let (a, b) = (&tensors[pair[0]], &tensors[pair[1]]);
+            if a.offset + a.bytes as u64 > b.offset {
+                return Err(bad(format!(
+                    "tensor {} ({}, {:?}: {} bytes at offset {}) overlaps tensor {} at offset {}: \
+                     its type or shape is wrong",
+                    pair[0], a.ty, a.dims, a.bytes, a.offset, pair[1], b.offset
+                )));
+            }
+        }
         Ok(Self {
             path: path.to_path_buf(),
             file,

@@ -178,7 +178,16 @@ fn config(g: &mut GgufFile, family: &'static models::Family, arch: &str) -> Resu
     let heads = g.usize(&k("attention.head_count"))?;
     let head_dim = match g.opt_usize(&k("attention.key_length"))? {
         Some(d) => d,
-        None => hidden / heads.max(1),
+        None if heads > 0 && hidden.is_multiple_of(heads) => hidden / heads,
+        None => {
+            return Err(RunnerError::invalid(
+                g.path(),
+                format!(
+                    "metadata {arch}.embedding_length {hidden} is not a multiple of \
+                     {arch}.attention.head_count {heads} (and no key_length is given)"
+                ),
+            ))
+        }
     };
     if let Some(v) = g.opt_usize(&k("attention.value_length"))? {
         if v != head_dim {
@@ -271,17 +280,25 @@ fn rope_scaling(g: &GgufFile, arch: &str, ctx: usize) -> Result<RopeScaling> {
     })
 }
 
-fn token_id(g: &GgufFile, key: &str) -> Result<Option<u32>> {
-    Ok(g.opt_usize(key)?.map(|v| v as u32))
+/// A token id from the metadata, checked against the vocabulary's size.
+fn token_id(g: &GgufFile, key: &str, vocab: usize) -> Result<Option<u32>> {
+    match g.opt_usize(key)? {
+        Some(id) if id >= vocab => Err(RunnerError::invalid(
+            g.path(),
+            format!("metadata {key} is {id}, past the vocabulary of {vocab} tokens"),
+        )),
+        id => Ok(id.map(|v| v as u32)),
+    }
 }
 
 fn assets(path: &Path, g: &GgufFile, cfg: &ModelConfig) -> Result<ModelAssets> {
     let tok = tokenizer::from_gguf(&g.metadata)?;
     let name_of = |id: Option<u32>| id.and_then(|i| tok.tokenizer.id_to_token(i));
-    let eos = token_id(g, "tokenizer.ggml.eos_token_id")?;
+    let vocab = tok.tokenizer.get_vocab_size(true);
+    let eos = token_id(g, "tokenizer.ggml.eos_token_id", vocab)?;
     let mut stop_token_ids: Vec<u32> = eos.into_iter().collect();
-    stop_token_ids.extend(token_id(g, "tokenizer.ggml.eot_token_id")?);
-    stop_token_ids.extend(token_id(g, "tokenizer.ggml.eom_token_id")?);
+    stop_token_ids.extend(token_id(g, "tokenizer.ggml.eot_token_id", vocab)?);
+    stop_token_ids.extend(token_id(g, "tokenizer.ggml.eom_token_id", vocab)?);
     for name in END_OF_TURN {
         if let Some(id) = tok.tokenizer.token_to_id(name) {
             stop_token_ids.push(id);
@@ -289,7 +306,7 @@ fn assets(path: &Path, g: &GgufFile, cfg: &ModelConfig) -> Result<ModelAssets> {
     }
     stop_token_ids.sort_unstable();
     stop_token_ids.dedup();
-    let bos = token_id(g, "tokenizer.ggml.bos_token_id")?;
+    let bos = token_id(g, "tokenizer.ggml.bos_token_id", vocab)?;
     Ok(ModelAssets {
         name: model_name(path, true),
         chat_template: g.opt_str("tokenizer.chat_template")?.map(str::to_string),

@@ -167,6 +167,27 @@ pub fn load(path: &Path, device: &Device, opts: &LoadOptions) -> Result<LoadedMo
     } else {
         gguf::load(path, &place)?
     };
+    let tokens = assets.tokenizer.get_vocab_size(true);
+    if tokens > cfg.vocab_size {
+        return Err(RunnerError::invalid(
+            path,
+            format!(
+                "the tokenizer's vocabulary has {tokens} tokens but the embedding only {} rows: \
+                 the file's tokenizer and weights do not belong together",
+                cfg.vocab_size
+            ),
+        ));
+    }
+    if let Some(id) = assets
+        .stop_token_ids
+        .iter()
+        .find(|&&id| id as usize >= tokens)
+    {
+        return Err(RunnerError::invalid(
+            path,
+            format!("stop token id {id} is past the vocabulary of {tokens} tokens"),
+        ));
+    }
     Ok(LoadedModel {
         model: Model::new(cfg, weights, &place)?,
         assets,
