@@ -157,7 +157,7 @@ impl Linear {
     /// Output width.
     pub(crate) fn rows(&self) -> usize {
         match self {
-            Linear::Packed(p) => p.n,
+            Linear::Packed(p) => p.n(),
             Linear::Half(h) => h.n,
             Linear::Candle(q) => candle_shape(q).0,
             Linear::Concat(parts) => parts.iter().map(Linear::rows).sum(),
@@ -167,7 +167,7 @@ impl Linear {
     /// Input width.
     pub(crate) fn cols(&self) -> usize {
         match self {
-            Linear::Packed(p) => p.k,
+            Linear::Packed(p) => p.k(),
             Linear::Half(h) => h.k,
             Linear::Candle(q) => candle_shape(q).1,
             Linear::Concat(parts) => parts.first().map_or(0, Linear::cols),

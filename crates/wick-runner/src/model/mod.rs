@@ -200,7 +200,7 @@ impl Model {
 fn linear_kinds(l: &Linear) -> Vec<String> {
     use candle_core::quantized::QMatMul;
     match l {
-        Linear::Packed(p) => vec![p.format.to_string()],
+        Linear::Packed(p) => vec![p.format().to_string()],
         Linear::Half(h) => vec![if h.bf16 { "BF16" } else { "F16" }.to_string()],
         Linear::Candle(QMatMul::QTensor(q)) => vec![crate::linear::weight_type(q.dtype())
             .map_or_else(|_| format!("{:?}", q.dtype()), |t| t.name().to_string())],

@@ -7,7 +7,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Acts, Bits, Packed, Scales, QK, ROWS, SUPER};
+use super::{Acts, Bits, Out, Packed, Scales, QK, ROWS, SUPER};
 
 #[inline(always)]
 unsafe fn bcast(p: *const u8, i: usize) -> __m256i {
@@ -37,8 +37,8 @@ unsafe fn bytes8(p: *const u8, signed: bool) -> __m256 {
 }
 
 #[inline(always)]
-unsafe fn store(out: &mut [f32], w: &Packed, t: usize, row0: usize, v: __m256) {
-    let dst = out.as_mut_ptr().add(t * w.n + row0);
+unsafe fn store(out: Out, w: &Packed, t: usize, row0: usize, v: __m256) {
+    let dst = out.at(t * w.n + row0);
     if row0 + 8 <= w.n {
         _mm256_storeu_ps(dst, v);
     } else {
@@ -128,13 +128,7 @@ unsafe fn factors(w: &Packed, ti: usize, b: usize, hf: usize) -> (__m256, __m256
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn tile<const T: usize>(
-    w: &Packed,
-    a: &Acts,
-    ti: usize,
-    t0: usize,
-    out: &mut [f32],
-) {
+pub(super) unsafe fn tile<const T: usize>(w: &Packed, a: &Acts, ti: usize, t0: usize, out: Out) {
     for hf in 0..2 {
         let acc = match (w.bits, w.scales) {
             (Bits::Eight, _) => q8_0::<T>(w, a, ti, t0, hf),

@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Acts, Bits, Packed, Scales, QK, ROWS, SUPER};
+use super::{Acts, Bits, Out, Packed, Scales, QK, ROWS, SUPER};
 
 /// 16 f16 values widened to f32.
 #[inline(always)]
@@ -28,10 +28,10 @@ unsafe fn bcast(p: *const u8, i: usize) -> __m512i {
 }
 
 #[inline(always)]
-unsafe fn store(out: &mut [f32], w: &Packed, t: usize, ti: usize, v: __m512) {
+unsafe fn store(out: Out, w: &Packed, t: usize, ti: usize, v: __m512) {
     let col = ti * ROWS;
     let left = w.n - col;
-    let dst = out.as_mut_ptr().add(t * w.n + col);
+    let dst = out.at(t * w.n + col);
     if left >= ROWS {
         _mm512_storeu_ps(dst, v);
     } else {
@@ -121,13 +121,7 @@ unsafe fn factors(w: &Packed, ti: usize, b: usize) -> (__m512, __m512) {
 /// `T` tokens from `t0` against tile `ti` (a compile-time count, so the accumulators stay
 /// in registers).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(super) unsafe fn tile<const T: usize>(
-    w: &Packed,
-    a: &Acts,
-    ti: usize,
-    t0: usize,
-    out: &mut [f32],
-) {
+pub(super) unsafe fn tile<const T: usize>(w: &Packed, a: &Acts, ti: usize, t0: usize, out: Out) {
     let acc = match (w.bits, w.scales) {
         (Bits::Eight, _) => q8_0::<T>(w, a, ti, t0),
         (Bits::Six, _) => halves::<T>(w, a, ti, t0),

@@ -83,11 +83,13 @@ enum Scales {
     Halves,
 }
 
-/// A `[n, k]` weight matrix repacked into row tiles (see the module comment).
+/// A `[n, k]` weight matrix repacked into row tiles (see the module comment). Built only by
+/// [`Packed::new`], which checks the data against the shape: the kernels' raw-pointer reads
+/// rely on every field agreeing with `n` and `k`, so none is public.
 pub struct Packed {
-    pub format: WeightType,
-    pub n: usize,
-    pub k: usize,
+    format: WeightType,
+    n: usize,
+    k: usize,
     nb: usize,
     tiles: usize,
     bits: Bits,
@@ -118,9 +120,33 @@ pub const TYPES: [WeightType; 9] = [
 ];
 
 impl Packed {
+    pub fn format(&self) -> WeightType {
+        self.format
+    }
+
+    /// Output rows.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Inputs per row.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
     /// Whether `ty` has packed kernels.
     pub fn supports(ty: WeightType) -> bool {
         pack::layout(ty).is_some()
+    }
+
+    /// Whether the activations are quantized per 256 for this layout (the K-quants).
+    fn super_blocks(&self) -> bool {
+        matches!(self.scales, Scales::Super | Scales::Halves)
+    }
+
+    /// Whether the kernels read the activations' sums per 16 ([`Acts::s16`]).
+    fn reads_sums(&self) -> bool {
+        matches!(self.scales, Scales::Offset(z) if z != 0) || self.super_blocks()
     }
 
     /// Super-blocks per row (K-quants; 0 for the others, whose scales are per block).
@@ -137,7 +163,10 @@ impl Packed {
             return Err(RunnerError::Step(format!("no packed kernel for {format}")));
         };
         let (elems, block_bytes) = format.block();
-        if !k.is_multiple_of(elems) || data.len() != n * (k / elems) * block_bytes {
+        let expected = n
+            .checked_mul(k / elems)
+            .and_then(|b| b.checked_mul(block_bytes));
+        if n == 0 || k == 0 || !k.is_multiple_of(elems) || expected != Some(data.len()) {
             return Err(RunnerError::Step(format!(
                 "malformed {format} matrix {n}x{k} ({} bytes)",
                 data.len()
@@ -200,6 +229,7 @@ impl Packed {
     /// Row `row` dequantized into `out` (`k` values): an embedding lookup from a tied output
     /// layer, without a second copy of the table.
     pub fn row(&self, row: usize, out: &mut [f32]) {
+        assert!(row < self.n, "row {row} of a {}-row matrix", self.n);
         let mut q = [0u8; QK];
         for (b, y) in out.chunks_exact_mut(QK).enumerate().take(self.nb) {
             self.ints(row, b, &mut q);
@@ -272,8 +302,10 @@ pub fn random_blocks(ty: WeightType, n: usize, k: usize, seed: &mut u64) -> Vec<
 /// `d = max|x| / 127` (rounded to f16, as llama.cpp stores it), `s = d * sum(q)`.
 #[derive(Default)]
 pub struct Acts {
-    pub t: usize,
-    pub k: usize,
+    t: usize,
+    k: usize,
+    /// Quantized in blocks of 256 with one scale (for the K-quants), not in blocks of 32.
+    super_blocks: bool,
     q: Vec<i8>,
     d: Vec<f32>,
     s: Vec<f32>,
@@ -289,15 +321,29 @@ impl Acts {
     /// The exact integer sums per 16 ([`Acts::s16`]) are computed only for the layouts
     /// whose kernels read them (not Q4_1, Q5_1, Q8_0).
     pub fn quantize_for(&mut self, w: &Packed, x: &[f32], t: usize) {
+        assert_eq!(x.len(), t * w.k, "activations are not [{t}, {}]", w.k);
         match w.scales {
             Scales::Super | Scales::Halves => self.quantize_super(x, t, w.k),
             _ => self.quantize(x, t, w.k),
         }
-        if matches!(w.scales, Scales::Offset(z) if z != 0)
-            || matches!(w.scales, Scales::Super | Scales::Halves)
-        {
+        if w.reads_sums() {
             self.sum_halves();
         }
+    }
+
+    /// Tokens quantized.
+    pub fn tokens(&self) -> usize {
+        self.t
+    }
+
+    /// Whether these activations were quantized for `w`'s layout (see [`matmul`]).
+    fn fit(&self, w: &Packed) -> bool {
+        self.k == w.k
+            && self.q.len() == self.t * self.k
+            && self.d.len() == self.t * w.nb
+            && self.super_blocks == w.super_blocks()
+            && (self.super_blocks || self.s.len() == self.t * w.nb)
+            && (!w.reads_sums() || self.s16.len() == self.t * self.k / 16)
     }
 
     /// llama.cpp's Q8_K: per block of 256, `d = -max / 127` (f32) where `max` is the value of
@@ -305,9 +351,10 @@ impl Acts {
     /// its super-block's `d`, so the kernels read it as they read Q8_0's. One source for every
     /// CPU, compiled per instruction set (its operations are exact or correctly rounded, so
     /// the bits are the same).
-    pub fn quantize_super(&mut self, x: &[f32], t: usize, k: usize) {
-        debug_assert_eq!(k % (QK * SUPER), 0);
+    fn quantize_super(&mut self, x: &[f32], t: usize, k: usize) {
+        assert_eq!(k % (QK * SUPER), 0);
         self.reset(x, t, k);
+        self.super_blocks = true;
         let big = QK * SUPER;
         let one = |((x, q), d): ((&[f32], &mut [i8]), &mut [f32])| quantize_super_block(x, q, d);
         if t * k >= 1 << 15 {
@@ -325,7 +372,7 @@ impl Acts {
 
     /// Quantizes `x` (`[t, k]`, row-major), reusing this buffer's memory. Each token's
     /// blocks depend on that token alone; long inputs are split over the thread pool.
-    pub fn quantize(&mut self, x: &[f32], t: usize, k: usize) {
+    fn quantize(&mut self, x: &[f32], t: usize, k: usize) {
         let nb = self.reset(x, t, k);
         type Row<'a> = (((&'a [f32], &'a mut [i8]), &'a mut [f32]), &'a mut [f32]);
         let one = |(((x, q), d), s): Row| quantize_row(x, q, d, s);
@@ -346,11 +393,12 @@ impl Acts {
 
     /// Sizes the buffers for `t` tokens of `k`; returns the blocks of 32 per token.
     fn reset(&mut self, x: &[f32], t: usize, k: usize) -> usize {
-        debug_assert_eq!(x.len(), t * k);
-        debug_assert_eq!(k % QK, 0);
+        assert_eq!(x.len(), t * k);
+        assert_eq!(k % QK, 0);
         let nb = k / QK;
         self.t = t;
         self.k = k;
+        self.super_blocks = false;
         self.q.resize(t * k, 0);
         self.d.resize(t * nb, 0.0);
         self.s.resize(t * nb, 0.0);
@@ -477,7 +525,8 @@ fn quantize_row_generic(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
     }
 }
 
-/// The widest kernels this CPU runs: AVX-512 VNNI, else AVX2 with FMA, else portable code.
+/// The widest kernels this CPU runs: AVX-512 VNNI, else AVX2 with FMA and F16C, else
+/// portable code.
 /// `WICK_NO_AVX512=1` skips the first, `WICK_NO_SIMD=1` both (for tests and comparisons).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Isa {
@@ -496,7 +545,11 @@ fn isa() -> Isa {
                 Isa::Portable
             } else if has_vnni() {
                 Isa::Avx512Vnni
-            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            } else if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
+                // The AVX2 kernels convert f16 scales with F16C (`vcvtph2ps`).
                 Isa::Avx2
             } else {
                 Isa::Portable
@@ -530,9 +583,14 @@ fn has_vnni() -> bool {
 
 /// `out[t][n] = sum_k w[n][k] * x[t][k]` for the quantized activations `a` (`out` is
 /// `[a.t, w.n]`, overwritten). Splits the row tiles over the thread pool when the work pays
-/// for it.
+/// for it. Panics if `a` was not quantized for `w` ([`Acts::quantize_for`]) or `out` is not
+/// `[a.t, w.n]`: the kernels read and write through raw pointers sized by those.
 pub fn matmul(w: &Packed, a: &Acts, out: &mut [f32]) {
-    assert_eq!(a.k, w.k, "activations and weights disagree on k");
+    assert!(
+        a.fit(w),
+        "activations not quantized for this {} matrix",
+        w.format
+    );
     assert_eq!(out.len(), a.t * w.n);
     let isa = isa();
     let work = a.t * w.n * w.k;
@@ -540,42 +598,66 @@ pub fn matmul(w: &Packed, a: &Acts, out: &mut [f32]) {
     let threads = rayon::current_num_threads().max(1);
     let per_task = (w.tiles.div_ceil(threads * 4)).max(4);
     let tasks = w.tiles.div_ceil(per_task);
-    let run = |task: usize, out: &mut [f32]| {
+    let out = Out::new(out);
+    let run = |task: usize| {
         let tiles = task * per_task..((task + 1) * per_task).min(w.tiles);
         for t0 in (0..a.t).step_by(TOKENS) {
             let tn = TOKENS.min(a.t - t0);
             for ti in tiles.clone() {
-                tile(w, a, ti, t0, tn, isa, out);
+                // SAFETY: `out` is `[a.t, w.n]` (checked above) and each task writes only
+                // the columns of its own row tiles, so no two write the same element.
+                unsafe { tile(w, a, ti, t0, tn, isa, out) };
             }
         }
     };
     if work < 1 << 18 || tasks == 1 {
-        for task in 0..tasks {
-            run(task, out);
-        }
+        (0..tasks).for_each(run);
     } else {
-        // Each task writes its own columns of `out`; a raw pointer shares the buffer.
-        let ptr = SyncPtr(out.as_mut_ptr());
-        let len = out.len();
-        (0..tasks).into_par_iter().for_each(|task| {
-            let p = &ptr;
-            // SAFETY: tasks write disjoint column ranges (their own row tiles) of `out`,
-            // which outlives the parallel loop.
-            let out = unsafe { std::slice::from_raw_parts_mut(p.0, len) };
-            run(task, out);
-        });
+        (0..tasks).into_par_iter().for_each(run);
     }
 }
 
-struct SyncPtr(*mut f32);
-// SAFETY: used only to hand disjoint parts of one buffer to scoped parallel tasks.
-unsafe impl Sync for SyncPtr {}
-unsafe impl Send for SyncPtr {}
+/// The output of a [`matmul`], shared by its tasks as a raw pointer: each writes its own
+/// columns, and no task holds a `&mut` over the whole buffer (overlapping mutable
+/// references would be undefined behaviour even with disjoint writes).
+#[derive(Clone, Copy)]
+struct Out {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: the tasks that share an `Out` write disjoint elements (see `matmul`), and the
+// buffer outlives them (it is borrowed mutably for the whole call).
+unsafe impl Sync for Out {}
+unsafe impl Send for Out {}
+
+impl Out {
+    fn new(out: &mut [f32]) -> Self {
+        Out {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+        }
+    }
+
+    /// A pointer to element `i`, in bounds.
+    ///
+    /// # Safety
+    /// No other task may access the elements written through it.
+    #[inline(always)]
+    unsafe fn at(self, i: usize) -> *mut f32 {
+        debug_assert!(i < self.len);
+        self.ptr.add(i)
+    }
+}
 
 /// `tn` tokens from `t0` against row tile `ti`: in groups of 8, 4 and 1 tokens (the kernels
 /// keep a group's accumulators in registers; every token gets the same operations whatever
 /// its group).
-fn tile(w: &Packed, a: &Acts, ti: usize, t0: usize, tn: usize, isa: Isa, out: &mut [f32]) {
+///
+/// # Safety
+/// `a` fits `w`, `out` is `[a.t, w.n]`, `ti < w.tiles`, `t0 + tn <= a.t`, and no other task
+/// accesses this tile's columns of `out`.
+unsafe fn tile(w: &Packed, a: &Acts, ti: usize, t0: usize, tn: usize, isa: Isa, out: Out) {
     if isa == Isa::Portable {
         return portable(w, a, ti, t0, tn, out);
     }
@@ -587,7 +669,8 @@ fn tile(w: &Packed, a: &Acts, ti: usize, t0: usize, tn: usize, isa: Isa, out: &m
             _ => 1,
         };
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` is what the CPU supports (checked in `isa`).
+        // SAFETY: `isa` is what the CPU supports (checked in `isa`); the bounds are the
+        // caller's.
         unsafe {
             match (isa, group) {
                 (Isa::Avx512Vnni, 8) => avx512::tile::<8>(w, a, ti, t, out),
@@ -617,7 +700,10 @@ fn tile(w: &Packed, a: &Acts, ti: usize, t0: usize, tn: usize, isa: Isa, out: &m
 /// - Q8_0: `acc = fma(dot, dw * da, acc)`;
 ///
 /// with `dw`, `mw` from [`Packed::factors`].
-fn portable(w: &Packed, a: &Acts, ti: usize, t0: usize, tn: usize, out: &mut [f32]) {
+///
+/// # Safety
+/// As [`tile`]'s.
+unsafe fn portable(w: &Packed, a: &Acts, ti: usize, t0: usize, tn: usize, out: Out) {
     let mut q = [0u8; QK];
     for r in 0..ROWS {
         let row = ti * ROWS + r;
@@ -669,7 +755,7 @@ fn portable(w: &Packed, a: &Acts, ti: usize, t0: usize, tn: usize, out: &mut [f3
                     }
                 }
             }
-            out[t * w.n + row] = acc;
+            *out.at(t * w.n + row) = acc;
         }
     }
 }

@@ -26,9 +26,11 @@ fn run_path(w: &Packed, x: &[f32], t: usize, isa: Isa) -> Vec<f32> {
     let mut a = Acts::default();
     a.quantize_for(w, x, t);
     let mut out = vec![f32::NAN; t * w.n];
+    let o = Out::new(&mut out);
     for ti in 0..w.tiles {
         for t0 in (0..t).step_by(TOKENS) {
-            tile(w, &a, ti, t0, TOKENS.min(t - t0), isa, &mut out);
+            // SAFETY: the whole matrix, one tile at a time, on this thread.
+            unsafe { tile(w, &a, ti, t0, TOKENS.min(t - t0), isa, o) };
         }
     }
     out
@@ -145,4 +147,61 @@ fn malformed_matrices_are_refused() {
     assert!(Packed::new(WeightType::Q8_0, &[0; 33], 1, 32).is_err());
     assert!(Packed::new(WeightType::Q2K, &[0; 84], 1, 256).is_err());
     assert!(Packed::new(WeightType::F16, &[0; 64], 1, 32).is_err());
+}
+
+#[test]
+fn the_constructor_checks_the_data_against_the_shape() {
+    let mut seed = 3;
+    let data = random_blocks(WeightType::Q4_0, 16, 64, &mut seed);
+    assert!(Packed::new(WeightType::Q4_0, &data, 16, 64).is_ok());
+    for (n, k) in [
+        (17, 64),
+        (16, 32),
+        (0, 64),
+        (16, 0),
+        (16, 48),
+        (usize::MAX, 64),
+    ] {
+        assert!(
+            Packed::new(WeightType::Q4_0, &data, n, k).is_err(),
+            "{n}x{k} accepted"
+        );
+    }
+    // K-quants need whole super-blocks of 256.
+    let data = random_blocks(WeightType::Q4K, 16, 256, &mut seed);
+    assert!(Packed::new(WeightType::Q4K, &data[..data.len() / 2], 16, 128).is_err());
+}
+
+#[test]
+#[should_panic(expected = "not quantized for this")]
+fn activations_quantized_for_another_layout_are_refused() {
+    let mut seed = 5;
+    let q8 = Packed::new(
+        WeightType::Q8_0,
+        &random_blocks(WeightType::Q8_0, 16, 256, &mut seed),
+        16,
+        256,
+    )
+    .unwrap();
+    let q4k = Packed::new(
+        WeightType::Q4K,
+        &random_blocks(WeightType::Q4K, 16, 256, &mut seed),
+        16,
+        256,
+    )
+    .unwrap();
+    let mut a = Acts::default();
+    a.quantize_for(&q8, &activations(2, 256, &mut seed), 2);
+    // Blocks of 32 without the sums per 16 that the K-quant kernels read.
+    matmul(&q4k, &a, &mut [0.0; 32]);
+}
+
+#[test]
+#[should_panic]
+fn an_output_of_the_wrong_size_is_refused() {
+    let mut seed = 9;
+    let (_, w, _) = matrix(WeightType::Q4_1, 16, 64, 1);
+    let mut a = Acts::default();
+    a.quantize_for(&w, &activations(2, 64, &mut seed), 2);
+    matmul(&w, &a, &mut [0.0; 31]);
 }
