@@ -286,6 +286,44 @@ async fn bad_input_gets_a_named_4xx_and_the_server_keeps_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_sending_12_mib_reads_its_413() {
+    let s = Server::start(&[]).await;
+    let huge = format!(
+        r#"{{"model":"smollm2","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "a".repeat(12 << 20)
+    );
+    // With a Content-Length, and streamed in chunks without one.
+    for chunked in [false, true] {
+        let body = if chunked {
+            let chunks: Vec<Result<Vec<u8>, std::io::Error>> = huge
+                .as_bytes()
+                .chunks(1 << 16)
+                .map(|c| Ok(c.to_vec()))
+                .collect();
+            reqwest::Body::wrap_stream(futures::stream::iter(chunks))
+        } else {
+            reqwest::Body::from(huge.clone())
+        };
+        let r = s
+            .client
+            .post(s.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("chunked={chunked}: {e:?}"));
+        assert_eq!(r.status(), 413, "chunked={chunked}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "payload_too_large", "{v}");
+    }
+    // The server goes on serving.
+    let (status, _) = s
+        .post_json("/v1/chat/completions", &common::server::chat("Hi", 2))
+        .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_strings_are_cut_and_never_emitted() {
     let s = Server::start(&[]).await;
     let base = s

@@ -38,6 +38,8 @@ pub enum ApiError {
     Internal(String),
     #[error("Not found: {0}")]
     RouteNotFound(String),
+    #[error("Method {method} is not allowed on {path}.")]
+    MethodNotAllowed { method: String, path: String },
     #[error("The request body is larger than {0} bytes.")]
     PayloadTooLarge(usize),
     #[error(
@@ -69,6 +71,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotReady
             | ApiError::EngineStopped
@@ -91,6 +94,9 @@ impl ApiError {
                 Some("model_not_found"),
             ),
             ApiError::RouteNotFound(_) => ("invalid_request_error", None, Some("not_found")),
+            ApiError::MethodNotAllowed { .. } => {
+                ("invalid_request_error", None, Some("method_not_allowed"))
+            }
             ApiError::Unauthorized => ("invalid_request_error", None, Some("invalid_api_key")),
             ApiError::PayloadTooLarge(_) => {
                 ("invalid_request_error", None, Some("payload_too_large"))

@@ -239,7 +239,9 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(routes::metrics))
         .route("/openapi.json", get(openapi::openapi_json))
         .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(ops::refuse_large_bodies))
         .layer(axum::middleware::from_fn(messages::anthropic_errors))
         .layer(axum::middleware::from_fn(ops::tag_requests))
         .with_state(state)
@@ -250,5 +252,6 @@ pub fn metrics_app(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(routes::metrics))
         .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
         .with_state(state)
 }

@@ -146,3 +146,58 @@ impl AppState {
         tokio::time::timeout(timeout, wait).await.is_ok()
     }
 }
+
+/// A body declared larger than this is refused without reading it (the connection closes).
+const DRAIN_CAP: u64 = 64 << 20;
+/// How long a refused body may take to arrive before the connection is closed.
+const DRAIN_TIME: Duration = Duration::from_secs(30);
+
+/// Bodies larger than [`crate::MAX_BODY_BYTES`] get their 413 after the server has read and
+/// discarded what the client sends (up to [`DRAIN_CAP`] bytes and [`DRAIN_TIME`]): answering
+/// while the client still sends, then closing, resets the connection, and the client sees a
+/// broken pipe instead of the 413. A body declared small enough by its `Content-Length`
+/// passes as it is (the handlers' extractors hold it to the limit); one without a length
+/// (chunked) is read here, up to the limit, and passed on whole.
+pub(crate) async fn refuse_large_bodies(req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let limit = crate::MAX_BODY_BYTES;
+    match declared {
+        Some(n) if n <= limit as u64 => return next.run(req).await,
+        Some(n) if n > DRAIN_CAP => return too_large(),
+        Some(_) => {}
+        None if req.method() == axum::http::Method::GET => return next.run(req).await,
+        None => {}
+    }
+    let (parts, body) = req.into_parts();
+    let mut body = body.into_data_stream();
+    let mut kept = Vec::new();
+    let mut seen = 0u64;
+    let read = async {
+        while let Some(Ok(chunk)) = body.next().await {
+            seen += chunk.len() as u64;
+            if seen > DRAIN_CAP {
+                return;
+            }
+            if seen <= limit as u64 {
+                kept.extend_from_slice(&chunk);
+            }
+        }
+    };
+    if tokio::time::timeout(DRAIN_TIME, read).await.is_err() || seen > limit as u64 {
+        return too_large();
+    }
+    next.run(Request::from_parts(parts, Body::from(kept))).await
+}
+
+fn too_large() -> Response {
+    let mut res = ApiError::PayloadTooLarge(crate::MAX_BODY_BYTES).into_response();
+    res.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        HeaderValue::from_static("close"),
+    );
+    res
+}

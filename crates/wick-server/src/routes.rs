@@ -222,3 +222,11 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
 pub(crate) async fn not_found(uri: Uri) -> ApiError {
     ApiError::RouteNotFound(uri.path().to_string())
 }
+
+/// A known path with another method: 405 in OpenAI's error shape.
+pub(crate) async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+    }
+}

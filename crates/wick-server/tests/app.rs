@@ -94,9 +94,30 @@ async fn unknown_routes_and_huge_bodies_get_openai_errors() {
         .as_str()
         .unwrap()
         .contains("/v2/nothing"));
+    assert_eq!(body["error"]["code"], "not_found");
     let (status, body) = call(post(vec![b' '; MAX_BODY_BYTES + 10])).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(body["error"]["code"], "payload_too_large");
+    // Declared too large: the same answer, once the body has been read.
+    let mut req = post(vec![b' '; MAX_BODY_BYTES + 10]);
+    req.headers_mut()
+        .insert("content-length", (MAX_BODY_BYTES + 10).into());
+    let (status, body) = call(req).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body["error"]["code"], "payload_too_large");
+    // A known path with another method.
+    for (method, path) in [("GET", "/v1/chat/completions"), ("POST", "/health")] {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Body::empty())
+            .unwrap();
+        let (status, body) = call(req).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert!(body["error"]["message"].as_str().unwrap().contains(path));
+    }
 }
 
 #[tokio::test]
