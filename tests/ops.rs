@@ -354,8 +354,9 @@ async fn spans_are_exported_to_an_otlp_endpoint() {
                     }
                 }
             }
-            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+            // Handed over before the answer, which the exporter waits for before exiting.
             let _ = tx.send(String::from_utf8_lossy(&got).into_owned());
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
         }
     });
     let endpoint = format!("http://127.0.0.1:{port}/v1/traces");
@@ -371,11 +372,14 @@ async fn spans_are_exported_to_an_otlp_endpoint() {
     assert_eq!(r.status(), 200);
     s.terminate();
     assert_eq!(s.wait_exit(Duration::from_secs(30)).await.code(), Some(0));
-    let posted: Vec<String> = rx.try_iter().collect();
-    let request = posted
-        .iter()
-        .find(|p| p.starts_with("POST /v1/traces"))
-        .unwrap_or_else(|| panic!("no export received: {posted:?}"));
+    let mut posted = Vec::new();
+    let request = loop {
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(p) if p.starts_with("POST /v1/traces") => break p,
+            Ok(p) => posted.push(p),
+            Err(_) => panic!("no export received: {posted:?}"),
+        }
+    };
     assert!(request
         .to_ascii_lowercase()
         .contains("content-type: application/x-protobuf"));
