@@ -203,3 +203,49 @@ fn gemma_sentencepiece_tokenizer_matches_llama_cpp() {
         .collect();
     assert_eq!(bytes, detok_text.as_bytes());
 }
+
+/// detokenize(tokenize(text)) == text for arbitrary UTF-8 text (no special-token strings,
+/// no BOS added), on each test model's tokenizer: BPE (default, Qwen) and SentencePiece
+/// (Gemma). A fixed number of cases per model, no persisted failures.
+#[test]
+fn detokenize_of_tokenize_is_the_text_on_every_test_model() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let models = [
+        common::model_path(),
+        common::fetch_model("qwen"),
+        common::fetch_model("gemma"),
+    ];
+    for path in models {
+        let assets = wick_runner::load_assets(&path).expect("assets");
+        let tok = &assets.tokenizer;
+        let specials: Vec<String> = tok
+            .get_added_tokens_decoder()
+            .values()
+            .map(|t| t.content.clone())
+            .filter(|c| !c.is_empty())
+            .collect();
+        let text = prop_oneof![
+            any::<String>(),
+            "\\PC{0,80}",
+            "[ \\t\\na-zA-Z0-9.,!?'\"()-]{0,80}",
+            "(  |\\n\\n|\\t| ?[a-z]+| ?[0-9]+| ?[éüßçøåñ]+| ?[中文日本語한국어]+| ?[😀🚀👍]| ?\\r\\n){0,20}",
+        ]
+        .prop_filter("no special-token strings", move |t: &String| {
+            !specials.iter().any(|s| t.contains(s.as_str()))
+        });
+        let mut runner = TestRunner::new(Config {
+            cases: 300,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        runner
+            .run(&text, |text| {
+                let ids = tok.encode(text.as_str(), false).unwrap().get_ids().to_vec();
+                let back = tok.decode(&ids, false).unwrap();
+                prop_assert_eq!(&back, &text, "ids {:?}", ids);
+                Ok(())
+            })
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+}

@@ -44,7 +44,7 @@ struct MessagesRequest {
     context_management: Option<Value>,
 }
 
-const FIELDS: &[&str] = &[
+pub(crate) const FIELDS: &[&str] = &[
     "model",
     "messages",
     "max_tokens",
@@ -86,7 +86,7 @@ const COUNT_FIELDS: &[&str] = &[
     "output_config",
 ];
 
-fn parse(body: &[u8], count_only: bool) -> Result<GenRequest, ApiError> {
+pub(crate) fn parse(body: &[u8], count_only: bool) -> Result<GenRequest, ApiError> {
     let req: MessagesRequest = if count_only {
         parse_object(body, &[COUNT_FIELDS, IGNORED], &["model", "messages"])?
     } else {

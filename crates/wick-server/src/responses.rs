@@ -50,7 +50,7 @@ struct ResponsesRequest {
     max_tool_calls: Option<Value>,
 }
 
-const FIELDS: &[&str] = &[
+pub(crate) const FIELDS: &[&str] = &[
     "model",
     "input",
     "instructions",
@@ -87,7 +87,7 @@ const IGNORED: &[&str] = &[
 ];
 
 /// The Responses request as one generation request, and what the answer echoes back.
-fn parse(body: &[u8]) -> Result<(GenRequest, Echo), ApiError> {
+pub(crate) fn parse(body: &[u8]) -> Result<(GenRequest, Echo), ApiError> {
     let req: ResponsesRequest = parse_object(body, &[FIELDS, IGNORED], &["model", "input"])?;
     let refuse = |name: &str, what: &str| Err(ApiError::unsupported(name, what));
     let stateful = [
@@ -240,7 +240,7 @@ fn input_messages(input: &Value, out: &mut Vec<TemplateMessage>) -> Result<(), A
 const TEXT: &[&str] = &["input_text", "output_text", "text"];
 
 /// Request settings the response object repeats.
-struct Echo {
+pub(crate) struct Echo {
     instructions: Option<String>,
     max_output_tokens: Option<i64>,
     temperature: f64,

@@ -522,4 +522,6 @@ pub(crate) fn call_arguments(args: &Value, param: &str) -> Result<Value, ApiErro
 }
 
 #[cfg(test)]
+mod props;
+#[cfg(test)]
 mod tests;

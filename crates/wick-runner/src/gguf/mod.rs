@@ -538,4 +538,88 @@ mod tests {
         let err = GgufFile::open(&r).err().unwrap().to_string();
         assert!(err.contains("tensor w") && err.contains("IQ4_XS"), "{err}");
     }
+
+    /// A small well-formed file: metadata of every kind, tensors of two types.
+    fn sample_file() -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.gguf");
+        write(&p, |w| {
+            w.meta("general.architecture", Value::String("llama".into()));
+            w.meta("llama.block_count", Value::U32(2));
+            w.meta("x.i64", Value::I64(-5));
+            w.meta("x.f64", Value::F64(0.25));
+            w.meta("x.bool", Value::Bool(true));
+            w.meta(
+                "x.tokens",
+                Value::Array(vec![Value::String("a".into()), Value::String("bc".into())]),
+            );
+            w.meta(
+                "x.nested",
+                Value::Array(vec![Value::Array(vec![Value::U8(1), Value::I16(-2)])]),
+            );
+            w.tensor_f32("v", &[8], &[0.5; 8]);
+            w.raw_tensor("q", &[32, 2], WeightType::Q8_0.ggml_id(), &[1u8; 68]);
+        });
+        std::fs::read(&p).unwrap()
+    }
+
+    /// What a mutated file may do: open or fail, and once open, read every tensor or fail;
+    /// never panic, never allocate past the file's size.
+    fn open_and_read(bytes: &[u8]) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.gguf");
+        std::fs::write(&p, bytes).unwrap();
+        if let Ok(mut g) = GgufFile::open(&p) {
+            for name in g.order.clone() {
+                let info = g.info(&name).unwrap().clone();
+                assert!(info.bytes as u64 <= bytes.len() as u64);
+                if let Ok(data) = g.read(&name) {
+                    assert_eq!(data.len(), info.bytes);
+                }
+                let _ = g.vector(&name, info.elements());
+            }
+        }
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 400, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn mutated_files_open_or_fail_cleanly(
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        ) {
+            let mut bytes = sample_file();
+            for (at, v) in flips {
+                let i = at.index(bytes.len());
+                bytes[i] = v;
+            }
+            open_and_read(&bytes);
+        }
+
+        #[test]
+        fn counts_and_lengths_overwritten_open_or_fail_cleanly(
+            at in any::<prop::sample::Index>(),
+            value in prop_oneof![
+                any::<u64>(),
+                Just(u64::MAX),
+                Just(1u64 << 32),
+                Just(1u64 << 40),
+                0u64..300,
+            ],
+        ) {
+            // Any 8 bytes, as a count, a length, a dimension or an offset would be.
+            let mut bytes = sample_file();
+            let i = at.index(bytes.len() - 8);
+            bytes[i..i + 8].copy_from_slice(&value.to_le_bytes());
+            open_and_read(&bytes);
+        }
+
+        #[test]
+        fn truncated_files_open_or_fail_cleanly(at in any::<prop::sample::Index>()) {
+            let bytes = sample_file();
+            open_and_read(&bytes[..at.index(bytes.len())]);
+        }
+    }
 }
