@@ -223,17 +223,14 @@ impl<R: StepRunner> Engine<R> {
     fn fail_for_good(mut self, message: String) {
         tracing::error!(error = %message, "the engine cannot go on; readiness turns 503");
         self.queue.mark_failed();
-        let ids: Vec<RequestId> = self.live.keys().copied().collect();
         let message = format!("the engine failed and is restarting: {message}");
-        for id in ids {
-            // The scheduler may be what panicked: tell the clients directly.
-            if let Some(live) = self.live.remove(&id) {
-                self.metrics.failure(ErrorKind::Internal.as_str());
-                let _ = live.events.send(TokenEvent::Error {
-                    kind: ErrorKind::Internal,
-                    message: message.clone(),
-                });
-            }
+        // The scheduler may be what panicked: tell the clients directly.
+        for (_, live) in self.live.drain() {
+            self.metrics.failure(ErrorKind::Internal.as_str());
+            let _ = live.events.send(TokenEvent::Error {
+                kind: ErrorKind::Internal,
+                message: message.clone(),
+            });
         }
         self.metrics.requests_running.set(0);
         self.metrics.requests_waiting.set(0);
