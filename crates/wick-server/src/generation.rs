@@ -16,7 +16,7 @@ use wick_core::{
 use crate::detok::{Detokenizer, StopBuffer};
 use crate::openai::Usage;
 use crate::routes::{blocking, check_model};
-use crate::structured::ResponseFormat;
+use crate::structured::{Grammars, ResponseFormat};
 use crate::tools::parse::{Out, OutputParser, Thinking};
 use crate::tools::{ToolFormat, ToolSpec};
 use crate::validate::{GenInput, GenRequest, PromptInput};
@@ -487,18 +487,10 @@ async fn compile_tools(
     spec: &ToolSpec,
     count: usize,
 ) -> Result<Vec<Option<Box<dyn TokenConstraint>>>, ApiError> {
-    let state = state.clone();
     let spec = spec.clone();
-    blocking(move || {
-        let grammars = state.model()?.grammars.clone().ok_or_else(|| {
-            ApiError::unsupported(
-                "tools",
-                "(constrained tool calls) for this model's tokenizer",
-            )
-        })?;
-        (0..count)
-            .map(|_| grammars.tool_constraint(format, &spec))
-            .collect()
+    let why = "(constrained tool calls) for this model's tokenizer";
+    compile_each(state, "tools", why, count, move |g| {
+        g.tool_constraint(format, &spec)
     })
     .await
 }
@@ -512,21 +504,32 @@ async fn compile(
     if *format == ResponseFormat::Text {
         return Ok((0..count).map(|_| None).collect());
     }
-    let state = state.clone();
     let format = format.clone();
+    let why = "(structured output) for this model's tokenizer";
+    compile_each(state, "response_format", why, count, move |g| {
+        let c = g.constraint(&format)?;
+        Ok(c.map(|c| Box::new(c) as Box<dyn TokenConstraint>))
+    })
+    .await
+}
+
+/// `count` constraints made by `make` from the model's grammar support, on a blocking
+/// thread; a 400 naming `param` where the model's tokenizer has none.
+async fn compile_each<F>(
+    state: &AppState,
+    param: &'static str,
+    unsupported: &'static str,
+    count: usize,
+    make: F,
+) -> Result<Vec<Option<Box<dyn TokenConstraint>>>, ApiError>
+where
+    F: Fn(&Grammars) -> Result<Option<Box<dyn TokenConstraint>>, ApiError> + Send + 'static,
+{
+    let state = state.clone();
     blocking(move || {
-        let grammars = state.model()?.grammars.clone().ok_or_else(|| {
-            ApiError::unsupported(
-                "response_format",
-                "(structured output) for this model's tokenizer",
-            )
-        })?;
-        (0..count)
-            .map(|_| {
-                let c = grammars.constraint(&format)?;
-                Ok(c.map(|c| Box::new(c) as Box<dyn TokenConstraint>))
-            })
-            .collect()
+        let grammars = state.model()?.grammars.clone();
+        let grammars = grammars.ok_or_else(|| ApiError::unsupported(param, unsupported))?;
+        (0..count).map(|_| make(&grammars)).collect()
     })
     .await
 }

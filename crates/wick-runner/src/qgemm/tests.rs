@@ -147,10 +147,8 @@ fn malformed_matrices_are_refused() {
     assert!(Packed::new(WeightType::Q8_0, &[0; 33], 1, 32).is_err());
     assert!(Packed::new(WeightType::Q2K, &[0; 84], 1, 256).is_err());
     assert!(Packed::new(WeightType::F16, &[0; 64], 1, 32).is_err());
-}
-
-#[test]
-fn the_constructor_checks_the_data_against_the_shape() {
+    // Data of the right length for 16x64 only: every other shape, zero sizes, and a row
+    // count whose byte size overflows.
     let mut seed = 3;
     let data = random_blocks(WeightType::Q4_0, 16, 64, &mut seed);
     assert!(Packed::new(WeightType::Q4_0, &data, 16, 64).is_ok());
@@ -167,9 +165,6 @@ fn the_constructor_checks_the_data_against_the_shape() {
             "{n}x{k} accepted"
         );
     }
-    // K-quants need whole super-blocks of 256.
-    let data = random_blocks(WeightType::Q4K, 16, 256, &mut seed);
-    assert!(Packed::new(WeightType::Q4K, &data[..data.len() / 2], 16, 128).is_err());
 }
 
 #[test]
