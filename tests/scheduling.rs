@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::server::{chat, Server};
 use futures::StreamExt;
@@ -30,23 +30,6 @@ fn prompts(n: usize) -> Vec<String> {
         .collect()
 }
 
-async fn wait_idle(s: &Server) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let used = s.metric("wick_kv_cache_blocks_used").await;
-        let running = s.metric("wick_requests_running").await;
-        let waiting = s.metric("wick_requests_waiting").await;
-        if used == 0.0 && running == 0.0 && waiting == 0.0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not idle: {used} blocks used, {running} running, {waiting} waiting"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preemption_under_a_small_cache_keeps_every_output_equal_to_its_solo_run() {
     // 20 blocks of 16 positions; 16 streams that each grow to about 70 positions.
@@ -66,7 +49,7 @@ async fn preemption_under_a_small_cache_keeps_every_output_equal_to_its_solo_run
         s.metric("wick_preemptions_total").await > 0.0,
         "no preemption happened"
     );
-    wait_idle(&s).await;
+    s.wait_idle().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,7 +158,7 @@ async fn a_flood_gets_429s_with_retry_after_and_every_accepted_request_completes
         assert_eq!(r.0, 200, "{r:?}");
         assert_eq!(r.2["usage"]["completion_tokens"], 8, "{}", r.2);
     }
-    wait_idle(&s).await;
+    s.wait_idle().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,7 +171,7 @@ async fn a_request_that_cannot_start_in_time_gets_503() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "queue_timeout");
     drop(holder);
-    wait_idle(&s).await;
+    s.wait_idle().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,7 +216,7 @@ async fn fifty_random_disconnects_leave_no_block_used() {
         futures::future::join_all(impatient),
     )
     .await;
-    wait_idle(&s).await;
+    s.wait_idle().await;
     // Every streaming client left before its end: 50 aborts, plus those of the impatient
     // five that reached the engine before they gave up (how many depends on timing, so the
     // count is a range).

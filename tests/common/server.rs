@@ -170,6 +170,25 @@ impl Server {
             .expect("metrics text")
     }
 
+    /// Waits (up to 20 s) until no request runs or waits and no KV block is used: the
+    /// gauges are updated at the end of the engine's turn, just after a client's last event.
+    pub async fn wait_idle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let used = self.metric("wick_kv_cache_blocks_used").await;
+            let running = self.metric("wick_requests_running").await;
+            let waiting = self.metric("wick_requests_waiting").await;
+            if used == 0.0 && running == 0.0 && waiting == 0.0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not idle: {used} blocks used, {running} running, {waiting} waiting"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// A metric's value: the first sample of `query` (`name` or `name{label="v",...}`) whose
     /// labels include the query's (the server adds `model="..."` to every series).
     pub async fn metric(&self, query: &str) -> f64 {
