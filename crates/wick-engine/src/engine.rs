@@ -10,7 +10,7 @@ use wick_core::{
     QueueLimits, QueueReceiver, Recv, RequestId, ScheduledBatch, TokenConstraint, TokenEvent,
     TokenLogprobs,
 };
-use wick_runner::{ModelAssets, Runner, Sampled, Sampler};
+use wick_runner::{DrawParams, ModelAssets, Runner, Sampled, Sampler, StepRow};
 use wick_scheduler::{attended, CostFit, Scheduler, SchedulerConfig, SeqOutcome, Sequence};
 
 /// How long the idle loop waits for a request before looking at its channels again.
@@ -32,11 +32,39 @@ pub trait StepRunner {
     fn attention_seconds(&self) -> Option<f64> {
         None
     }
+
+    /// Whether [`StepRunner::step_drawing`] draws tokens where the logits are (a GPU).
+    fn draws_on_device(&self) -> bool {
+        false
+    }
+
+    /// A step whose sampling sequences with a draw (one entry per sampling sequence, in
+    /// batch order) may come back as drawn ids instead of logits.
+    fn step_drawing(
+        &mut self,
+        batch: &ScheduledBatch,
+        draws: &[Option<DrawParams>],
+    ) -> Result<Vec<StepRow>, String> {
+        let _ = draws;
+        Ok(self.step(batch)?.into_iter().map(StepRow::Logits).collect())
+    }
 }
 
 impl StepRunner for Runner {
     fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>, String> {
         Runner::step(self, batch).map_err(|e| e.to_string())
+    }
+
+    fn draws_on_device(&self) -> bool {
+        Runner::draws_on_device(self)
+    }
+
+    fn step_drawing(
+        &mut self,
+        batch: &ScheduledBatch,
+        draws: &[Option<DrawParams>],
+    ) -> Result<Vec<StepRow>, String> {
+        Runner::step_drawing(self, batch, draws).map_err(|e| e.to_string())
     }
 
     fn attention_seconds(&self) -> Option<f64> {
@@ -436,16 +464,39 @@ impl<R: StepRunner> Engine<R> {
     /// The runner's step and each row's sampling: the ids drawn, their log-probabilities,
     /// and the requests whose grammar failed.
     fn run_and_sample(&mut self, batch: &ScheduledBatch) -> Result<Drawn, String> {
-        let logits = self.runner.step(batch)?;
-        let mut rows = logits.into_iter();
+        let rows = if self.runner.draws_on_device() {
+            // Rows without a grammar whose sampler needs nothing of the host are drawn on
+            // the device; only their ids come back.
+            let draws: Vec<Option<DrawParams>> = batch
+                .seqs
+                .iter()
+                .filter(|s| s.sample)
+                .map(|s| {
+                    let live = self.live.get_mut(&s.id)?;
+                    if live.constraint.is_some() {
+                        return None;
+                    }
+                    live.sampler.device_draw()
+                })
+                .collect();
+            self.runner.step_drawing(batch, &draws)?
+        } else {
+            let rows = self.runner.step(batch)?;
+            rows.into_iter().map(StepRow::Logits).collect()
+        };
+        let mut rows = rows.into_iter();
         let mut sampled = Vec::with_capacity(rows.len());
         let mut logprobs = HashMap::new();
         let mut failed = Vec::new();
         for s in batch.seqs.iter().filter(|s| s.sample) {
-            let (Some(mut row), Some(live)) = (rows.next(), self.live.get_mut(&s.id)) else {
+            let (Some(row), Some(live)) = (rows.next(), self.live.get_mut(&s.id)) else {
                 continue;
             };
-            match sample(live, &mut row) {
+            let drawn = match row {
+                StepRow::Logits(mut row) => sample(live, &mut row),
+                StepRow::Drawn(id) => Ok(live.sampler.accept(id)),
+            };
+            match drawn {
                 Ok(drawn) => {
                     sampled.push((s.id, drawn.id));
                     if drawn.logprobs.is_some() {

@@ -21,6 +21,9 @@ mod load;
 mod model;
 mod models;
 #[doc(hidden)]
+pub mod paged;
+mod profile;
+#[doc(hidden)]
 pub mod qgemm;
 pub mod quant;
 mod rope;
@@ -39,7 +42,9 @@ pub use load::{
     WeightFormat,
 };
 pub use model::Model;
-pub use runner::Runner;
+pub use paged::sample::DrawParams;
+pub use profile::StepProfile;
+pub use runner::{Runner, StepRow};
 pub use sampling::{argmax, logprobs, Sampled, Sampler};
 pub use tokenizer::{from_gguf as tokenizer_from_gguf, GgufTokenizer};
 

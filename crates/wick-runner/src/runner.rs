@@ -1,9 +1,11 @@
 //! The runner: a model and its KV cache, one batched step at a time.
 
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 use wick_core::ScheduledBatch;
 
 use crate::attention::{AttentionMetadata, SeqSpan};
+use crate::paged::sample::DrawParams;
+use crate::profile::{Phase, Profiler, StepProfile};
 use crate::{CacheConfig, KvCache, Model, Result, RunnerError};
 
 /// The model and its KV cache: runs one step for a whole scheduled batch.
@@ -14,6 +16,7 @@ pub struct Runner {
     /// The host path's own threads: a step runs inside the pool, so the engine thread hands
     /// over once per step instead of waking the workers for every matrix product.
     pool: Option<rayon::ThreadPool>,
+    prof: Profiler,
 }
 
 fn host_pool(model: &Model) -> Result<Option<rayon::ThreadPool>> {
@@ -44,11 +47,23 @@ impl Runner {
             kv,
             scratch: Default::default(),
             pool,
+            prof: Profiler::default(),
         })
     }
 
     pub fn model(&self) -> &Model {
         &self.model
+    }
+
+    /// Turns the tensor path's step profile on (synchronizing the device after each phase)
+    /// or off, and clears it.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.prof.set(on);
+    }
+
+    /// Seconds per phase since profiling was turned on.
+    pub fn profile(&self) -> StepProfile {
+        self.prof.report()
     }
 
     /// Seconds the last step spent in attention, where the runner measures it (the host
@@ -62,6 +77,72 @@ impl Runner {
     /// Computes every scheduled token and returns one row of logits for each sequence
     /// scheduled with `sample`, in batch order.
     pub fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>> {
+        match self.forward(batch)? {
+            Logits::Host(rows) => Ok(rows),
+            Logits::Device(t) => Ok(t.to_dtype(DType::F32)?.to_vec2()?),
+        }
+    }
+
+    /// Whether [`Runner::step_drawing`] draws on the device (CUDA), where it saves copying
+    /// every row of logits to the host.
+    pub fn draws_on_device(&self) -> bool {
+        self.model.device().is_cuda()
+    }
+
+    /// Like [`Runner::step`], but each sampling sequence with a draw in `draws` (batch order,
+    /// one per sampling sequence) gets its token drawn where the logits are, and only its id
+    /// comes back; the others get their logits. On the host path every row is logits.
+    pub fn step_drawing(
+        &mut self,
+        batch: &ScheduledBatch,
+        draws: &[Option<DrawParams>],
+    ) -> Result<Vec<StepRow>> {
+        let logits = match self.forward(batch)? {
+            Logits::Host(rows) => return Ok(rows.into_iter().map(StepRow::Logits).collect()),
+            Logits::Device(t) => t,
+        };
+        let rows = logits.dim(0)?;
+        if draws.len() != rows {
+            return Err(RunnerError::Step(format!(
+                "{rows} sampling sequences, {} draws",
+                draws.len()
+            )));
+        }
+        let pick = |on_device: bool| -> Vec<u32> {
+            (0..rows as u32)
+                .filter(|&i| draws[i as usize].is_some() == on_device)
+                .collect()
+        };
+        let device = &self.model.device().clone();
+        let (drawn_rows, host_rows) = (pick(true), pick(false));
+        let mut ids = Vec::new();
+        if !drawn_rows.is_empty() {
+            let idx = Tensor::new(drawn_rows.as_slice(), device)?;
+            let params: Vec<DrawParams> = draws.iter().flatten().copied().collect();
+            ids = crate::paged::sample::draw(&logits.index_select(&idx, 0)?, &params)?;
+            self.prof.mark(device, Phase::Sampling)?;
+        }
+        let mut host = Vec::new();
+        if !host_rows.is_empty() {
+            let idx = Tensor::new(host_rows.as_slice(), device)?;
+            host = logits
+                .index_select(&idx, 0)?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?;
+            self.prof.mark(device, Phase::Host)?;
+        }
+        let (mut ids, mut host) = (ids.into_iter(), host.into_iter());
+        draws
+            .iter()
+            .map(|d| match d {
+                Some(_) => ids.next().map(StepRow::Drawn),
+                None => host.next().map(StepRow::Logits),
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| RunnerError::Step("device sampling lost a row".into()))
+    }
+
+    fn forward(&mut self, batch: &ScheduledBatch) -> Result<Logits> {
         let bs = self.kv.config().block_size;
         let max_pos = self.model.config().max_position_embeddings;
         let mut ids = Vec::with_capacity(batch.num_tokens());
@@ -91,19 +172,49 @@ impl Runner {
             }
         }
         if ids.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Logits::Host(Vec::new()));
         }
         let mut meta = AttentionMetadata::new(spans);
         if let (Some(pool), true) = (&self.pool, self.kv.uses_host_memory()) {
             let (model, kv, scratch) = (&self.model, &mut self.kv, &mut self.scratch);
-            return pool.install(|| model.forward_host(&ids, &meta, &last_rows, kv, scratch));
+            return pool
+                .install(|| model.forward_host(&ids, &meta, &last_rows, kv, scratch))
+                .map(Logits::Host);
         }
+        self.prof.start(self.model.device())?;
         if !self.kv.uses_host_memory() {
-            meta.prepare_device(self.model.device(), self.model.windows())?;
+            let cache = self.kv.config();
+            meta.prepare_device(
+                self.model.device(),
+                self.model.windows(),
+                (cache.block_size, cache.num_blocks * cache.block_size),
+                self.model.uses_paged_attention(),
+            )?;
         }
-        match self.model.forward(&ids, &meta, &last_rows, &mut self.kv)? {
-            Some(logits) => Ok(logits.to_dtype(DType::F32)?.to_vec2()?),
-            None => Ok(Vec::new()),
-        }
+        Ok(
+            match self
+                .model
+                .forward(&ids, &meta, &last_rows, &mut self.kv, &mut self.prof)?
+            {
+                Some(logits) => Logits::Device(logits),
+                None => Logits::Host(Vec::new()),
+            },
+        )
     }
+}
+
+/// A step's logits: rows on the host (the host path), or a `[rows, vocab]` tensor on the
+/// model's device.
+enum Logits {
+    Host(Vec<Vec<f32>>),
+    Device(Tensor),
+}
+
+/// What [`Runner::step_drawing`] gives back for one sampling sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepRow {
+    /// Its logits, for the host sampler.
+    Logits(Vec<f32>),
+    /// The token drawn on the device.
+    Drawn(u32),
 }

@@ -83,6 +83,32 @@ impl Sampler {
         }
     }
 
+    /// This request's draw for the device sampler, drawing its uniform from the request's
+    /// generator; `None` when the draw needs the host (logit bias, penalties, log-probs).
+    pub fn device_draw(&mut self) -> Option<crate::DrawParams> {
+        if self.processes_logits() || self.params.logprobs.is_some() {
+            return None;
+        }
+        let p = &self.params;
+        Some(crate::DrawParams {
+            temperature: p.temperature,
+            top_k: u32::try_from(p.top_k).unwrap_or(u32::MAX),
+            top_p: p.top_p,
+            min_p: p.min_p,
+            uniform: if p.temperature > 0.0 {
+                self.rng.random::<f32>()
+            } else {
+                0.0
+            },
+        })
+    }
+
+    /// Records a token drawn on the device (after [`Sampler::device_draw`]).
+    pub fn accept(&mut self, id: u32) -> Sampled {
+        *self.generated.entry(id).or_insert(0) += 1;
+        Sampled { id, logprobs: None }
+    }
+
     pub fn sample(&mut self, raw: &[f32]) -> Sampled {
         let processed = self.processes_logits();
         if processed {
@@ -103,7 +129,7 @@ impl Sampler {
 
     /// Tokens left after temperature, top-k, top-p and min-p, with their unnormalized
     /// probabilities, most likely first when filtered.
-    fn candidates(&self, logits: &[f32]) -> Vec<(f32, u32)> {
+    pub(crate) fn candidates(&self, logits: &[f32]) -> Vec<(f32, u32)> {
         let p = &self.params;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let inv_t = 1.0 / p.temperature;

@@ -66,6 +66,22 @@ const ORIGINAL_CONTEXT: usize = 64;
 const EMBED_SCALE: f32 = 0.05;
 const OUT_NORM: f32 = 20.0;
 
+/// A tiny Llama in f32, untied: the source llama.cpp's `llama-quantize` turns into a K-quant
+/// mix (Q4_K_M) for the GPU check, so that file's layout is llama.cpp's own.
+pub fn kquant_source() -> Tiny {
+    Tiny {
+        name: "kquant-source",
+        family: TinyFamily::Llama,
+        ty: WeightType::F32,
+        embed_ty: WeightType::F32,
+        tied: false,
+        rope: TinyRope::Llama3,
+        window: None,
+        rope_dims: None,
+        heads: 4,
+    }
+}
+
 /// The tiny models, one per family and feature, covering every weight type between them.
 pub fn tiny_models() -> Vec<Tiny> {
     let t = |name, family, ty, embed_ty, tied, rope| Tiny {

@@ -10,13 +10,14 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 use wick_core::{BlockId, RequestId, ScheduledBatch, ScheduledSeq};
-use wick_runner::{CacheConfig, LoadOptions, Runner};
+use wick_runner::{CacheConfig, LoadOptions, Runner, StepRow};
 
+// Heads of 32: the smallest the paged-attention kernels (the tensor path on CPU and CUDA) take.
 const H: usize = 64;
 const I: usize = 96;
 const LAYERS: usize = 2;
-const HEADS: usize = 4;
-const KV_HEADS: usize = 2;
+const HEADS: usize = 2;
+const KV_HEADS: usize = 1;
 const HD: usize = H / HEADS;
 const VOCAB: usize = 300;
 const EPS: f32 = 1e-5;
@@ -427,4 +428,63 @@ fn half_precision_runs_the_tensor_path_close_to_f32() {
         .err()
         .expect("an error");
     assert!(err.to_string().contains("dtype"), "{err}");
+}
+
+/// The tensor path's device sampling (the CPU reference of the CUDA kernel here): greedy
+/// draws are the argmax of the logits `step` returns for the same step, and rows without a
+/// draw come back as those logits.
+#[test]
+fn the_tensor_path_draws_greedy_tokens_where_the_logits_are() {
+    let dir = tempfile::tempdir().unwrap();
+    write_model(dir.path());
+    let cache = CacheConfig {
+        num_blocks: 40,
+        block_size: BLOCK,
+    };
+    let opts = LoadOptions {
+        tensor_path: true,
+        ..Default::default()
+    };
+    let load = || {
+        let model = wick_runner::load(dir.path(), &Device::Cpu, &opts)
+            .unwrap()
+            .model;
+        Runner::new(model, cache).unwrap()
+    };
+    let batch = ScheduledBatch {
+        seqs: prompts()
+            .iter()
+            .enumerate()
+            .map(|(s, p)| ScheduledSeq {
+                id: RequestId(s as u64),
+                tokens: p.clone(),
+                start_pos: 0,
+                block_table: (0..10).map(|b| BlockId((b * 3 + s) as u32 + 1)).collect(),
+                sample: true,
+            })
+            .collect(),
+    };
+    let logits = load().step(&batch).unwrap();
+    let greedy = wick_runner::DrawParams::GREEDY;
+    let rows = load()
+        .step_drawing(&batch, &[Some(greedy), None, Some(greedy)])
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    for (i, (row, l)) in rows.iter().zip(&logits).enumerate() {
+        match row {
+            StepRow::Drawn(id) => {
+                assert_ne!(i, 1);
+                assert_eq!(*id, wick_runner::argmax(l));
+            }
+            StepRow::Logits(got) => {
+                assert_eq!(i, 1);
+                assert_eq!(got, l);
+            }
+        }
+    }
+    let err = load().step_drawing(&batch, &[None]).unwrap_err();
+    assert!(
+        err.to_string().contains("3 sampling sequences, 1 draws"),
+        "{err}"
+    );
 }

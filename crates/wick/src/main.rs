@@ -49,6 +49,8 @@ enum Command {
     Soak(soak::SoakArgs),
     /// Compare a model's log-probabilities on a device against the CPU (the GPU check).
     Parity(tools::ParityArgs),
+    /// Decode-step time at several batch sizes, and where it goes (the GPU check).
+    StepProfile(tools::StepProfileArgs),
     /// Write a GGUF file's tokenizer as tokenizer.json + tokenizer_config.json.
     ExportTokenizer(tools::ExportTokenizerArgs),
     /// Write the tests' tiny random models of every family (for the GPU check).
@@ -95,6 +97,10 @@ fn main() -> ExitCode {
                 Ok(false) => return ExitCode::FAILURE,
                 Err(e) => Err(e),
             }
+        }
+        Command::StepProfile(args) => {
+            let _ = telemetry::init(config::LogFormat::Human, "warn", None);
+            tools::step_profile(args)
         }
         Command::ExportTokenizer(args) => tools::export_tokenizer(args),
         Command::TinyModels(args) => tools::tiny_models(args),
@@ -295,8 +301,8 @@ impl FaultInjection {
     }
 }
 
-impl StepRunner for FaultInjection {
-    fn step(&mut self, batch: &wick_core::ScheduledBatch) -> Result<Vec<Vec<f32>>, String> {
+impl FaultInjection {
+    fn maybe_panic(&mut self) {
         if let Some(on) = &self.panic_on {
             let n = self.steps;
             self.steps += 1;
@@ -304,11 +310,30 @@ impl StepRunner for FaultInjection {
                 panic!("WICK_TEST_PANIC_STEPS: step {n}");
             }
         }
+    }
+}
+
+impl StepRunner for FaultInjection {
+    fn step(&mut self, batch: &wick_core::ScheduledBatch) -> Result<Vec<Vec<f32>>, String> {
+        self.maybe_panic();
         StepRunner::step(&mut self.runner, batch)
     }
 
     fn attention_seconds(&self) -> Option<f64> {
         self.runner.attention_seconds()
+    }
+
+    fn draws_on_device(&self) -> bool {
+        self.runner.draws_on_device()
+    }
+
+    fn step_drawing(
+        &mut self,
+        batch: &wick_core::ScheduledBatch,
+        draws: &[Option<wick_runner::DrawParams>],
+    ) -> Result<Vec<wick_runner::StepRow>, String> {
+        self.maybe_panic();
+        StepRunner::step_drawing(&mut self.runner, batch, draws)
     }
 }
 

@@ -3,6 +3,8 @@
 //!   on the reference, teacher-forced on the other, one batched step for all prompts at a
 //!   time (prefill, then decode steps over the paged KV cache); reports how far the
 //!   log-probabilities of the reference's tokens differ.
+//! - `wick step-profile`: decode steps at several batch sizes, tokens/s and the step's time
+//!   by phase (host work, matrix products, attention, the rest, sampling).
 //! - `wick export-tokenizer`: a GGUF file's tokenizer and chat template as `tokenizer.json`
 //!   and `tokenizer_config.json`, so a Hugging Face model directory can be written around them.
 
@@ -83,13 +85,21 @@ pub struct TinyModelsArgs {
     /// Directory to write NAME.gguf and NAME-hf/ into, for each tiny model.
     #[arg(long)]
     pub out: PathBuf,
+    /// Only the f32 Llama that `llama-quantize` turns into the GPU check's K-quant mix.
+    #[arg(long)]
+    pub kquant_source: bool,
 }
 
 /// Writes the tests' tiny random models of every family (`wick_runner::testing`), for
 /// checks on machines without the test suite (the GPU check).
 pub fn tiny_models(args: TinyModelsArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)?;
-    for t in wick_runner::testing::tiny_models() {
+    let models = if args.kquant_source {
+        vec![wick_runner::testing::kquant_source()]
+    } else {
+        wick_runner::testing::tiny_models()
+    };
+    for t in models {
         wick_runner::testing::write_tiny(&t, &args.tokenizer, &args.out)
             .with_context(|| format!("cannot write {}", t.name))?;
         println!("{}", args.out.join(format!("{}.gguf", t.name)).display());
@@ -290,5 +300,133 @@ pub fn export_tokenizer(args: ExportTokenizerArgs) -> anyhow::Result<()> {
         "{}",
         json!({"vocab_size": a.tokenizer.get_vocab_size(true), "eos_token_id": eos_id, "stop_token_ids": a.stop_token_ids})
     );
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct StepProfileArgs {
+    /// Model: a .gguf file or a Hugging Face directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// auto: f32 on the CPU, bf16 on a GPU (safetensors models).
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// Sequences decoding together, one measurement each.
+    #[arg(long, default_value = "1,16,64", value_delimiter = ',')]
+    pub batches: Vec<usize>,
+    /// Positions every sequence holds before the measured steps.
+    #[arg(long, default_value_t = 512)]
+    pub context: usize,
+    /// Measured decode steps per batch.
+    #[arg(long, default_value_t = 16)]
+    pub steps: usize,
+}
+
+/// Decode steps at each batch size over a context of `--context` positions: tokens/s
+/// unprofiled, then the same steps profiled (a device synchronization after each phase)
+/// for where the time goes. One JSON line per batch size.
+pub fn step_profile(args: StepProfileArgs) -> anyhow::Result<()> {
+    let max_batch = args.batches.iter().copied().max().unwrap_or(0);
+    if max_batch == 0 || args.steps == 0 || args.context == 0 {
+        bail!("--batches, --steps and --context must be at least 1");
+    }
+    let block_size = 16;
+    // Context, two warm-up steps, the timed and the profiled steps.
+    let per_seq = (args.context + 2 + 2 * args.steps).div_ceil(block_size);
+    let opts = LoadOptions {
+        dtype: wick_runner::parse_dtype(&args.dtype)?,
+        ..Default::default()
+    };
+    let loaded = wick_runner::load(
+        &args.model,
+        &wick_runner::parse_device(&args.device)?,
+        &opts,
+    )
+    .with_context(|| format!("cannot load {}", args.model.display()))?;
+    let vocab = loaded.model.config().vocab_size as u32;
+    let cache = CacheConfig {
+        num_blocks: max_batch * per_seq,
+        block_size,
+    };
+    let mut runner = Runner::new(loaded.model, cache)?;
+    let greedy = wick_runner::DrawParams::GREEDY;
+    for &batch in &args.batches {
+        let table = |s: usize| -> Vec<BlockId> {
+            (0..per_seq)
+                .map(|b| BlockId((s * per_seq + b) as u32))
+                .collect()
+        };
+        // The prompts, one sequence and up to 512 tokens per step.
+        let mut last = vec![0u32; batch];
+        for (s, last) in last.iter_mut().enumerate() {
+            let prompt: Vec<u32> = (0..args.context)
+                .map(|i| ((i * 7919 + s * 104_729) as u32) % vocab)
+                .collect();
+            for start in (0..args.context).step_by(512) {
+                let end = (start + 512).min(args.context);
+                runner.step(&ScheduledBatch {
+                    seqs: vec![ScheduledSeq {
+                        id: RequestId(s as u64),
+                        tokens: prompt[start..end].to_vec(),
+                        start_pos: start,
+                        block_table: table(s),
+                        sample: end == args.context,
+                    }],
+                })?;
+            }
+            *last = prompt[args.context - 1];
+        }
+        let mut pos = args.context;
+        let mut decode = |runner: &mut Runner, steps: usize| -> anyhow::Result<f64> {
+            let started = std::time::Instant::now();
+            for _ in 0..steps {
+                let seqs = (0..batch)
+                    .map(|s| ScheduledSeq {
+                        id: RequestId(s as u64),
+                        tokens: vec![last[s]],
+                        start_pos: pos,
+                        block_table: table(s),
+                        sample: true,
+                    })
+                    .collect();
+                let rows =
+                    runner.step_drawing(&ScheduledBatch { seqs }, &vec![Some(greedy); batch])?;
+                for (l, row) in last.iter_mut().zip(rows) {
+                    *l = match row {
+                        wick_runner::StepRow::Drawn(id) => id,
+                        wick_runner::StepRow::Logits(l) => wick_runner::argmax(&l),
+                    };
+                }
+                pos += 1;
+            }
+            Ok(started.elapsed().as_secs_f64())
+        };
+        decode(&mut runner, 2)?;
+        let secs = decode(&mut runner, args.steps)?;
+        runner.set_profiling(true);
+        decode(&mut runner, args.steps)?;
+        let p = runner.profile();
+        runner.set_profiling(false);
+        let per_step = |x: f64| x * 1e3 / args.steps as f64;
+        println!(
+            "{}",
+            json!({
+                "batch": batch,
+                "context": args.context,
+                "steps": args.steps,
+                "step_ms": per_step(secs),
+                "tokens_per_s": (batch * args.steps) as f64 / secs,
+                "profiled_ms_per_step": {
+                    "host": per_step(p.host),
+                    "matmul": per_step(p.matmul),
+                    "attention": per_step(p.attention),
+                    "other": per_step(p.other),
+                    "sampling": per_step(p.sampling),
+                },
+            })
+        );
+    }
     Ok(())
 }

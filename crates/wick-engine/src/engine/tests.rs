@@ -592,3 +592,86 @@ fn per_request_histograms_are_recorded_at_the_end() {
     // Four tokens after the first, each after a step of at least 2 ms.
     assert!(metrics.time_per_output_token.get_sample_sum() >= 0.002);
 }
+
+/// A runner that draws on its "device": counts up like `CountingRunner`, but returns a drawn
+/// id (plus 100, so the test sees which path gave it) for every row it was given a draw for,
+/// and records which rows got one.
+struct DrawingRunner {
+    given: std::sync::Arc<std::sync::Mutex<Vec<bool>>>,
+}
+
+impl StepRunner for DrawingRunner {
+    fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>, String> {
+        CountingRunner { fail: false }.step(batch)
+    }
+
+    fn draws_on_device(&self) -> bool {
+        true
+    }
+
+    fn step_drawing(
+        &mut self,
+        batch: &ScheduledBatch,
+        draws: &[Option<DrawParams>],
+    ) -> Result<Vec<StepRow>, String> {
+        let rows = self.step(batch)?;
+        assert_eq!(rows.len(), draws.len());
+        self.given
+            .lock()
+            .unwrap()
+            .extend(draws.iter().map(|d| d.is_some()));
+        Ok(rows
+            .into_iter()
+            .zip(draws)
+            .map(|(row, d)| match d {
+                Some(_) => StepRow::Drawn(wick_runner::argmax(&row) % 10 + 100),
+                None => StepRow::Logits(row),
+            })
+            .collect())
+    }
+}
+
+/// Plain requests are drawn on the device and their ids used as drawn; a request that asks
+/// for log-probabilities (which need the logits) gets its row on the host.
+#[test]
+fn rows_that_need_nothing_of_the_host_are_drawn_on_the_device() {
+    let given = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let runner = DrawingRunner {
+        given: given.clone(),
+    };
+    let (h, _m, t) = spawn_runner(cfg(), runner, None);
+    let plain = collect(submit(&h, 1, vec![3], 1));
+    assert_eq!(
+        plain[0],
+        TokenEvent::Token {
+            id: 104,
+            logprobs: None
+        }
+    );
+    let (tx, rx) = unbounded_channel();
+    let mut sampling = SamplingParams::greedy();
+    sampling.logprobs = Some(2);
+    h.submit(EngineRequest {
+        id: RequestId(2),
+        tag: "t2".into(),
+        prompt: vec![3],
+        max_tokens: 1,
+        stop_token_ids: vec![STOP],
+        sampling,
+        arrived: Instant::now(),
+        events: tx,
+        constraint: None,
+    })
+    .unwrap();
+    let with_logprobs = collect(rx);
+    match &with_logprobs[0] {
+        TokenEvent::Token { id, logprobs } => {
+            assert_eq!(*id, 4, "sampled on the host from the logits");
+            assert!(logprobs.is_some());
+        }
+        e => panic!("{e:?}"),
+    }
+    assert_eq!(*given.lock().unwrap(), vec![true, false]);
+    drop(h);
+    t.join().unwrap();
+}

@@ -4,8 +4,9 @@
 //! position, the slot of every position of its sequence). Each layer rotates its queries and
 //! keys, stores the step's keys and values in their slots, then attends every query over its
 //! own sequence's positions: all of them, or the last `window` on a sliding-window layer. On
-//! the host the cache is read in place (no gathers); on a device each sequence's context is
-//! gathered with `index_select`.
+//! the host the cache is read in place (no gathers); on CUDA (and the CPU's tensor path) one
+//! paged-attention op per layer reads it through the block table (`crate::paged`); on Metal
+//! each sequence's context is gathered with `index_select`.
 
 use std::collections::HashMap;
 
@@ -48,6 +49,8 @@ pub struct AttentionMetadata {
 
 pub(crate) struct DeviceMetadata {
     pub new_slots: Tensor,
+    /// The block tables, where the paged op runs; the rest is for the gathering path.
+    pub paged: Option<crate::paged::PagedTensors>,
     pub ctx_slots: Vec<Tensor>,
     /// Per sliding window (or none), one mask per sequence (`None`: nothing to mask).
     pub masks: HashMap<Option<usize>, Vec<Option<Tensor>>>,
@@ -78,17 +81,32 @@ impl AttentionMetadata {
         self.positions.len()
     }
 
-    /// Uploads what the tensor path needs, with masks for each of `windows`.
+    /// Uploads what the tensor path needs: the block tables where the paged op runs (a cache
+    /// of `num_slots` slots in blocks of `block_size`), else every sequence's slots and masks
+    /// for each of `windows`.
     pub(crate) fn prepare_device(
         &mut self,
         device: &Device,
         windows: &[Option<usize>],
+        (block_size, num_slots): (usize, usize),
+        paged: bool,
     ) -> Result<()> {
         let new_slots: Vec<u32> = self
             .seqs
             .iter()
             .flat_map(|s| s.slots[s.start_pos..].iter().map(|&x| x as u32))
             .collect();
+        let new_slots = Tensor::new(new_slots.as_slice(), device)?;
+        if paged {
+            let tables = crate::paged::BlockTables::new(self, block_size, num_slots)?;
+            self.device = Some(DeviceMetadata {
+                new_slots,
+                paged: Some(tables.upload(device)?),
+                ctx_slots: Vec::new(),
+                masks: HashMap::new(),
+            });
+            return Ok(());
+        }
         let mut ctx_slots = Vec::with_capacity(self.seqs.len());
         for s in &self.seqs {
             let slots: Vec<u32> = s.slots.iter().map(|&x| x as u32).collect();
@@ -107,7 +125,8 @@ impl AttentionMetadata {
             masks.insert(w, per_seq);
         }
         self.device = Some(DeviceMetadata {
-            new_slots: Tensor::new(new_slots.as_slice(), device)?,
+            new_slots,
+            paged: None,
             ctx_slots,
             masks,
         });
@@ -567,10 +586,6 @@ fn attention_tensor(
         .device
         .as_ref()
         .ok_or_else(|| RunnerError::Step("device metadata not prepared".into()))?;
-    let masks = dm
-        .masks
-        .get(&heads.window)
-        .ok_or_else(|| RunnerError::Step("no masks prepared for this window".into()))?;
     let n = meta.num_tokens();
     let to_heads = |x: Tensor, h: usize| -> Result<Tensor> {
         Ok(x.reshape((n, h, hd))?
@@ -591,6 +606,15 @@ fn attention_tensor(
         .contiguous()?;
     k_cache.scatter_set(&idx, &k_rows, 0)?;
     v_cache.scatter_set(&idx, &v_rows, 0)?;
+    if let Some(paged) = &dm.paged {
+        let q = q.transpose(0, 1)?.contiguous()?; // [n, nh, hd]
+        let op = crate::paged::PagedAttention { heads, paged };
+        return Ok(op.forward(&q, k_cache, v_cache)?.reshape((n, qd))?);
+    }
+    let masks = dm
+        .masks
+        .get(&heads.window)
+        .ok_or_else(|| RunnerError::Step("no masks prepared for this window".into()))?;
     let mut outs = Vec::with_capacity(meta.seqs.len());
     for (i, s) in meta.seqs.iter().enumerate() {
         let ctx = s.slots.len();

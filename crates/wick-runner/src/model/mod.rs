@@ -180,6 +180,12 @@ impl Model {
         Ok(())
     }
 
+    /// Whether the tensor path attends with the paged op (its kernels know this head size
+    /// and the device runs them) rather than by gathering each sequence's context.
+    pub(crate) fn uses_paged_attention(&self) -> bool {
+        crate::paged::runs_on(&self.device) && crate::paged::supports(self.cfg.head_dim)
+    }
+
     /// Every distinct sliding window of the layers (for the tensor path's masks).
     pub(crate) fn windows(&self) -> &[Option<usize>] {
         &self.windows

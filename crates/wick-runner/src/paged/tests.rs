@@ -1,0 +1,473 @@
+use candle_core::{DType, Device, Tensor};
+
+use super::sample::{self, DrawParams};
+use super::*;
+use crate::attention::{AttentionMetadata, Heads, SeqSpan};
+
+const BS: usize = 16;
+const BLOCKS: usize = 64;
+
+fn rng(seed: u64) -> impl FnMut() -> f32 {
+    let mut s = seed;
+    move || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+/// A sequence of `ctx` positions whose blocks are scattered over the cache (`first` picks
+/// where), the last `q_len` of them queried.
+fn span(q_start: usize, q_len: usize, ctx: usize, first: usize) -> SeqSpan {
+    let blocks: Vec<usize> = (0..ctx.div_ceil(BS))
+        .map(|b| (first + b * 7) % BLOCKS)
+        .collect();
+    SeqSpan {
+        q_start,
+        q_len,
+        start_pos: ctx - q_len,
+        slots: (0..ctx).map(|p| blocks[p / BS] * BS + p % BS).collect(),
+    }
+}
+
+/// A decode at position 599 (three partitions), a prefill chunk of 20 at 280..300 and a
+/// fresh prompt of 5: the shapes of a mixed step.
+fn mixed() -> AttentionMetadata {
+    AttentionMetadata::new(vec![
+        span(0, 1, 600, 3),
+        span(1, 20, 300, 40),
+        span(21, 5, 5, 11),
+    ])
+}
+
+fn heads(window: Option<usize>) -> Heads {
+    Heads {
+        num_heads: 6,
+        num_kv_heads: 2,
+        head_dim: 64,
+        scale: 0.125,
+        window,
+    }
+}
+
+struct Inputs {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+}
+
+fn inputs(h: Heads, tokens: usize, dtype: DType) -> Inputs {
+    let mut r = rng(7);
+    let kd = h.num_kv_heads * h.head_dim;
+    let slots = BLOCKS * BS;
+    let mut t = |n: usize, scale: f32, shape: &[usize]| {
+        let v: Vec<f32> = (0..n).map(|_| r() * scale).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    Inputs {
+        q: t(
+            tokens * h.num_heads * h.head_dim,
+            2.0,
+            &[tokens, h.num_heads, h.head_dim],
+        ),
+        k: t(slots * kd, 3.0, &[slots, kd]),
+        v: t(slots * kd, 1.0, &[slots, kd]),
+    }
+}
+
+fn run(meta: &AttentionMetadata, h: Heads, x: &Inputs) -> Result<Tensor> {
+    let bt = BlockTables::new(meta, BS, BLOCKS * BS)?;
+    let paged = bt.upload(&Device::Cpu)?;
+    PagedAttention {
+        heads: h,
+        paged: &paged,
+    }
+    .forward(&x.q, &x.k, &x.v)
+}
+
+#[test]
+fn block_tables_reproduce_every_slot_of_every_sequence() {
+    let meta = mixed();
+    let bt = BlockTables::new(&meta, BS, BLOCKS * BS).unwrap();
+    assert_eq!(bt.max_blocks, 600usize.div_ceil(BS));
+    assert_eq!(bt.tables.len(), 3 * bt.max_blocks);
+    for (i, s) in meta.seqs.iter().enumerate() {
+        for (p, &slot) in s.slots.iter().enumerate() {
+            assert_eq!(bt.slot(i, p), slot, "sequence {i} position {p}");
+        }
+        // Padding past the sequence's blocks.
+        let used = s.slots.len().div_ceil(BS);
+        assert!(bt.tables[i * bt.max_blocks + used..(i + 1) * bt.max_blocks]
+            .iter()
+            .all(|&b| b == 0));
+    }
+    assert_eq!(bt.token_seq.len(), 26);
+    assert_eq!(bt.positions[0], 599);
+    assert_eq!(&bt.positions[1..3], &[280, 281]);
+    assert_eq!(bt.token_seq[21], 2);
+    assert_eq!(bt.partitions(), 3);
+    // Prefill tiles: the decode alone, the chunk of 20 as 8 + 8 + 4, the prompt of 5.
+    assert_eq!(bt.tiles, vec![0, 1, 1, 8, 9, 8, 17, 4, 21, 5]);
+    assert!(!bt.decode_only);
+    let decode = AttentionMetadata::new(vec![span(0, 1, 600, 3), span(1, 1, 30, 9)]);
+    assert!(
+        BlockTables::new(&decode, BS, BLOCKS * BS)
+            .unwrap()
+            .decode_only
+    );
+}
+
+#[test]
+fn block_tables_refuse_what_the_kernels_cannot_read() {
+    let check = |s: SeqSpan, want: &str| {
+        let meta = AttentionMetadata::new(vec![s]);
+        let err = BlockTables::new(&meta, BS, BLOCKS * BS)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{err}");
+    };
+    let mut past_cache = span(0, 1, 40, 3);
+    past_cache.slots[35] = BLOCKS * BS + 3;
+    check(past_cache, "not in the paged layout");
+    let mut wrong_offset = span(0, 1, 40, 3);
+    wrong_offset.slots[5] += 1;
+    check(wrong_offset, "not in the paged layout");
+    let mut leaves = span(0, 1, 40, 3);
+    leaves.slots[17] = 9 * BS + 1;
+    check(leaves, "leaves its block");
+    let meta = mixed();
+    assert!(BlockTables::new(&meta, 0, 100).is_err());
+}
+
+/// Plain attention in f64 over each query's own context.
+fn plain(meta: &AttentionMetadata, h: Heads, x: &Inputs) -> Vec<f64> {
+    let q: Vec<f32> =
+        x.q.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+    let k: Vec<f32> =
+        x.k.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+    let v: Vec<f32> =
+        x.v.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+    let (nh, hd, kd) = (h.num_heads, h.head_dim, h.num_kv_heads * h.head_dim);
+    let mut out = Vec::new();
+    for t in 0..meta.num_tokens() {
+        let (s, pos) = (&meta.seqs[meta.token_seq[t]], meta.positions[t]);
+        let lo = h.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        for head in 0..nh {
+            let g = head / (nh / h.num_kv_heads);
+            let qv = &q[(t * nh + head) * hd..][..hd];
+            let ctx = &s.slots[lo..=pos];
+            let scores: Vec<f64> = ctx
+                .iter()
+                .map(|&sl| {
+                    let kr = &k[sl * kd + g * hd..][..hd];
+                    qv.iter()
+                        .zip(kr)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum::<f64>()
+                        * h.scale as f64
+                })
+                .collect();
+            let mx = scores.iter().cloned().fold(f64::MIN, f64::max);
+            let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+            let sum: f64 = w.iter().sum();
+            for d in 0..hd {
+                let a: f64 = ctx
+                    .iter()
+                    .zip(&w)
+                    .map(|(&sl, w)| w * v[sl * kd + g * hd + d] as f64)
+                    .sum();
+                out.push(a / sum);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_kernels_arithmetic_matches_plain_attention() {
+    let meta = mixed();
+    for window in [None, Some(100)] {
+        let h = heads(window);
+        let x = inputs(h, meta.num_tokens(), DType::F32);
+        let got: Vec<f32> = run(&meta, h, &x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want = plain(&meta, h, &x);
+        assert_eq!(got.len(), want.len());
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (*a as f64 - b).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 2e-5, "{window:?}: max |diff| {worst}");
+    }
+}
+
+#[test]
+fn half_precision_stays_close_to_f32() {
+    let meta = mixed();
+    let h = heads(None);
+    let want: Vec<f32> = run(&meta, h, &inputs(h, meta.num_tokens(), DType::F32))
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for (dtype, bound) in [(DType::F16, 5e-3), (DType::BF16, 4e-2)] {
+        let out = run(&meta, h, &inputs(h, meta.num_tokens(), dtype)).unwrap();
+        assert_eq!(out.dtype(), dtype);
+        let got: Vec<f32> = out
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(worst < bound, "{dtype:?}: {worst}");
+    }
+}
+
+/// A query's output does not depend on what else is in the step (batch invariance: the
+/// partitions and the order of every sum are fixed per query).
+#[test]
+fn each_query_gets_the_same_bits_alone_or_in_a_batch() {
+    let h = heads(Some(100));
+    let meta = mixed();
+    let x = inputs(h, meta.num_tokens(), DType::F32);
+    let together: Vec<f32> = run(&meta, h, &x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let row = h.num_heads * h.head_dim;
+    for s in &meta.seqs {
+        let mut alone = s.clone();
+        alone.q_start = 0;
+        let m = AttentionMetadata::new(vec![alone]);
+        let q = x.q.narrow(0, s.q_start, s.q_len).unwrap();
+        let xs = Inputs {
+            q,
+            k: x.k.clone(),
+            v: x.v.clone(),
+        };
+        let got: Vec<f32> = run(&m, h, &xs)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(got, together[s.q_start * row..(s.q_start + s.q_len) * row]);
+    }
+}
+
+#[test]
+fn the_op_checks_its_arguments() {
+    let meta = mixed();
+    let n = meta.num_tokens();
+    let h = heads(None);
+    let x = inputs(h, n, DType::F32);
+    let err = |h: Heads, q: &Tensor, k: &Tensor, v: &Tensor| {
+        let bt = BlockTables::new(&meta, BS, BLOCKS * BS).unwrap();
+        let paged = bt.upload(&Device::Cpu).unwrap();
+        PagedAttention {
+            heads: h,
+            paged: &paged,
+        }
+        .forward(q, k, v)
+        .unwrap_err()
+        .to_string()
+    };
+    let e = err(h, &x.q.narrow(0, 0, n - 1).unwrap(), &x.k, &x.v);
+    assert!(
+        e.contains("queries [25, 6, 64], expected [26, 6, 64]"),
+        "{e}"
+    );
+    let e = err(h, &x.q, &x.k.narrow(1, 0, 64).unwrap(), &x.v);
+    assert!(e.contains("expected [slots, 128]"), "{e}");
+    let e = err(h, &x.q, &x.k.to_dtype(DType::F16).unwrap(), &x.v);
+    assert!(e.contains("dtypes"), "{e}");
+    let e = err(
+        h,
+        &x.q.to_dtype(DType::F64).unwrap(),
+        &x.k.to_dtype(DType::F64).unwrap(),
+        &x.v.to_dtype(DType::F64).unwrap(),
+    );
+    assert!(e.contains("one of f32, f16, bf16"), "{e}");
+    let e = err(
+        Heads {
+            num_kv_heads: 4,
+            ..h
+        },
+        &x.q,
+        &x.k,
+        &x.v,
+    );
+    assert!(e.contains("do not group"), "{e}");
+    let odd = Heads {
+        head_dim: 48,
+        num_heads: 8,
+        ..h
+    };
+    let e = err(odd, &x.q.reshape((n, 8, 48)).unwrap(), &x.k, &x.v);
+    assert!(e.contains("no kernel for head size 48"), "{e}");
+    let small = x.k.narrow(0, 0, 100).unwrap();
+    let e = err(h, &x.q, &small, &small);
+    assert!(e.contains("caches of 100 slots"), "{e}");
+    let e = err(
+        h,
+        &x.q,
+        &x.k.t()
+            .unwrap()
+            .t()
+            .unwrap()
+            .narrow(0, 1, BLOCKS * BS - 1)
+            .unwrap(),
+        &x.v,
+    );
+    assert!(
+        e.contains("expected [slots, 128]") || e.contains("slots"),
+        "{e}"
+    );
+    assert!(supports(64) && supports(256) && supports(96) && !supports(16) && !supports(224));
+}
+
+/// Sampling parameters of the kinds requests send.
+fn draws() -> Vec<DrawParams> {
+    let p = |temperature, top_k, top_p, min_p| DrawParams {
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        uniform: 0.5,
+    };
+    vec![
+        p(1.0, 0, 1.0, 0.0),
+        p(0.7, 40, 1.0, 0.0),
+        p(0.8, 0, 0.9, 0.0),
+        p(1.2, 0, 1.0, 0.05),
+        p(0.6, 50, 0.95, 0.02),
+        p(1.0, 1, 1.0, 0.0),
+        p(2.0, 0, 0.5, 0.0),
+    ]
+}
+
+fn logits_row(vocab: usize, seed: u64) -> Vec<f32> {
+    let mut r = rng(seed);
+    (0..vocab)
+        .map(|_| r() * 6.0 + if r() > 0.98 { 8.0 } else { 0.0 })
+        .collect()
+}
+
+#[test]
+fn greedy_device_draws_equal_the_host_argmax() {
+    let mut rows = vec![logits_row(49_152, 1), logits_row(1000, 2)];
+    rows[1][17] = 100.0;
+    rows[1][900] = 100.0; // a tie: the first index
+    rows[1][3] = f32::NAN;
+    for row in &rows {
+        let p = DrawParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            uniform: 0.3,
+        };
+        assert_eq!(sample::reference(row, &p).0, crate::argmax(row));
+    }
+}
+
+/// The tokens the device draw keeps, and their probabilities, are the host sampler's.
+#[test]
+fn kept_tokens_and_probabilities_equal_the_host_samplers() {
+    let vocab = 49_152;
+    for (i, p) in draws().into_iter().enumerate() {
+        let row = logits_row(vocab, 10 + i as u64);
+        let params = wick_core::SamplingParams {
+            temperature: p.temperature,
+            top_k: p.top_k as usize,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            ..Default::default()
+        };
+        let host = crate::Sampler::new(params, &[]);
+        let mut want = host.candidates(&row);
+        want.sort_by_key(|x| x.1);
+        let (_, got) = sample::reference(&row, &p);
+        let ids = |v: &[(u32, f32)]| v.iter().map(|x| x.0).collect::<Vec<_>>();
+        let want: Vec<(u32, f32)> = want.iter().map(|&(w, id)| (id, w)).collect();
+        assert_eq!(ids(&got), ids(&want), "{p:?}");
+        let norm = |v: &[(u32, f32)]| {
+            let s: f64 = v.iter().map(|x| x.1 as f64).sum();
+            v.iter().map(|x| x.1 as f64 / s).collect::<Vec<_>>()
+        };
+        for (a, b) in norm(&got).iter().zip(norm(&want)) {
+            assert!((a - b).abs() < 1e-6, "{p:?}: {a} {b}");
+        }
+    }
+}
+
+/// The draw is the inverse of the kept tokens' cumulative distribution in index order.
+#[test]
+fn the_draw_inverts_the_distribution_in_index_order() {
+    let row = logits_row(5000, 3);
+    for base in draws() {
+        for u in [0.0, 0.01, 0.3, 0.5, 0.77, 0.999_999] {
+            let p = DrawParams { uniform: u, ..base };
+            let (id, kept) = sample::reference(&row, &p);
+            let total: f64 = kept.iter().map(|x| x.1 as f64).sum();
+            let mut acc = 0.0;
+            let mut want = kept.last().unwrap().0;
+            for &(i, w) in &kept {
+                acc += w as f64 / total;
+                if (u as f64) < acc {
+                    want = i;
+                    break;
+                }
+            }
+            // f32 sums against f64: a neighbour at a boundary is rounding, anything else not.
+            let pos = |x: u32| kept.iter().position(|k| k.0 == x).unwrap() as i64;
+            assert!((pos(id) - pos(want)).abs() <= 1, "{p:?}: {id} vs {want}");
+        }
+    }
+    let logits = Tensor::new(&[[0f32, 1.0], [2.0, 0.0]], &Device::Cpu).unwrap();
+    let e = sample::draw(&logits, &draws()[..1])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("2 rows of logits, 1 draws"), "{e}");
+    let greedy = DrawParams {
+        temperature: 0.0,
+        ..draws()[0]
+    };
+    assert_eq!(
+        sample::draw(&logits, &[greedy, greedy]).unwrap(),
+        vec![1, 0]
+    );
+}
