@@ -75,14 +75,19 @@ cuda-check:
 	export CUDA_TOOLCHAIN=check && source scripts/cuda-env.sh && \
 	  cargo check --release --features cuda -p wick --target-dir "$${WICK_CACHE:-$$HOME/.cache/wick}/cuda-check-target"
 
-## What scripts/gpu-check.sh needs on the GPU machine, under target/gpu-check/: the CUDA
-## binary (stripped and gzipped: 67 MB -> under the 64 MiB a call carries) and the default
-## model's tokenizer files. Carry target/gpu-check.
+## What scripts/gpu-check.sh needs on the GPU machine, under target/gpu-check/ (about 40 MB,
+## under the 64 MiB a call carries): the CUDA binary (stripped and gzipped: 67 MB -> 19 MB),
+## the default model's tokenizer files, and a tiny random Llama quantized to Q4_K_M by
+## llama.cpp's llama-quantize (../shared/peers/build-llama-server.sh, cached). Carry
+## target/gpu-check.
 gpu-check-bundle: cuda build
 	rm -rf target/gpu-check && mkdir -p target/gpu-check
 	strip -o target/gpu-check/wick target/cuda/release/wick
 	gzip -9 target/gpu-check/wick
 	./target/release/wick export-tokenizer --model "$$(scripts/fetch-model.sh)" --out target/gpu-check/tokenizer
+	./target/release/wick tiny-models --kquant-source --tokenizer target/gpu-check/tokenizer/tokenizer.gguf --out target/kquant-source
+	server="$${LLAMA_SERVER:-$$(bash ../shared/peers/build-llama-server.sh | tail -1)}" && \
+	  "$$(dirname "$$server")/llama-quantize" target/kquant-source/kquant-source.gguf target/gpu-check/kquant-q4_k_m.gguf Q4_K_M
 	du -sh target/gpu-check
 
 clean:
