@@ -351,18 +351,6 @@ async fn stop_strings_are_cut_and_never_emitted() {
     assert_eq!(finish.as_deref(), Some("stop"));
 }
 
-/// The series docs/metrics.md lists: (name, type).
-fn documented_metrics() -> Vec<(String, String)> {
-    let doc = std::fs::read_to_string(common::repo_root().join("docs/metrics.md")).unwrap();
-    doc.lines()
-        .filter(|l| l.starts_with("| `wick_"))
-        .map(|l| {
-            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
-            (cells[1].trim_matches('`').to_string(), cells[2].to_string())
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_have_every_documented_series_for_both_kinds_of_request() {
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -372,7 +360,7 @@ async fn metrics_have_every_documented_series_for_both_kinds_of_request() {
         .port()
         .to_string();
     let s = Server::start(&["--metrics-port", &metrics_port]).await;
-    let documented = documented_metrics();
+    let documented = common::documented_metrics();
     assert!(documented.len() >= 20, "{documented:?}");
     let per_request: Vec<&str> = documented
         .iter()

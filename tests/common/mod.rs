@@ -11,6 +11,18 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// The series docs/metrics.md lists: (name, type).
+pub fn documented_metrics() -> Vec<(String, String)> {
+    let doc = std::fs::read_to_string(repo_root().join("docs/metrics.md")).unwrap();
+    doc.lines()
+        .filter(|l| l.starts_with("| `wick_"))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            (cells[1].trim_matches('`').to_string(), cells[2].to_string())
+        })
+        .collect()
+}
+
 /// The default model: `$WICK_MODEL`, or fetched (once, cached, verified) by
 /// `scripts/fetch-model.sh`.
 pub fn model_path() -> PathBuf {
