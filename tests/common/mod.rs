@@ -42,7 +42,7 @@ pub fn model_path() -> PathBuf {
     PathBuf::from(path)
 }
 
-/// One of the other test models (`qwen`, `gemma`): fetched once, cached and verified by
+/// One of the other test models (`qwen`, `gemma`, `minilm`): fetched once, cached and verified by
 /// `scripts/fetch-model.sh KEY`.
 pub fn fetch_model(key: &str) -> PathBuf {
     let out = Command::new("bash")

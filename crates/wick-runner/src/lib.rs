@@ -12,6 +12,7 @@
 
 mod attention;
 mod config;
+mod embedding;
 mod error;
 #[doc(hidden)]
 pub mod gguf;
@@ -35,6 +36,7 @@ mod tokenizer;
 
 pub use candle_core::Device;
 pub use config::{Activation, LayerSpec, ModelConfig, RopeScaling, RopeSpec, RopeStyle};
+pub use embedding::{EmbeddingModel, Pooling};
 pub use error::RunnerError;
 pub use kv_cache::{CacheConfig, KvCache};
 pub use load::{
