@@ -113,14 +113,14 @@ impl Runner {
                 .filter(|&i| draws[i as usize].is_some() == on_device)
                 .collect()
         };
-        let device = &self.model.device().clone();
+        let device = self.model.device();
         let (drawn_rows, host_rows) = (pick(true), pick(false));
         let mut ids = Vec::new();
         if !drawn_rows.is_empty() {
             let idx = Tensor::new(drawn_rows.as_slice(), device)?;
             let params: Vec<DrawParams> = draws.iter().flatten().copied().collect();
             ids = crate::paged::sample::draw(&logits.index_select(&idx, 0)?, &params)?;
-            self.prof.mark(device, Phase::Sampling)?;
+            self.prof.mark(self.model.device(), Phase::Sampling)?;
         }
         let mut host = Vec::new();
         if !host_rows.is_empty() {
@@ -129,7 +129,7 @@ impl Runner {
                 .index_select(&idx, 0)?
                 .to_dtype(DType::F32)?
                 .to_vec2::<f32>()?;
-            self.prof.mark(device, Phase::Host)?;
+            self.prof.mark(self.model.device(), Phase::Host)?;
         }
         let (mut ids, mut host) = (ids.into_iter(), host.into_iter());
         draws

@@ -133,7 +133,8 @@ impl BlockTables {
             tables: Tensor::from_slice(&self.tables, (seqs, self.max_blocks), device)?,
             token_seq: Tensor::new(self.token_seq.as_slice(), device)?,
             positions: Tensor::new(self.positions.as_slice(), device)?,
-            tiles: (!self.decode_only)
+            // Only CUDA's prefill kernel reads the tiles; the CPU reference walks each query.
+            tiles: (!self.decode_only && device.is_cuda())
                 .then(|| Tensor::from_slice(&self.tiles, (self.tiles.len() / 2, 2), device))
                 .transpose()?,
             num_slots: self.num_slots,
