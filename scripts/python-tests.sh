@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The openai-client test suite (tests/python) against the real binary on the default model
-# and on the Qwen and Gemma test models.
+# and on the Qwen and Gemma test models, and embeddings (all-MiniLM-L6-v2) beside a chat model.
 # The virtualenv is cached per requirements file; the binary is the release build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,7 @@ fi
 export WICK_MODEL=${WICK_MODEL:-$(scripts/fetch-model.sh)}
 export WICK_QWEN_MODEL=${WICK_QWEN_MODEL:-$(scripts/fetch-model.sh qwen)}
 export WICK_GEMMA_MODEL=${WICK_GEMMA_MODEL:-$(scripts/fetch-model.sh gemma)}
+export WICK_EMBED_MODEL=${WICK_EMBED_MODEL:-$(scripts/fetch-model.sh minilm)}
 export WICK_BIN=${WICK_BIN:-$PWD/target/release/wick}
 [ -x "$WICK_BIN" ] || cargo build --release --bin wick
 cd tests/python

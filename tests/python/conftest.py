@@ -24,14 +24,20 @@ def _free_port():
 
 def _serve(model, name, *extra):
     """Starts `wick serve` on `model` as `name`; yields its base URL once healthy."""
+    yield from _serve_models([(model, name)], *extra)
+
+
+def _serve_models(models, *extra):
+    """Starts one `wick serve` on every (path, name) of `models`; yields its base URL."""
     port = _free_port()
+    flags = [f for path, name in models for f in ("--model", path)]
+    flags += [f for path, name in models for f in ("--served-model-name", name)]
     proc = subprocess.Popen(
         [
             os.environ.get("WICK_BIN", "target/release/wick"),
             "serve",
-            "--model", model,
+            *flags,
             "--port", str(port),
-            "--served-model-name", name,
             "--api-key", API_KEY,
             *extra,
         ],
@@ -57,6 +63,20 @@ def _serve(model, name, *extra):
 @pytest.fixture(scope="session")
 def server():
     yield from _serve(os.environ["WICK_MODEL"], MODEL)
+
+
+@pytest.fixture(scope="session")
+def multi_server():
+    """The default chat model and all-MiniLM-L6-v2 (WICK_EMBED_MODEL) in one process."""
+    yield from _serve_models(
+        [(os.environ["WICK_MODEL"], MODEL), (os.environ["WICK_EMBED_MODEL"], "minilm")],
+        "--kv-cache-blocks", "256",
+    )
+
+
+@pytest.fixture(scope="session")
+def multi(multi_server):
+    return openai.OpenAI(base_url=multi_server + "/v1", api_key=API_KEY, max_retries=0)
 
 
 @pytest.fixture(scope="session")

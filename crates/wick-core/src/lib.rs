@@ -8,12 +8,14 @@
 //! No candle, no axum here.
 
 mod batch;
+mod embed;
 mod ids;
 pub mod metrics;
 mod queue;
 mod request;
 
 pub use batch::{ScheduledBatch, ScheduledSeq};
+pub use embed::{embed_queue, EmbedHandle, EmbedReceiver, EmbedReply, EmbedRequest};
 pub use ids::{BlockId, RequestId};
 pub use metrics::Metrics;
 pub use queue::{

@@ -276,9 +276,24 @@ impl Metrics {
 
     /// The Prometheus text exposition of every series.
     pub fn render(&self) -> String {
+        Self::render_all(&[self])
+    }
+
+    /// The series of several models (each with its own `model` label) in one exposition:
+    /// each metric family once, with every model's samples under it.
+    pub fn render_all(all: &[&Metrics]) -> String {
+        let mut families: Vec<prometheus::proto::MetricFamily> = Vec::new();
+        for m in all {
+            for mut f in m.registry.gather() {
+                match families.iter_mut().find(|g| g.name() == f.name()) {
+                    Some(g) => g.mut_metric().extend(f.take_metric()),
+                    None => families.push(f),
+                }
+            }
+        }
         let mut buf = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metrics.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        let _ = TextEncoder::new().encode(&families, &mut buf);
         String::from_utf8_lossy(&buf).into_owned()
     }
 }
@@ -292,6 +307,27 @@ impl Default for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn several_models_render_each_family_once() {
+        let (a, b) = (Metrics::for_model("a"), Metrics::for_model("b"));
+        a.prompt_tokens.inc_by(3);
+        b.prompt_tokens.inc_by(5);
+        let text = Metrics::render_all(&[&a, &b]);
+        assert_eq!(
+            text.matches("# TYPE wick_prompt_tokens_total counter")
+                .count(),
+            1
+        );
+        assert!(
+            text.contains("wick_prompt_tokens_total{model=\"a\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wick_prompt_tokens_total{model=\"b\"} 5"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn renders_help_type_and_buckets() {

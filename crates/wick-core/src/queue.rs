@@ -37,20 +37,31 @@ pub struct QueueLimits {
 /// The waiting requests' counts, shared by handlers (who reserve) and the engine (who
 /// releases when a request starts or ends while waiting), and the engine's completion rate.
 #[derive(Debug)]
-struct Admission {
+pub(crate) struct Admission {
     limits: QueueLimits,
-    waiting: AtomicUsize,
+    pub(crate) waiting: AtomicUsize,
     waiting_tokens: AtomicUsize,
     /// Requests finished per second (an f64's bits), measured by the engine.
-    completion_rate: AtomicU64,
+    pub(crate) completion_rate: AtomicU64,
     /// Set once at shutdown: the engine ends every request it still has, with an error.
     end_all: AtomicBool,
     /// Set by the engine when it cannot go on (see [`QueueReceiver::mark_failed`]).
-    failed: AtomicBool,
+    pub(crate) failed: AtomicBool,
 }
 
 impl Admission {
-    fn reserve(&self, tokens: usize) -> Result<(), SubmitError> {
+    pub(crate) fn new(limits: QueueLimits) -> Arc<Self> {
+        Arc::new(Admission {
+            limits,
+            waiting: AtomicUsize::new(0),
+            waiting_tokens: AtomicUsize::new(0),
+            completion_rate: AtomicU64::new(0f64.to_bits()),
+            end_all: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+        })
+    }
+
+    pub(crate) fn reserve(&self, tokens: usize) -> Result<(), SubmitError> {
         let n = self.waiting.fetch_add(1, Ordering::AcqRel) + 1;
         let t = self.waiting_tokens.fetch_add(tokens, Ordering::AcqRel) + tokens;
         let over_tokens = self.limits.max_waiting_prompt_tokens > 0
@@ -67,13 +78,13 @@ impl Admission {
         Ok(())
     }
 
-    fn release(&self, tokens: usize) {
+    pub(crate) fn release(&self, tokens: usize) {
         self.waiting.fetch_sub(1, Ordering::AcqRel);
         self.waiting_tokens.fetch_sub(tokens, Ordering::AcqRel);
     }
 
     /// Time for the engine to start `waiting` more requests at its measured completion rate.
-    fn retry_after(&self, waiting: usize) -> u64 {
+    pub(crate) fn retry_after(&self, waiting: usize) -> u64 {
         let rate = f64::from_bits(self.completion_rate.load(Ordering::Relaxed));
         let secs = if rate > 0.0 {
             (waiting.max(1) as f64 / rate).ceil()
@@ -203,14 +214,7 @@ pub enum Recv {
 /// The one request queue, bounded by `limits`.
 pub fn request_queue(limits: QueueLimits) -> (EngineHandle, QueueReceiver) {
     let (tx, rx) = sync_channel(limits.max_waiting_requests.max(1));
-    let admission = Arc::new(Admission {
-        limits,
-        waiting: AtomicUsize::new(0),
-        waiting_tokens: AtomicUsize::new(0),
-        completion_rate: AtomicU64::new(0f64.to_bits()),
-        end_all: AtomicBool::new(false),
-        failed: AtomicBool::new(false),
-    });
+    let admission = Admission::new(limits);
     (
         EngineHandle {
             tx,

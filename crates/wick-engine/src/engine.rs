@@ -647,7 +647,7 @@ enum Turn {
 }
 
 /// The text a panic carried (`panic!` with a literal or a formatted message).
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
         (Some(s), _) => format!("panic: {s}"),
         (_, Some(s)) => format!("panic: {s}"),

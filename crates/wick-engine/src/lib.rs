@@ -7,7 +7,9 @@
 //! Each request carries its own event channel; a request whose receiver is gone is aborted
 //! and its blocks freed before the next step.
 
+mod embed;
 mod engine;
 
+pub use embed::{start_embedding, EmbedConfig, EmbedStarted, Embedder};
 pub use engine::{start, EngineConfig, Loaded, Ready, Started, StepRunner};
 pub use wick_core::EngineHandle;

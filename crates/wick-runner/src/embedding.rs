@@ -176,6 +176,11 @@ impl EmbeddingModel {
         self.dimensions
     }
 
+    /// The tokenizer, without its own padding and truncation.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
     }

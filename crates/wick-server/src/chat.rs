@@ -47,7 +47,7 @@ pub(crate) async fn chat_completions(
         id: reply_id("chatcmpl", started.runs.len()),
         created: unix_now(),
         model: started.model.clone(),
-        state: state.clone(),
+        state: started.state.clone(),
     };
     Ok(if started.stream {
         stream(reply, started).into_response()

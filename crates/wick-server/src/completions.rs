@@ -43,7 +43,7 @@ pub(crate) async fn completions(
         id: reply_id("cmpl", started.runs.len()),
         created: unix_now(),
         model: started.model.clone(),
-        state: state.clone(),
+        state: started.state.clone(),
     };
     Ok(if started.stream {
         stream(reply, started).into_response()

@@ -15,7 +15,7 @@ use wick_core::{
 
 use crate::detok::{Detokenizer, StopBuffer};
 use crate::openai::Usage;
-use crate::routes::{blocking, check_model};
+use crate::routes::blocking;
 use crate::structured::{Grammars, ResponseFormat};
 use crate::tools::parse::{Out, OutputParser, Thinking};
 use crate::tools::{ToolFormat, ToolSpec};
@@ -307,6 +307,8 @@ pub(crate) fn output_budget(
 
 /// A generation under way: one run per choice, and what every answer reports.
 pub(crate) struct Started {
+    /// The state with the request's model selected.
+    pub state: AppState,
     pub runs: Vec<Run>,
     pub prompts: Vec<Vec<u32>>,
     /// The served model's name.
@@ -327,8 +329,8 @@ pub(crate) async fn start(
     tag: &RequestTag,
     req: GenRequest,
 ) -> Result<Started, ApiError> {
+    let state = &state.select(&req.model)?;
     let model = state.model()?;
-    check_model(model, &req.model)?;
     if let Some(user) = &req.sampling.user {
         tracing::info!(user = %user, "generation request");
     }
@@ -385,7 +387,7 @@ pub(crate) async fn start(
             params.seed = params.seed.map(|s| s.wrapping_add(j as u64));
             let (tx, rx) = unbounded_channel();
             state
-                .engine()
+                .engine()?
                 .submit(EngineRequest {
                     id: state.next_id(),
                     tag: tag.0.to_string(),
@@ -426,6 +428,7 @@ pub(crate) async fn start(
         }
     }
     Ok(Started {
+        state: state.clone(),
         runs,
         prompts,
         model: model.name.clone(),
@@ -437,8 +440,8 @@ pub(crate) async fn start(
 
 /// How many tokens `req`'s prompt takes, rendered as a generation would render it.
 pub(crate) async fn count_prompt(state: &AppState, req: GenRequest) -> Result<usize, ApiError> {
+    let state = &state.select(&req.model)?;
     let model = state.model()?;
-    check_model(model, &req.model)?;
     if req.tools.active() {
         model.tool_format()?;
     }
@@ -534,7 +537,7 @@ where
     .await
 }
 
-fn submit_error(state: &AppState, e: SubmitError) -> ApiError {
+pub(crate) fn submit_error(state: &AppState, e: SubmitError) -> ApiError {
     match e {
         SubmitError::QueueFull {
             waiting,

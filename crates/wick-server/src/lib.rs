@@ -12,6 +12,7 @@ mod auth;
 mod chat;
 mod completions;
 mod detok;
+mod embeddings;
 mod error;
 mod generation;
 mod logprobs;
@@ -34,9 +35,10 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
 use tokenizers::Tokenizer;
-use wick_core::{EngineHandle, Metrics, RequestId};
+use wick_core::{EmbedHandle, EngineHandle, Metrics, RequestId};
 
 pub use detok::{token_bytes, Detokenizer, StopBuffer};
+pub use embeddings::EmbeddingModelInfo;
 pub use error::ApiError;
 pub use openapi::ApiDoc;
 pub use ops::{RequestTag, REQUEST_ID_HEADER};
@@ -138,60 +140,222 @@ impl ServedModel {
     }
 }
 
-struct Inner {
-    engine: EngineHandle,
-    api_key: Option<String>,
-    model: OnceLock<ServedModel>,
+/// What computes a served model's requests.
+#[derive(Clone)]
+pub enum Backend {
+    /// A generation engine's queue (chat, completions, Responses, Messages).
+    Generate(EngineHandle),
+    /// An embedding engine's queue (`/v1/embeddings`).
+    Embed(EmbedHandle),
+}
+
+impl Backend {
+    fn has_failed(&self) -> bool {
+        match self {
+            Backend::Generate(h) => h.has_failed(),
+            Backend::Embed(h) => h.has_failed(),
+        }
+    }
+}
+
+/// One model to serve, before it is loaded.
+pub struct ModelEntry {
+    /// The name clients put in `model`.
+    pub name: String,
+    pub backend: Backend,
+    /// Its series, labelled with its name.
+    pub metrics: Metrics,
+}
+
+/// What the front end knows of a loaded model, by kind.
+enum Loaded {
+    Generate(Box<ServedModel>),
+    Embed(embeddings::EmbeddingModelInfo),
+}
+
+struct Slot {
+    name: String,
+    backend: Backend,
     metrics: Metrics,
+    loaded: OnceLock<Loaded>,
+}
+
+struct Inner {
+    slots: Vec<Slot>,
+    api_key: Option<String>,
     next_id: AtomicU64,
     drain: Arc<ops::Drain>,
 }
 
-/// Shared by every handler; cheap to clone.
+/// Shared by every handler; cheap to clone. It serves one or several models, each with its
+/// own engine; a handler picks the request's model with [`AppState::select`] and then sees
+/// that model's engine, metrics and tokenizer.
 #[derive(Clone)]
 pub struct AppState {
     inner: Arc<Inner>,
+    /// The selected model (the first until a handler selects).
+    current: usize,
 }
 
 impl AppState {
-    /// With `api_key`, every API route but `/health` and `/metrics` requires
-    /// `Authorization: Bearer <api_key>`.
+    /// One generation model. With `api_key`, every API route but `/health` and `/metrics`
+    /// requires `Authorization: Bearer <api_key>`.
     pub fn new(engine: EngineHandle, metrics: Metrics, api_key: Option<String>) -> Self {
+        Self::with_models(
+            vec![ModelEntry {
+                name: String::new(),
+                backend: Backend::Generate(engine),
+                metrics,
+            }],
+            api_key,
+        )
+    }
+
+    /// Several models, routed by the requests' `model` field.
+    pub fn with_models(models: Vec<ModelEntry>, api_key: Option<String>) -> Self {
+        let slots = models
+            .into_iter()
+            .map(|m| Slot {
+                name: m.name,
+                backend: m.backend,
+                metrics: m.metrics,
+                loaded: OnceLock::new(),
+            })
+            .collect();
         Self {
             inner: Arc::new(Inner {
-                engine,
+                slots,
                 api_key,
-                model: OnceLock::new(),
-                metrics,
                 next_id: AtomicU64::new(1),
                 drain: Arc::default(),
             }),
+            current: 0,
         }
     }
 
-    /// Marks the server ready: `/health` turns 200 and requests are served.
+    /// The generation model named `model.name` is loaded (with a single model, whatever
+    /// its entry's name). `/health` turns 200 once every model is.
     pub fn set_ready(&self, model: ServedModel) {
-        let _ = self.inner.model.set(model);
+        if let Some(slot) = self.slot_for(&model.name) {
+            let _ = slot.loaded.set(Loaded::Generate(Box::new(model)));
+        }
     }
 
-    /// The served model, once loaded and while its engine runs.
+    /// The embedding model named `info.name` is loaded.
+    pub fn set_embedding_ready(&self, info: embeddings::EmbeddingModelInfo) {
+        if let Some(slot) = self.slot_for(&info.name) {
+            let _ = slot.loaded.set(Loaded::Embed(info));
+        }
+    }
+
+    fn slot_for(&self, name: &str) -> Option<&Slot> {
+        let slots = &self.inner.slots;
+        match slots.iter().find(|s| s.name == name) {
+            Some(s) => Some(s),
+            None if slots.len() == 1 => slots.first(),
+            None => None,
+        }
+    }
+
+    fn slot(&self) -> &Slot {
+        &self.inner.slots[self.current]
+    }
+
+    /// This state with `requested` selected, or a 404 `model_not_found`.
+    pub(crate) fn select(&self, requested: &str) -> Result<AppState, ApiError> {
+        let index = self
+            .inner
+            .slots
+            .iter()
+            .position(|s| match s.loaded.get() {
+                Some(Loaded::Generate(m)) => m.name == requested,
+                Some(Loaded::Embed(m)) => m.name == requested,
+                None => s.name == requested,
+            })
+            .ok_or_else(|| ApiError::ModelNotFound(requested.to_string()))?;
+        Ok(AppState {
+            inner: Arc::clone(&self.inner),
+            current: index,
+        })
+    }
+
+    /// 503 until every model is loaded (or once an engine has failed for good).
+    pub(crate) fn ready(&self) -> Result<(), ApiError> {
+        for slot in &self.inner.slots {
+            if slot.backend.has_failed() {
+                return Err(ApiError::EngineStopped);
+            }
+            if slot.loaded.get().is_none() {
+                return Err(ApiError::NotReady);
+            }
+        }
+        Ok(())
+    }
+
+    /// The selected generation model, once loaded and while its engine runs; a 400 for an
+    /// embedding model.
     pub(crate) fn model(&self) -> Result<&ServedModel, ApiError> {
-        if self.inner.engine.has_failed() {
+        let slot = self.slot();
+        if slot.backend.has_failed() {
             return Err(ApiError::EngineStopped);
         }
-        self.inner.model.get().ok_or(ApiError::NotReady)
+        match slot.loaded.get() {
+            Some(Loaded::Generate(m)) => Ok(m),
+            Some(Loaded::Embed(m)) => Err(ApiError::invalid(
+                "model",
+                format!(
+                    "`{}` is an embedding model: it serves /v1/embeddings, not text generation",
+                    m.name
+                ),
+            )),
+            None => Err(ApiError::NotReady),
+        }
+    }
+
+    /// The selected embedding model and its queue; a 400 for a generation model.
+    pub(crate) fn embedding_model(
+        &self,
+    ) -> Result<(&embeddings::EmbeddingModelInfo, &EmbedHandle), ApiError> {
+        let slot = self.slot();
+        if slot.backend.has_failed() {
+            return Err(ApiError::EngineStopped);
+        }
+        match (slot.loaded.get(), &slot.backend) {
+            (Some(Loaded::Embed(m)), Backend::Embed(h)) => Ok((m, h)),
+            (Some(Loaded::Generate(m)), _) => Err(ApiError::invalid(
+                "model",
+                format!(
+                    "`{}` is a text generation model, not an embedding model: it cannot serve /v1/embeddings",
+                    m.name
+                ),
+            )),
+            _ => Err(ApiError::NotReady),
+        }
     }
 
     pub(crate) fn api_key(&self) -> Option<&str> {
         self.inner.api_key.as_deref()
     }
 
-    pub(crate) fn engine(&self) -> &EngineHandle {
-        &self.inner.engine
+    /// The selected generation model's engine.
+    pub(crate) fn engine(&self) -> Result<&EngineHandle, ApiError> {
+        match &self.slot().backend {
+            Backend::Generate(h) => Ok(h),
+            Backend::Embed(_) => Err(ApiError::Internal(
+                "a generation request reached an embedding model's queue".into(),
+            )),
+        }
     }
 
+    /// The selected model's series.
     pub(crate) fn metrics(&self) -> &Metrics {
-        &self.inner.metrics
+        &self.slot().metrics
+    }
+
+    /// Every model's series, in one exposition.
+    pub(crate) fn render_metrics(&self) -> String {
+        let all: Vec<&Metrics> = self.inner.slots.iter().map(|s| &s.metrics).collect();
+        Metrics::render_all(&all)
     }
 
     pub(crate) fn drain(&self) -> &Arc<ops::Drain> {
@@ -203,9 +367,24 @@ impl AppState {
         self.inner.drain.is_draining()
     }
 
-    /// The engine's queue, for shutdown ([`EngineHandle::end_all`]).
-    pub fn engine_handle(&self) -> &EngineHandle {
-        &self.inner.engine
+    /// At shutdown, once the drain timeout has run out: every generation engine ends the
+    /// requests it still has ([`EngineHandle::end_all`]).
+    pub fn end_all(&self) {
+        for slot in &self.inner.slots {
+            if let Backend::Generate(h) = &slot.backend {
+                h.end_all();
+            }
+        }
+    }
+
+    /// Whether any model's engine has failed for good.
+    pub fn any_failed(&self) -> bool {
+        self.inner.slots.iter().any(|s| s.backend.has_failed())
+    }
+
+    /// The loaded models: name, and for generation models the served model.
+    fn loaded(&self) -> impl Iterator<Item = &Loaded> {
+        self.inner.slots.iter().filter_map(|s| s.loaded.get())
     }
 
     pub(crate) fn next_id(&self) -> RequestId {
@@ -221,6 +400,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/responses", post(responses::responses))
         .route("/v1/messages", post(messages::messages))
         .route("/v1/messages/count_tokens", post(messages::count_tokens))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(routes::models))
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))

@@ -341,7 +341,11 @@ pub struct ModelCard {
     pub object: &'static str,
     pub created: u64,
     pub owned_by: &'static str,
-    /// Longest prompt plus output this server accepts.
+    /// `generate` (chat, completions) or `embed` (`/v1/embeddings`).
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Longest prompt plus output this server accepts (an embedding model: its longest
+    /// input).
     pub max_model_len: usize,
     /// The context the model was trained for.
     pub context_length: usize,

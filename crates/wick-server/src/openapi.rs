@@ -15,6 +15,7 @@ use utoipa::OpenApi;
         crate::responses::responses,
         crate::messages::messages,
         crate::messages::count_tokens,
+        crate::embeddings::embeddings,
         crate::routes::models,
         crate::routes::tokenize,
         crate::routes::detokenize,

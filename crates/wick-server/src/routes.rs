@@ -15,7 +15,7 @@ use crate::openai::{
 };
 use crate::tools::{openai_tools, ToolSpec};
 use crate::validate::messages_from;
-use crate::{ApiError, AppState, ServedModel};
+use crate::{ApiError, AppState, Loaded};
 
 pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -74,7 +74,7 @@ pub(crate) fn generation_body(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Bytes, ApiError> {
     let body = body_bytes(body)?;
-    state.model()?;
+    state.ready()?;
     Ok(body)
 }
 
@@ -89,14 +89,7 @@ pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, A
     })
 }
 
-pub(crate) fn check_model(model: &ServedModel, requested: &str) -> Result<(), ApiError> {
-    if requested != model.name {
-        return Err(ApiError::ModelNotFound(requested.to_string()));
-    }
-    Ok(())
-}
-
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let param = e.path().to_string();
@@ -106,17 +99,34 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 
 #[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList)))]
 pub(crate) async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
-    let model = state.model()?;
+    state.ready()?;
+    let created = unix_now();
+    let data = state
+        .loaded()
+        .map(|m| match m {
+            Loaded::Generate(m) => ModelCard {
+                id: m.name.clone(),
+                object: "model",
+                created,
+                owned_by: "wick",
+                kind: "generate",
+                max_model_len: m.max_model_len,
+                context_length: m.context_length,
+            },
+            Loaded::Embed(m) => ModelCard {
+                id: m.name.clone(),
+                object: "model",
+                created,
+                owned_by: "wick",
+                kind: "embed",
+                max_model_len: m.max_input_tokens,
+                context_length: m.max_input_tokens,
+            },
+        })
+        .collect();
     Ok(Json(ModelList {
         object: "list",
-        data: vec![ModelCard {
-            id: model.name.clone(),
-            object: "model",
-            created: unix_now(),
-            owned_by: "wick",
-            max_model_len: model.max_model_len,
-            context_length: model.context_length,
-        }],
+        data,
     }))
 }
 
@@ -133,10 +143,11 @@ pub(crate) async fn tokenize(
 ) -> Result<Json<TokenizeResponse>, ApiError> {
     let body = body_bytes(body)?;
     let req: TokenizeRequest = parse(&body)?;
+    let state = match &req.model {
+        Some(name) => state.select(name)?,
+        None => state,
+    };
     let model = state.model()?;
-    if let Some(name) = &req.model {
-        check_model(model, name)?;
-    }
     let text = match (req.prompt, req.messages) {
         (Some(p), None) => p,
         (None, Some(m)) => {
@@ -175,10 +186,11 @@ pub(crate) async fn detokenize(
 ) -> Result<Json<DetokenizeResponse>, ApiError> {
     let body = body_bytes(body)?;
     let req: DetokenizeRequest = parse(&body)?;
+    let state = match &req.model {
+        Some(name) => state.select(name)?,
+        None => state,
+    };
     let model = state.model()?;
-    if let Some(name) = &req.model {
-        check_model(model, name)?;
-    }
     let tokens = model.check_ids(req.tokens, "tokens")?;
     let prompt = model
         .tokenizer
@@ -200,8 +212,8 @@ pub(crate) async fn health(State(state): State<AppState>) -> Response {
     if state.is_draining() {
         return ApiError::ShuttingDown.into_response();
     }
-    match state.model() {
-        Ok(_) => (StatusCode::OK, Json(serde_json::json!({"status": "ok"}))).into_response(),
+    match state.ready() {
+        Ok(()) => (StatusCode::OK, Json(serde_json::json!({"status": "ok"}))).into_response(),
         Err(e) => e.into_response(),
     }
 }
@@ -214,7 +226,7 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics().render(),
+        state.render_metrics(),
     )
         .into_response()
 }

@@ -15,11 +15,13 @@ pub struct ServeArgs {
     #[arg(long, env = "WICK_CONFIG")]
     pub config: Option<PathBuf>,
     /// Model: a .gguf file; a Hugging Face directory (config.json, tokenizer.json,
-    /// tokenizer_config.json, *.safetensors); or a Hugging Face Hub repository `org/name`,
-    /// downloaded into the Hub cache (HF_HOME; HF_HUB_OFFLINE=1 uses the cache only;
-    /// HF_TOKEN for gated repositories). [key: model.path]
+    /// tokenizer_config.json, *.safetensors); a sentence-transformers directory (modules.json:
+    /// served on /v1/embeddings); or a Hugging Face Hub repository `org/name`, downloaded
+    /// into the Hub cache (HF_HOME; HF_HUB_OFFLINE=1 uses the cache only; HF_TOKEN for gated
+    /// repositories). Repeat to serve several models from one process, each with its own
+    /// engine and KV cache. [key: model.path, or [[models]]]
     #[arg(long, env = "WICK_MODEL")]
-    pub model: Option<PathBuf>,
+    pub model: Vec<PathBuf>,
     /// With a Hub repository: the .gguf file to use when it has several. [key: model.file]
     #[arg(long, env = "WICK_MODEL_FILE")]
     pub model_file: Option<String>,
@@ -30,9 +32,10 @@ pub struct ServeArgs {
     /// one). [key: model.chat_template]
     #[arg(long, env = "WICK_CHAT_TEMPLATE")]
     pub chat_template: Option<PathBuf>,
-    /// Name clients use in `model` (default: the file or directory name). [key: model.served_model_name]
+    /// Name clients use in `model` (default: the file or directory name); with several
+    /// --model, repeat it in the same order. [key: model.served_model_name]
     #[arg(long, env = "WICK_SERVED_MODEL_NAME")]
-    pub served_model_name: Option<String>,
+    pub served_model_name: Vec<String>,
     /// cpu, cuda[:N] or metal[:N] (cuda and metal need the cargo feature of that name). [key: model.device]
     #[arg(long, env = "WICK_DEVICE")]
     pub device: Option<String>,
@@ -120,6 +123,9 @@ struct FileConfig {
     server: FileServer,
     #[serde(default)]
     model: FileModel,
+    /// Several models, each with its own options (beating `[model]` and `[scheduler]`'s).
+    #[serde(default)]
+    models: Vec<FileModelEntry>,
     #[serde(default)]
     scheduler: FileScheduler,
     #[serde(default)]
@@ -159,6 +165,24 @@ struct FileModel {
     dtype: Option<String>,
 }
 
+/// One of `[[models]]`: a model's keys and its own scheduler sizes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileModelEntry {
+    path: Option<PathBuf>,
+    file: Option<String>,
+    revision: Option<String>,
+    served_model_name: Option<String>,
+    chat_template: Option<PathBuf>,
+    device: Option<String>,
+    weight_format: Option<String>,
+    dtype: Option<String>,
+    max_num_seqs: Option<usize>,
+    kv_cache_blocks: Option<usize>,
+    kv_cache_memory: Option<String>,
+    max_model_len: Option<usize>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileScheduler {
@@ -183,9 +207,9 @@ struct FileQueue {
     max_queue_time: Option<f64>,
 }
 
-/// The resolved configuration.
+/// One model to serve, with its own options.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Config {
+pub struct ModelConfig {
     /// A path, or a Hub repository id (see [`crate::hub`]).
     pub model: PathBuf,
     pub model_file: Option<String>,
@@ -196,6 +220,41 @@ pub struct Config {
     pub device: String,
     pub weight_format: String,
     pub dtype: String,
+    pub max_num_seqs: usize,
+    /// `None`: sized from memory.
+    pub kv_cache_blocks: Option<usize>,
+    /// Bytes of KV cache, when given as memory (it then sets the number of blocks).
+    pub kv_cache_memory: Option<u64>,
+    /// 0: the model's own limit.
+    pub max_model_len: usize,
+}
+
+impl ModelConfig {
+    /// The name clients put in `model`: `served_model_name`, else a Hub repository's id,
+    /// else the GGUF file's stem or the model directory's name (as the loader names it).
+    pub fn served_name(&self) -> String {
+        if let Some(n) = &self.served_model_name {
+            return n.clone();
+        }
+        let p = &self.model;
+        if !p.exists() {
+            return p.display().to_string();
+        }
+        let name = if p.is_dir() {
+            p.file_name()
+        } else {
+            p.file_stem()
+        };
+        name.map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    }
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Every model served, at least one.
+    pub models: Vec<ModelConfig>,
     pub api_key: Option<String>,
     pub host: String,
     pub port: u16,
@@ -206,16 +265,9 @@ pub struct Config {
     pub log_format: LogFormat,
     pub log_level: String,
     pub otlp_endpoint: Option<String>,
-    pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     pub block_size: usize,
-    /// `None`: sized from memory.
-    pub kv_cache_blocks: Option<usize>,
-    /// Bytes of KV cache, when given as memory (it then sets the number of blocks).
-    pub kv_cache_memory: Option<u64>,
     pub kv_cache_memory_fraction: f64,
-    /// 0: the model's own limit.
-    pub max_model_len: usize,
     pub enable_prefix_caching: bool,
     pub prefill_latency_share: f64,
     pub prefill_tokens_per_decode: usize,
@@ -239,17 +291,15 @@ impl Config {
             Some(p) => read_file(p)?,
             None => FileConfig::default(),
         };
-        let Some(model) = args.model.or(file.model.path) else {
-            bail!("no model given: pass --model PATH (a .gguf file or a model directory), set WICK_MODEL, or model.path in the config file; `make serve` fetches the default model");
-        };
-        let cfg = Config {
-            model,
+        // The options every model gets unless its own entry says otherwise.
+        let base = ModelConfig {
+            model: PathBuf::new(),
             model_file: args.model_file.or(file.model.file),
             revision: args
                 .revision
                 .or(file.model.revision)
                 .unwrap_or_else(|| "main".into()),
-            served_model_name: args.served_model_name.or(file.model.served_model_name),
+            served_model_name: None,
             chat_template: args.chat_template.or(file.model.chat_template),
             device: args
                 .device
@@ -263,6 +313,91 @@ impl Config {
                 .dtype
                 .or(file.model.dtype)
                 .unwrap_or_else(|| "auto".into()),
+            max_num_seqs: args
+                .max_num_seqs
+                .or(file.scheduler.max_num_seqs)
+                .unwrap_or(32),
+            kv_cache_blocks: args.kv_cache_blocks.or(file.scheduler.kv_cache_blocks),
+            kv_cache_memory: args
+                .kv_cache_memory
+                .or(file.scheduler.kv_cache_memory)
+                .map(|m| parse_bytes(&m))
+                .transpose()?,
+            max_model_len: args
+                .max_model_len
+                .or(file.scheduler.max_model_len)
+                .unwrap_or(0),
+        };
+        let models = if !args.model.is_empty() {
+            if args.served_model_name.len() > args.model.len() {
+                bail!(
+                    "{} --served-model-name for {} --model: give at most one name per model, in the same order",
+                    args.served_model_name.len(),
+                    args.model.len()
+                );
+            }
+            // The file's [model] name, when no flag names any model, goes to the first.
+            let names = if args.served_model_name.is_empty() {
+                file.model.served_model_name.into_iter().collect()
+            } else {
+                args.served_model_name
+            };
+            let mut names = names.into_iter();
+            args.model
+                .into_iter()
+                .map(|model| ModelConfig {
+                    model,
+                    served_model_name: names.next(),
+                    ..base.clone()
+                })
+                .collect()
+        } else {
+            if args.served_model_name.len() > 1 {
+                bail!("several --served-model-name need as many --model");
+            }
+            let first = file.model.path.map(|model| ModelConfig {
+                model,
+                served_model_name: args
+                    .served_model_name
+                    .into_iter()
+                    .next()
+                    .or(file.model.served_model_name),
+                ..base.clone()
+            });
+            let entries = file
+                .models
+                .into_iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    let Some(model) = e.path else {
+                        bail!("models[{i}] has no path");
+                    };
+                    Ok(ModelConfig {
+                        model,
+                        model_file: e.file.or(base.model_file.clone()),
+                        revision: e.revision.unwrap_or(base.revision.clone()),
+                        served_model_name: e.served_model_name,
+                        chat_template: e.chat_template.or(base.chat_template.clone()),
+                        device: e.device.unwrap_or(base.device.clone()),
+                        weight_format: e.weight_format.unwrap_or(base.weight_format.clone()),
+                        dtype: e.dtype.unwrap_or(base.dtype.clone()),
+                        max_num_seqs: e.max_num_seqs.unwrap_or(base.max_num_seqs),
+                        kv_cache_blocks: e.kv_cache_blocks.or(base.kv_cache_blocks),
+                        kv_cache_memory: match e.kv_cache_memory {
+                            Some(m) => Some(parse_bytes(&m)?),
+                            None => base.kv_cache_memory,
+                        },
+                        max_model_len: e.max_model_len.unwrap_or(base.max_model_len),
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            first.into_iter().chain(entries).collect::<Vec<_>>()
+        };
+        if models.is_empty() {
+            bail!("no model given: pass --model PATH (a .gguf file or a model directory), set WICK_MODEL, or model.path (or [[models]]) in the config file; `make serve` fetches the default model");
+        }
+        let cfg = Config {
+            models,
             api_key: args
                 .api_key
                 .or(file.server.api_key)
@@ -294,29 +429,15 @@ impl Config {
                 .otlp_endpoint
                 .or(file.logging.otlp_endpoint)
                 .filter(|e| !e.is_empty()),
-            max_num_seqs: args
-                .max_num_seqs
-                .or(file.scheduler.max_num_seqs)
-                .unwrap_or(32),
             max_num_batched_tokens: args
                 .max_num_batched_tokens
                 .or(file.scheduler.max_num_batched_tokens)
                 .unwrap_or(512),
             block_size: args.block_size.or(file.scheduler.block_size).unwrap_or(16),
-            kv_cache_blocks: args.kv_cache_blocks.or(file.scheduler.kv_cache_blocks),
             kv_cache_memory_fraction: args
                 .kv_cache_memory_fraction
                 .or(file.scheduler.kv_cache_memory_fraction)
                 .unwrap_or(0.5),
-            max_model_len: args
-                .max_model_len
-                .or(file.scheduler.max_model_len)
-                .unwrap_or(0),
-            kv_cache_memory: args
-                .kv_cache_memory
-                .or(file.scheduler.kv_cache_memory)
-                .map(|m| parse_bytes(&m))
-                .transpose()?,
             enable_prefix_caching: args
                 .enable_prefix_caching
                 .or(file.scheduler.enable_prefix_caching)
@@ -352,7 +473,6 @@ impl Config {
 
     fn check(&self) -> anyhow::Result<()> {
         let positive = [
-            ("scheduler.max_num_seqs", self.max_num_seqs),
             (
                 "scheduler.max_num_batched_tokens",
                 self.max_num_batched_tokens,
@@ -362,10 +482,6 @@ impl Config {
                 "scheduler.min_prefill_tokens_per_step",
                 self.min_prefill_tokens_per_step,
             ),
-            (
-                "scheduler.kv_cache_blocks",
-                self.kv_cache_blocks.unwrap_or(1),
-            ),
             ("queue.max_waiting_requests", self.max_waiting_requests),
         ];
         for (key, v) in positive {
@@ -373,18 +489,36 @@ impl Config {
                 bail!("{key} must be at least 1");
             }
         }
-        if wick_runner::parse_dtype(&self.dtype).is_err() {
-            bail!(
-                "model.dtype must be auto, f32, bf16 or f16, not {:?}",
-                self.dtype
-            );
-        }
-        if let Some(t) = &self.chat_template {
-            if !t.is_file() {
+        let mut names = std::collections::HashSet::new();
+        for m in &self.models {
+            let name = m.served_name();
+            if !names.insert(name.clone()) {
+                bail!("two models are served as {name:?}: give each its own served_model_name");
+            }
+            for (key, v) in [
+                ("scheduler.max_num_seqs", m.max_num_seqs),
+                ("scheduler.kv_cache_blocks", m.kv_cache_blocks.unwrap_or(1)),
+            ] {
+                if v == 0 {
+                    bail!("{key} must be at least 1 (model {name:?})");
+                }
+            }
+            if wick_runner::parse_dtype(&m.dtype).is_err() {
                 bail!(
-                    "model.chat_template: {} is not a readable file",
-                    t.display()
+                    "model.dtype must be auto, f32, bf16 or f16, not {:?} (model {name:?})",
+                    m.dtype
                 );
+            }
+            if let Some(t) = &m.chat_template {
+                if !t.is_file() {
+                    bail!(
+                        "model.chat_template: {} is not a readable file",
+                        t.display()
+                    );
+                }
+            }
+            if m.kv_cache_memory == Some(0) {
+                bail!("scheduler.kv_cache_memory must be more than 0");
             }
         }
         if !(self.drain_timeout >= 0.0 && self.drain_timeout.is_finite()) {
@@ -408,9 +542,6 @@ impl Config {
         let f = self.kv_cache_memory_fraction;
         if !(f > 0.0 && f <= 1.0) {
             bail!("scheduler.kv_cache_memory_fraction must be more than 0 and at most 1");
-        }
-        if self.kv_cache_memory == Some(0) {
-            bail!("scheduler.kv_cache_memory must be more than 0");
         }
         Ok(())
     }
@@ -476,10 +607,11 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        assert_eq!(cfg.model, PathBuf::from("a.gguf"));
+        assert_eq!(cfg.models.len(), 1);
+        assert_eq!(cfg.models[0].model, PathBuf::from("a.gguf"));
         assert_eq!(cfg.port, 9100);
         assert_eq!(cfg.host, "0.0.0.0");
-        assert_eq!(cfg.max_num_seqs, 4);
+        assert_eq!(cfg.models[0].max_num_seqs, 4);
         assert_eq!(cfg.block_size, 16);
     }
 
@@ -488,12 +620,12 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/default.toml");
         let cfg = Config::resolve(ServeArgs {
             config: Some(path),
-            model: Some("m.gguf".into()),
+            model: vec!["m.gguf".into()],
             ..Default::default()
         })
         .unwrap();
         assert_eq!(cfg.port, 8080);
-        assert_eq!(cfg.kv_cache_blocks, None);
+        assert_eq!(cfg.models[0].kv_cache_blocks, None);
         assert_eq!(cfg.kv_cache_memory_fraction, 0.5);
     }
 
@@ -502,19 +634,73 @@ mod tests {
         let f = file("[scheduler]\nmax_num_seq = 4\n");
         let err = Config::resolve(ServeArgs {
             config: Some(f.path().into()),
-            model: Some("m".into()),
+            model: vec!["m".into()],
             ..Default::default()
         })
         .unwrap_err();
         assert!(format!("{err:#}").contains("max_num_seq"), "{err:#}");
         let err = Config::resolve(ServeArgs {
-            model: Some("m".into()),
+            model: vec!["m".into()],
             block_size: Some(0),
             ..Default::default()
         })
         .unwrap_err();
         assert!(err.to_string().contains("scheduler.block_size"));
         assert!(Config::resolve(ServeArgs::default()).is_err());
+    }
+
+    #[test]
+    fn several_models_from_flags_or_the_file_each_with_its_options() {
+        let cfg = Config::resolve(ServeArgs {
+            model: vec!["chat.gguf".into(), "minilm".into()],
+            served_model_name: vec!["chat".into()],
+            max_num_seqs: Some(8),
+            ..Default::default()
+        })
+        .unwrap();
+        let names: Vec<String> = cfg.models.iter().map(ModelConfig::served_name).collect();
+        assert_eq!(names, ["chat", "minilm"]);
+        assert!(cfg.models.iter().all(|m| m.max_num_seqs == 8));
+        let f = file(
+            "[model]\npath = \"a.gguf\"\nserved_model_name = \"a\"\n[scheduler]\nmax_num_seqs = 4\n\
+             [[models]]\npath = \"b.gguf\"\nserved_model_name = \"b\"\nkv_cache_blocks = 64\nmax_num_seqs = 2\n\
+             [[models]]\npath = \"e\"\nserved_model_name = \"e\"\n",
+        );
+        let cfg = Config::resolve(ServeArgs {
+            config: Some(f.path().into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let got: Vec<(String, usize, Option<usize>)> = cfg
+            .models
+            .iter()
+            .map(|m| (m.served_name(), m.max_num_seqs, m.kv_cache_blocks))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a".to_string(), 4, None),
+                ("b".to_string(), 2, Some(64)),
+                ("e".to_string(), 4, None)
+            ]
+        );
+        // Two models under one name, and more names than models, are refused.
+        let err = Config::resolve(ServeArgs {
+            model: vec!["x.gguf".into(), "y.gguf".into()],
+            served_model_name: vec!["m".into(), "m".into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("two models are served as"),
+            "{err}"
+        );
+        assert!(Config::resolve(ServeArgs {
+            model: vec!["m.gguf".into()],
+            served_model_name: vec!["a".into(), "b".into()],
+            ..Default::default()
+        })
+        .is_err());
     }
 
     #[test]

@@ -18,12 +18,14 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use wick_core::{Metrics, QueueLimits};
-use wick_engine::{EngineConfig, Loaded, Ready, StepRunner};
+use wick_engine::{EmbedConfig, EngineConfig, Loaded, Ready, StepRunner};
 use wick_runner::{CacheConfig, KvCache, LoadOptions, Runner};
 use wick_scheduler::SchedulerConfig;
-use wick_server::{AppState, ChatTemplate, Grammars, ServedModel};
+use wick_server::{
+    AppState, Backend, ChatTemplate, EmbeddingModelInfo, Grammars, ModelEntry, ServedModel,
+};
 
-use crate::config::{Config, ServeArgs};
+use crate::config::{Config, ModelConfig, ServeArgs};
 
 /// Used when a model carries no chat template of its own.
 
@@ -120,25 +122,220 @@ fn main() -> ExitCode {
 }
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
-    let device = wick_runner::parse_device(&cfg.device)?;
-    let weight_format = cfg.weight_format.parse()?;
-    let dtype = wick_runner::parse_dtype(&cfg.dtype)?;
     let addr = format!("{}:{}", cfg.host, cfg.port);
     let listener = TcpListener::bind(&addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
-    let metrics = Metrics::for_model(&served_name(&cfg));
+    // Generation models share the memory the KV caches may take.
+    let generation_models = cfg.models.iter().filter(|m| !is_embedding(m)).count();
+    let mut entries = Vec::new();
+    let mut loading = Vec::new();
+    let mut threads = Vec::new();
+    for m in &cfg.models {
+        let name = m.served_name();
+        let metrics = Metrics::for_model(&name);
+        let backend = if is_embedding(m) {
+            let started = start_embedding(&cfg, m, name.clone(), metrics.clone())?;
+            threads.push(started.thread);
+            loading.push(Loading::Embed(started.ready));
+            Backend::Embed(started.handle)
+        } else {
+            let started = start_generation(&cfg, m, generation_models, metrics.clone())?;
+            threads.push(started.thread);
+            loading.push(Loading::Generate(started.ready));
+            Backend::Generate(started.handle)
+        };
+        entries.push(ModelEntry {
+            name,
+            backend,
+            metrics,
+        });
+    }
+    let state = AppState::with_models(entries, cfg.api_key.clone());
+    let names: Vec<String> = cfg.models.iter().map(ModelConfig::served_name).collect();
+    tracing::info!(%addr, models = ?names, "listening; loading the models");
+
+    let drain_timeout = Duration::from_secs_f64(cfg.drain_timeout);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(port) = cfg.metrics_port {
+        let maddr = format!("{}:{port}", cfg.host);
+        let mlistener = TcpListener::bind(&maddr)
+            .await
+            .with_context(|| format!("cannot listen on {maddr} (metrics)"))?;
+        let mut stopped = stop_rx.clone();
+        let app = wick_server::metrics_app(state.clone());
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(mlistener, app)
+                .with_graceful_shutdown(stop)
+                .await
+            {
+                tracing::error!(error = %e, "metrics listener failed");
+            }
+        });
+        tracing::info!(addr = %maddr, "serving /metrics");
+    }
+    let server = axum::serve(listener, wick_server::app(state.clone()))
+        .with_graceful_shutdown(drain(state.clone(), drain_timeout, stop_tx))
+        .into_future();
+    tokio::pin!(server);
+    let all_loaded = async {
+        // The models load at once, each on its own engine thread; each is marked ready as
+        // it comes, and /health turns 200 with the last.
+        for (m, wait) in cfg.models.iter().zip(loading) {
+            wait.ready(m, &state).await?;
+        }
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        r = all_loaded => r?,
+        res = &mut server => return res.context("server failed"),
+    };
+    // An engine thread ends while serving only if it failed for good: then readiness is
+    // already 503; the clients in flight get their errors, and the process exits non-zero
+    // so that an orchestrator restarts it. Never a live process with a dead engine.
+    let engine_ended = futures::future::select_all(
+        threads
+            .into_iter()
+            .map(|t| tokio::task::spawn_blocking(move || t.join())),
+    );
+    tokio::select! {
+        res = &mut server => res.context("server failed"),
+        (joined, _, _) = engine_ended => {
+            let panicked = !matches!(joined, Ok(Ok(())));
+            if state.any_failed() || panicked {
+                state.wait_idle(Duration::from_secs(2)).await;
+                bail!("an engine failed (see the error above); exiting so that the server is restarted");
+            }
+            server.await.context("server failed")
+        }
+    }
+}
+
+/// Whether `m` is served on /v1/embeddings (a local sentence-transformers directory).
+fn is_embedding(m: &ModelConfig) -> bool {
+    wick_runner::EmbeddingModel::is_embedding_model(&m.model)
+}
+
+/// A model's load under way, on its engine thread.
+enum Loading {
+    Generate(std::sync::mpsc::Receiver<Result<Ready, String>>),
+    Embed(std::sync::mpsc::Receiver<Result<EmbeddingModelInfo, String>>),
+}
+
+impl Loading {
+    /// Waits for the load; marks the model ready, or says why it could not load.
+    async fn ready(self, m: &ModelConfig, state: &AppState) -> anyhow::Result<()> {
+        let failed =
+            |message: String| anyhow::anyhow!("cannot load model {}: {message}", m.model.display());
+        let stopped = || {
+            anyhow::anyhow!(
+                "the engine thread stopped while loading the model {}",
+                m.model.display()
+            )
+        };
+        match self {
+            Loading::Generate(rx) => {
+                let ready = tokio::task::spawn_blocking(move || rx.recv())
+                    .await
+                    .map_err(|_| stopped())?
+                    .map_err(|_| stopped())?
+                    .map_err(failed)?;
+                let num_blocks = ready.num_blocks;
+                let served = served_model(m, ready)?;
+                tracing::info!(
+                    model = %served.name,
+                    max_model_len = served.max_model_len,
+                    kv_cache_blocks = num_blocks,
+                    "ready"
+                );
+                state.set_ready(served);
+            }
+            Loading::Embed(rx) => {
+                let info = tokio::task::spawn_blocking(move || rx.recv())
+                    .await
+                    .map_err(|_| stopped())?
+                    .map_err(|_| stopped())?
+                    .map_err(failed)?;
+                tracing::info!(
+                    model = %info.name,
+                    dimensions = info.dimensions,
+                    max_input_tokens = info.max_input_tokens,
+                    "ready (embeddings)"
+                );
+                state.set_embedding_ready(info);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Starts an embedding model's engine thread (it loads the model there).
+fn start_embedding(
+    cfg: &Config,
+    m: &ModelConfig,
+    name: String,
+    metrics: Metrics,
+) -> anyhow::Result<wick_engine::EmbedStarted<EmbeddingModelInfo>> {
+    let device = wick_runner::parse_device(&m.device)?;
+    let path = m.model.clone();
+    let embed_cfg = EmbedConfig {
+        queue: QueueLimits {
+            max_waiting_requests: cfg.max_waiting_requests,
+            max_waiting_prompt_tokens: cfg.max_waiting_prompt_tokens,
+        },
+        max_batch_inputs: EMBED_BATCH_INPUTS,
+        max_batch_tokens: EMBED_BATCH_TOKENS,
+    };
+    wick_engine::start_embedding(embed_cfg, metrics, move || {
+        let model = wick_runner::EmbeddingModel::load(&path, &device).map_err(|e| e.to_string())?;
+        tracing::info!(
+            pooling = ?model.pooling(),
+            dimensions = model.dimensions(),
+            path = %path.display(),
+            "embedding model loaded"
+        );
+        let info = EmbeddingModelInfo {
+            name,
+            tokenizer: Arc::new(model.tokenizer().clone()),
+            max_input_tokens: model.max_input_tokens(),
+            dimensions: model.dimensions(),
+            vocab_size: model.vocab_size(),
+        };
+        Ok((model, info))
+    })
+    .context("cannot start the embedding thread")
+}
+
+/// Most inputs in one embedding batch, and most padded tokens: 32 inputs of the model's
+/// longest (256 tokens for MiniLM) fit.
+const EMBED_BATCH_INPUTS: usize = 64;
+const EMBED_BATCH_TOKENS: usize = 8192;
+
+/// Starts a generation model's engine thread (it loads the model there; with a Hub
+/// repository, after the download, so that /health/live answers meanwhile).
+fn start_generation(
+    cfg: &Config,
+    m: &ModelConfig,
+    generation_models: usize,
+    metrics: Metrics,
+) -> anyhow::Result<wick_engine::Started> {
+    let device = wick_runner::parse_device(&m.device)?;
+    let weight_format = m.weight_format.parse()?;
+    let dtype = wick_runner::parse_dtype(&m.dtype)?;
     let engine_cfg = EngineConfig {
         scheduler: SchedulerConfig {
-            max_num_seqs: cfg.max_num_seqs,
+            max_num_seqs: m.max_num_seqs,
             max_num_batched_tokens: cfg.max_num_batched_tokens,
             block_size: cfg.block_size,
             // Set once the model is loaded (`kv_blocks`).
-            num_blocks: cfg.kv_cache_blocks.unwrap_or(1),
-            max_model_len: if cfg.max_model_len == 0 {
+            num_blocks: m.kv_cache_blocks.unwrap_or(1),
+            max_model_len: if m.max_model_len == 0 {
                 usize::MAX
             } else {
-                cfg.max_model_len
+                m.max_model_len
             },
             enable_prefix_caching: cfg.enable_prefix_caching,
             prefill_latency_share: cfg.prefill_latency_share,
@@ -153,19 +350,16 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             .then(|| Duration::from_secs_f64(cfg.max_queue_time)),
     };
     let sizing = KvSizing {
-        blocks: cfg.kv_cache_blocks,
-        memory: cfg.kv_cache_memory,
-        fraction: cfg.kv_cache_memory_fraction,
+        blocks: m.kv_cache_blocks,
+        memory: m.kv_cache_memory,
+        // Several generation models share the memory.
+        fraction: cfg.kv_cache_memory_fraction / generation_models.max(1) as f64,
         block_size: cfg.block_size,
-        max_num_seqs: cfg.max_num_seqs,
-        max_model_len: cfg.max_model_len,
+        max_num_seqs: m.max_num_seqs,
+        max_model_len: m.max_model_len,
     };
-    let (spec, file, revision) = (
-        cfg.model.clone(),
-        cfg.model_file.clone(),
-        cfg.revision.clone(),
-    );
-    let engine = wick_engine::start(engine_cfg, metrics.clone(), move || {
+    let (spec, file, revision) = (m.model.clone(), m.model_file.clone(), m.revision.clone());
+    wick_engine::start(engine_cfg, metrics, move || {
         // On the engine thread, so that /health/live answers during a Hub download.
         let path = hub::resolve(&spec, file.as_deref(), &revision).map_err(|e| format!("{e:#}"))?;
         let loaded = wick_runner::load(
@@ -202,74 +396,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             num_blocks,
         })
     })
-    .context("cannot start the engine thread")?;
-    let state = AppState::new(engine.handle, metrics, cfg.api_key.clone());
-    let ready_rx = engine.ready;
-    tracing::info!(%addr, model = %cfg.model.display(), "listening; loading the model");
-
-    let drain_timeout = Duration::from_secs_f64(cfg.drain_timeout);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    if let Some(port) = cfg.metrics_port {
-        let maddr = format!("{}:{port}", cfg.host);
-        let mlistener = TcpListener::bind(&maddr)
-            .await
-            .with_context(|| format!("cannot listen on {maddr} (metrics)"))?;
-        let mut stopped = stop_rx.clone();
-        let app = wick_server::metrics_app(state.clone());
-        tokio::spawn(async move {
-            let stop = async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            };
-            if let Err(e) = axum::serve(mlistener, app)
-                .with_graceful_shutdown(stop)
-                .await
-            {
-                tracing::error!(error = %e, "metrics listener failed");
-            }
-        });
-        tracing::info!(addr = %maddr, "serving /metrics");
-    }
-    let server = axum::serve(listener, wick_server::app(state.clone()))
-        .with_graceful_shutdown(drain(state.clone(), drain_timeout, stop_tx))
-        .into_future();
-    tokio::pin!(server);
-    let ready = tokio::select! {
-        r = tokio::task::spawn_blocking(move || ready_rx.recv()) => r,
-        res = &mut server => return res.context("server failed"),
-    };
-    match ready {
-        Ok(Ok(Ok(ready))) => {
-            let num_blocks = ready.num_blocks;
-            let served = served_model(&cfg, ready)?;
-            tracing::info!(
-                model = %served.name,
-                max_model_len = served.max_model_len,
-                kv_cache_blocks = num_blocks,
-                "ready"
-            );
-            state.set_ready(served);
-        }
-        Ok(Ok(Err(message))) => {
-            bail!("cannot load model {}: {message}", cfg.model.display())
-        }
-        _ => bail!("the engine thread stopped while loading the model"),
-    }
-    // The engine thread ends while serving only if it failed for good: then readiness is
-    // already 503; the clients in flight get their errors, and the process exits non-zero
-    // so that an orchestrator restarts it. Never a live process with a dead engine.
-    let thread = engine.thread;
-    let engine_ended = tokio::task::spawn_blocking(move || thread.join());
-    tokio::select! {
-        res = &mut server => res.context("server failed"),
-        joined = engine_ended => {
-            let panicked = !matches!(joined, Ok(Ok(())));
-            if state.engine_handle().has_failed() || panicked {
-                state.wait_idle(Duration::from_secs(2)).await;
-                bail!("the engine failed (see the error above); exiting so that the server is restarted");
-            }
-            server.await.context("server failed")
-        }
-    }
+    .context("cannot start the engine thread")
 }
 
 /// The runner, with a test hook: `WICK_TEST_PANIC_STEPS` (`all`, or step numbers from 0
@@ -390,26 +517,7 @@ impl KvSizing {
     }
 }
 
-/// The name clients put in `model`: `--served-model-name`, else a Hub repository's id, else
-/// the GGUF file's stem or the model directory's name (as the loader names the model).
-fn served_name(cfg: &Config) -> String {
-    if let Some(n) = &cfg.served_model_name {
-        return n.clone();
-    }
-    let p = &cfg.model;
-    if !p.exists() {
-        return p.display().to_string();
-    }
-    let name = if p.is_dir() {
-        p.file_name()
-    } else {
-        p.file_stem()
-    };
-    name.map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into())
-}
-
-fn served_model(cfg: &Config, ready: Ready) -> anyhow::Result<ServedModel> {
+fn served_model(cfg: &ModelConfig, ready: Ready) -> anyhow::Result<ServedModel> {
     let a = ready.assets;
     let source = match &cfg.chat_template {
         Some(path) => Some(
@@ -446,7 +554,7 @@ fn served_model(cfg: &Config, ready: Ready) -> anyhow::Result<ServedModel> {
     };
     tracing::debug!(elapsed = ?started.elapsed(), "grammar support ready");
     Ok(ServedModel {
-        name: served_name(cfg),
+        name: cfg.served_name(),
         vocab_size,
         grammars,
         tokenizer,
@@ -473,7 +581,7 @@ async fn drain(state: AppState, timeout: Duration, stop: tokio::sync::watch::Sen
             timeout_s = timeout.as_secs_f64(),
             "drain timeout: ending the requests still in flight"
         );
-        state.engine_handle().end_all();
+        state.end_all();
         if !state.wait_idle(Duration::from_secs(5)).await {
             tracing::warn!(
                 in_flight = state.in_flight(),
