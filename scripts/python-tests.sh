@@ -10,6 +10,14 @@ if [ ! -x "$VENV/bin/pytest" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q -r "$REQ"
 fi
+# The chat page's test drives Debian's chromium through its chromedriver.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+  fi
+fi
 export WICK_MODEL=${WICK_MODEL:-$(scripts/fetch-model.sh)}
 export WICK_QWEN_MODEL=${WICK_QWEN_MODEL:-$(scripts/fetch-model.sh qwen)}
 export WICK_GEMMA_MODEL=${WICK_GEMMA_MODEL:-$(scripts/fetch-model.sh gemma)}

@@ -414,6 +414,7 @@ pub fn app(state: AppState) -> Router {
         ));
     Router::new()
         .merge(api)
+        .route("/", get(routes::chat_page))
         .route("/health", get(routes::health))
         .route("/health/live", get(routes::live))
         .route("/metrics", get(routes::metrics))

@@ -199,6 +199,23 @@ pub(crate) async fn detokenize(
     Ok(Json(DetokenizeResponse { prompt }))
 }
 
+/// The chat page: one static file compiled into the binary, served without the API key
+/// (it asks for the key and sends it with its API calls).
+pub(crate) async fn chat_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+            ),
+        ],
+        include_str!("chat_page.html"),
+    )
+        .into_response()
+}
+
 /// Liveness: 200 while the process serves HTTP at all, loaded or not.
 #[utoipa::path(get, path = "/health/live", responses((status = 200)))]
 pub(crate) async fn live() -> Json<serde_json::Value> {

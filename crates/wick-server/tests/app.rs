@@ -154,6 +154,16 @@ async fn an_api_key_guards_the_api_but_not_health_or_metrics() {
     assert_eq!(r.status(), StatusCode::OK);
     let r = app.clone().oneshot(get("/health", None)).await.unwrap();
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // The chat page needs no key: it asks for one.
+    let r = app.clone().oneshot(get("/", None)).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    let page = r.into_body().collect().await.unwrap().to_bytes();
+    let page = String::from_utf8_lossy(&page);
+    assert!(page.contains("/v1/chat/completions") && page.contains("Authorization"));
 }
 
 #[tokio::test]
