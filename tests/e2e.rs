@@ -425,7 +425,7 @@ async fn metrics_have_every_documented_series_for_both_kinds_of_request() {
     }
     let usage = s.metric("wick_kv_cache_usage_ratio").await;
     assert!((0.0..=1.0).contains(&usage));
-    promtool_check(&text);
+    common::promtool_check(&text);
 
     // The same series on the separate metrics port.
     let other = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
@@ -437,38 +437,6 @@ async fn metrics_have_every_documented_series_for_both_kinds_of_request() {
         .await
         .unwrap()
         .contains("# TYPE wick_request_queue_time_seconds histogram"));
-}
-
-/// `promtool check metrics`, when promtool is installed (`.ci/run` installs it; CI requires it).
-fn promtool_check(text: &str) {
-    use std::io::Write;
-    let child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(_) if std::env::var("CI").is_err() => {
-            eprintln!("promtool not installed: skipping `promtool check metrics`");
-            return;
-        }
-        Err(e) => panic!("promtool is required in CI: {e}"),
-    };
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A chat template from `--chat-template` on a model without one (Gemma 3 270M, a base model):

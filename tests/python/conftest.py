@@ -3,6 +3,7 @@
 WICK_BIN (default target/release/wick) and WICK_MODEL (the GGUF) come from
 scripts/python-tests.sh. One server, with an API key, serves the whole session.
 """
+import json
 import os
 import socket
 import subprocess
@@ -29,19 +30,24 @@ def _serve(model, name, *extra):
 
 def _serve_models(models, *extra):
     """Starts one `wick serve` on every (path, name) of `models`; yields its base URL."""
-    port = _free_port()
     flags = [f for path, name in models for f in ("--model", path)]
     flags += [f for path, name in models for f in ("--served-model-name", name)]
+    yield from _launch([*flags, *extra])
+
+
+def _launch(args, env=None):
+    """Starts `wick serve ARGS` with the API key on a free port; yields its base URL once
+    healthy."""
+    port = _free_port()
     proc = subprocess.Popen(
         [
             os.environ.get("WICK_BIN", "target/release/wick"),
             "serve",
-            *flags,
+            *args,
             "--port", str(port),
             "--api-key", API_KEY,
-            *extra,
         ],
-        env={**os.environ, "RUST_LOG": "warn"},
+        env={**(os.environ if env is None else env), "RUST_LOG": "warn"},
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -66,12 +72,19 @@ def server():
 
 
 @pytest.fixture(scope="session")
-def multi_server():
-    """The default chat model and all-MiniLM-L6-v2 (WICK_EMBED_MODEL) in one process."""
-    yield from _serve_models(
-        [(os.environ["WICK_MODEL"], MODEL), (os.environ["WICK_EMBED_MODEL"], "minilm")],
-        "--kv-cache-blocks", "256",
+def multi_server(tmp_path_factory):
+    """The default chat model and all-MiniLM-L6-v2 (WICK_EMBED_MODEL) in one process, from
+    a config file's [[models]] (WICK_MODEL, which would replace them, left out)."""
+    config = tmp_path_factory.mktemp("multi") / "wick.toml"
+    config.write_text(
+        "[scheduler]\nkv_cache_blocks = 256\n"
+        f"[[models]]\npath = {json.dumps(os.environ['WICK_MODEL'])}\n"
+        f"served_model_name = {json.dumps(MODEL)}\nkv_cache_blocks = 300\n"
+        f"[[models]]\npath = {json.dumps(os.environ['WICK_EMBED_MODEL'])}\n"
+        'served_model_name = "minilm"\n'
     )
+    env = {k: v for k, v in os.environ.items() if k != "WICK_MODEL"}
+    yield from _launch(["--config", str(config)], env)
 
 
 @pytest.fixture(scope="session")

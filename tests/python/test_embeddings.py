@@ -4,6 +4,7 @@ computed without Wick (scripts/embedding-reference.py)."""
 import json
 import math
 import pathlib
+import urllib.request
 
 import openai
 import pytest
@@ -49,9 +50,12 @@ def test_one_string_and_token_ids(multi):
     assert cosine(ids.data[0].embedding, REFS[2]["embedding"]) >= 0.9999
 
 
-def test_chat_and_embeddings_from_one_process(multi):
+def test_chat_and_embeddings_from_one_process(multi, multi_server):
     models = {m.id for m in multi.models.list()}
     assert models == {MODEL, "minilm"}
+    # The chat model's own [[models]] entry sized its KV cache (300, not [scheduler]'s 256).
+    metrics = urllib.request.urlopen(multi_server + "/metrics").read().decode()
+    assert f'wick_kv_cache_blocks{{model="{MODEL}"}} 300' in metrics
     r = multi.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5
     )
