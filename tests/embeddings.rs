@@ -221,6 +221,7 @@ async fn a_chat_model_and_an_embedding_model_serve_from_one_process() {
         body["error"]["message"].as_str().unwrap().contains("256"),
         "{body}"
     );
+    eprintln!("{}", body["error"]["message"]);
     for (truncate, want) in [(-1, 256), (64, 64)] {
         let (status, body) = s
             .post_json(

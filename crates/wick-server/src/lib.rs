@@ -1,12 +1,14 @@
 //! Wick's OpenAI-compatible HTTP front end.
 //!
-//! [`app`] builds the axum `Router` over an [`AppState`]: the [`EngineHandle`] (the one
-//! bounded request queue), the [`ServedModel`] once the engine reports it loaded, and the
-//! [`Metrics`]. A chat request is parsed and checked in `validate` (every rule a named
-//! [`ApiError`]), rendered with the model's [`ChatTemplate`], tokenized off the reactor,
-//! and submitted as an [`wick_core::EngineRequest`] with its own event channel; the handler
-//! turns the token events back into text (`detok`) and answers as one JSON body or as SSE.
-//! Dropping the response drops the channel, and the engine frees the sequence.
+//! [`app`] builds the axum `Router` over an [`AppState`]: per served model its [`Backend`]
+//! (a generation engine's bounded request queue, or an embedding engine's), what the front
+//! end knows of it once loaded ([`ServedModel`] or [`EmbeddingModelInfo`]) and its
+//! [`Metrics`]; requests are routed by their `model` field. A chat request is parsed and
+//! checked in `validate` (every rule a named [`ApiError`]), rendered with the model's
+//! [`ChatTemplate`], tokenized off the reactor, and submitted as an
+//! [`wick_core::EngineRequest`] with its own event channel; the handler turns the token events
+//! back into text (`detok`) and answers as one JSON body or as SSE. Dropping the response
+//! drops the channel, and the engine frees the sequence.
 
 mod auth;
 mod chat;
@@ -382,7 +384,7 @@ impl AppState {
         self.inner.slots.iter().any(|s| s.backend.has_failed())
     }
 
-    /// The loaded models: name, and for generation models the served model.
+    /// Every loaded model, in the order they were given.
     fn loaded(&self) -> impl Iterator<Item = &Loaded> {
         self.inner.slots.iter().filter_map(|s| s.loaded.get())
     }
