@@ -13,7 +13,7 @@ use wick_core::{
     embed_queue, EmbedHandle, EmbedReceiver, EmbedReply, EmbedRequest, Metrics, QueueLimits,
 };
 
-use crate::engine::panic_message;
+use crate::engine::{panic_message, run_loader};
 
 /// A model that turns token ids into vectors (one padded batch per call).
 pub trait Embedder: Send + 'static {
@@ -60,16 +60,8 @@ where
     let thread = std::thread::Builder::new()
         .name("wick-embed".into())
         .spawn(move || {
-            let (model, info) = match catch_unwind(AssertUnwindSafe(load)) {
-                Ok(Ok(x)) => x,
-                Ok(Err(e)) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-                Err(panic) => {
-                    let _ = ready_tx.send(Err(panic_message(&*panic)));
-                    return;
-                }
+            let Some((model, info)) = run_loader(load, &ready_tx) else {
+                return;
             };
             if ready_tx.send(Ok(info)).is_ok() {
                 run(model, &queue, &cfg, &metrics);

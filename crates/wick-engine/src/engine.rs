@@ -117,18 +117,8 @@ where
     let thread = std::thread::Builder::new()
         .name("wick-engine".into())
         .spawn(move || {
-            // A loader that panics (a bug the model file's checks missed) is a load error
-            // with its message, not a silent end of the thread.
-            let loaded = match catch_unwind(AssertUnwindSafe(load)) {
-                Ok(Ok(x)) => x,
-                Ok(Err(e)) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-                Err(panic) => {
-                    let _ = ready_tx.send(Err(panic_message(&*panic)));
-                    return;
-                }
+            let Some(loaded) = run_loader(load, &ready_tx) else {
+                return;
             };
             let mut sched = cfg.scheduler.clone();
             sched.num_blocks = loaded.num_blocks;
@@ -644,6 +634,22 @@ enum Turn {
     Closed,
     /// The engine cannot go on.
     Fail(String),
+}
+
+/// Runs `load` on an engine thread: its value, or `None` once its error has been sent on
+/// `ready`. A loader that panics (a bug the model file's checks missed) is a load error with
+/// its message, not a silent end of the thread.
+pub(crate) fn run_loader<T, R>(
+    load: impl FnOnce() -> Result<T, String>,
+    ready: &mpsc::Sender<Result<R, String>>,
+) -> Option<T> {
+    let error = match catch_unwind(AssertUnwindSafe(load)) {
+        Ok(Ok(x)) => return Some(x),
+        Ok(Err(e)) => e,
+        Err(panic) => panic_message(&*panic),
+    };
+    let _ = ready.send(Err(error));
+    None
 }
 
 /// The text a panic carried (`panic!` with a literal or a formatted message).

@@ -20,7 +20,7 @@ use wick_core::EmbedRequest;
 
 use crate::generation::submit_error;
 use crate::routes::{blocking, generation_body, parse};
-use crate::{ApiError, AppState};
+use crate::{check_vocabulary, ApiError, AppState};
 
 /// Most inputs in one request (OpenAI's limit).
 pub const MAX_INPUTS: usize = 2048;
@@ -175,15 +175,7 @@ fn tokenize(
                     return Err(ApiError::invalid(param, "an input cannot be an empty list"))
                 }
                 Input::Ids(ids) => {
-                    if let Some(bad) = ids.iter().find(|&&id| id as usize >= model.vocab_size) {
-                        return Err(ApiError::invalid(
-                            param,
-                            format!(
-                                "token id {bad} is not in the vocabulary (size {})",
-                                model.vocab_size
-                            ),
-                        ));
-                    }
+                    let ids = check_vocabulary(ids, model.vocab_size, &param)?;
                     match truncate {
                         Some(k) if ids.len() > k => ids[ids.len() - k..].to_vec(),
                         _ => ids,

@@ -129,16 +129,7 @@ impl ServedModel {
 
     /// `ids` if every one is in the vocabulary, or a 400 naming `param`.
     pub(crate) fn check_ids(&self, ids: Vec<u32>, param: &str) -> Result<Vec<u32>, ApiError> {
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
-            return Err(ApiError::invalid(
-                param,
-                format!(
-                    "token id {bad} is not in the vocabulary (size {})",
-                    self.vocab_size
-                ),
-            ));
-        }
-        Ok(ids)
+        check_vocabulary(ids, self.vocab_size, param)
     }
 }
 
@@ -182,6 +173,21 @@ struct Slot {
     loaded: OnceLock<Loaded>,
 }
 
+/// `ids` if every one is below `vocab_size`, or a 400 naming `param`.
+pub(crate) fn check_vocabulary(
+    ids: Vec<u32>,
+    vocab_size: usize,
+    param: &str,
+) -> Result<Vec<u32>, ApiError> {
+    if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab_size) {
+        return Err(ApiError::invalid(
+            param,
+            format!("token id {bad} is not in the vocabulary (size {vocab_size})"),
+        ));
+    }
+    Ok(ids)
+}
+
 struct Inner {
     slots: Vec<Slot>,
     api_key: Option<String>,
@@ -200,12 +206,17 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// One generation model. With `api_key`, every API route but `/health` and `/metrics`
-    /// requires `Authorization: Bearer <api_key>`.
-    pub fn new(engine: EngineHandle, metrics: Metrics, api_key: Option<String>) -> Self {
+    /// One generation model served as `name`. With `api_key`, every API route but `/`,
+    /// `/health` and `/metrics` requires `Authorization: Bearer <api_key>`.
+    pub fn new(
+        name: &str,
+        engine: EngineHandle,
+        metrics: Metrics,
+        api_key: Option<String>,
+    ) -> Self {
         Self::with_models(
             vec![ModelEntry {
-                name: String::new(),
+                name: name.to_string(),
                 backend: Backend::Generate(engine),
                 metrics,
             }],
@@ -235,8 +246,8 @@ impl AppState {
         }
     }
 
-    /// The generation model named `model.name` is loaded (with a single model, whatever
-    /// its entry's name). `/health` turns 200 once every model is.
+    /// The generation model named `model.name` is loaded. `/health` turns 200 once every
+    /// model is.
     pub fn set_ready(&self, model: ServedModel) {
         if let Some(slot) = self.slot_for(&model.name) {
             let _ = slot.loaded.set(Loaded::Generate(Box::new(model)));
@@ -251,12 +262,7 @@ impl AppState {
     }
 
     fn slot_for(&self, name: &str) -> Option<&Slot> {
-        let slots = &self.inner.slots;
-        match slots.iter().find(|s| s.name == name) {
-            Some(s) => Some(s),
-            None if slots.len() == 1 => slots.first(),
-            None => None,
-        }
+        self.inner.slots.iter().find(|s| s.name == name)
     }
 
     fn slot(&self) -> &Slot {
@@ -269,11 +275,7 @@ impl AppState {
             .inner
             .slots
             .iter()
-            .position(|s| match s.loaded.get() {
-                Some(Loaded::Generate(m)) => m.name == requested,
-                Some(Loaded::Embed(m)) => m.name == requested,
-                None => s.name == requested,
-            })
+            .position(|s| s.name == requested)
             .ok_or_else(|| ApiError::ModelNotFound(requested.to_string()))?;
         Ok(AppState {
             inner: Arc::clone(&self.inner),

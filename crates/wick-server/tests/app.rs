@@ -16,7 +16,7 @@ use wick_server::{app, AppState, MAX_BODY_BYTES};
 
 async fn call(req: Request<Body>) -> (StatusCode, Value) {
     let (handle, _queue) = request_queue(LIMITS);
-    let res = app(AppState::new(handle, Metrics::new(), None))
+    let res = app(AppState::new("m", handle, Metrics::new(), None))
         .oneshot(req)
         .await
         .unwrap();
@@ -53,7 +53,7 @@ async fn not_ready_until_the_model_is_loaded() {
 #[tokio::test]
 async fn a_failed_engine_turns_readiness_503() {
     let (handle, queue) = request_queue(LIMITS);
-    let app = app(AppState::new(handle, Metrics::new(), None));
+    let app = app(AppState::new("m", handle, Metrics::new(), None));
     queue.mark_failed();
     for path in ["/health", "/v1/models"] {
         let res = app
@@ -77,7 +77,7 @@ async fn a_failed_engine_turns_readiness_503() {
 #[tokio::test]
 async fn metrics_are_served_before_ready() {
     let (handle, _queue) = request_queue(LIMITS);
-    let res = app(AppState::new(handle, Metrics::new(), None))
+    let res = app(AppState::new("m", handle, Metrics::new(), None))
         .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
         .await
         .unwrap();
@@ -123,7 +123,12 @@ async fn unknown_routes_and_huge_bodies_get_openai_errors() {
 #[tokio::test]
 async fn an_api_key_guards_the_api_but_not_health_or_metrics() {
     let (handle, _queue) = request_queue(LIMITS);
-    let app = app(AppState::new(handle, Metrics::new(), Some("sekrit".into())));
+    let app = app(AppState::new(
+        "m",
+        handle,
+        Metrics::new(),
+        Some("sekrit".into()),
+    ));
     let get = |path: &str, auth: Option<&str>| {
         let mut r = Request::get(path);
         if let Some(a) = auth {
@@ -234,7 +239,12 @@ async fn openapi_describes_every_route_from_the_handler_types() {
 #[tokio::test]
 async fn messages_errors_are_in_anthropics_shape() {
     let (handle, _queue) = request_queue(LIMITS);
-    let app = app(AppState::new(handle, Metrics::new(), Some("sekrit".into())));
+    let app = app(AppState::new(
+        "m",
+        handle,
+        Metrics::new(),
+        Some("sekrit".into()),
+    ));
     let send = |req: Request<Body>| {
         let app = app.clone();
         async move {

@@ -230,19 +230,9 @@ impl Loading {
     async fn ready(self, m: &ModelConfig, state: &AppState) -> anyhow::Result<()> {
         let failed =
             |message: String| anyhow::anyhow!("cannot load model {}: {message}", m.model.display());
-        let stopped = || {
-            anyhow::anyhow!(
-                "the engine thread stopped while loading the model {}",
-                m.model.display()
-            )
-        };
         match self {
             Loading::Generate(rx) => {
-                let ready = tokio::task::spawn_blocking(move || rx.recv())
-                    .await
-                    .map_err(|_| stopped())?
-                    .map_err(|_| stopped())?
-                    .map_err(failed)?;
+                let ready = wait_for(rx, m).await?.map_err(failed)?;
                 let num_blocks = ready.num_blocks;
                 let served = served_model(m, ready)?;
                 tracing::info!(
@@ -254,11 +244,7 @@ impl Loading {
                 state.set_ready(served);
             }
             Loading::Embed(rx) => {
-                let info = tokio::task::spawn_blocking(move || rx.recv())
-                    .await
-                    .map_err(|_| stopped())?
-                    .map_err(|_| stopped())?
-                    .map_err(failed)?;
+                let info = wait_for(rx, m).await?.map_err(failed)?;
                 tracing::info!(
                     model = %info.name,
                     dimensions = info.dimensions,
@@ -269,6 +255,21 @@ impl Loading {
             }
         }
         Ok(())
+    }
+}
+
+/// What an engine thread's ready handshake brings, waited for off the reactor; an error if
+/// the thread ended without sending it.
+async fn wait_for<T: Send + 'static>(
+    rx: std::sync::mpsc::Receiver<T>,
+    m: &ModelConfig,
+) -> anyhow::Result<T> {
+    match tokio::task::spawn_blocking(move || rx.recv()).await {
+        Ok(Ok(x)) => Ok(x),
+        _ => bail!(
+            "the engine thread stopped while loading the model {}",
+            m.model.display()
+        ),
     }
 }
 

@@ -35,8 +35,9 @@ const PROMPTS: &[&str] = &[
     "The stock market fell today after",
 ];
 
+/// The model and where it runs, for the GPU check's tools.
 #[derive(Debug, Args)]
-pub struct ParityArgs {
+pub struct TargetArgs {
     /// Model: a .gguf file or a Hugging Face directory.
     #[arg(long)]
     pub model: PathBuf,
@@ -46,6 +47,12 @@ pub struct ParityArgs {
     /// Its dtype (auto: f32 on the CPU, bf16 on a GPU, for safetensors models).
     #[arg(long, default_value = "auto")]
     pub dtype: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ParityArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
     /// Its GGUF weight format.
     #[arg(long, default_value = "native")]
     pub weight_format: String,
@@ -155,8 +162,8 @@ fn load(
     opts: &LoadOptions,
 ) -> anyhow::Result<wick_runner::LoadedModel> {
     let device = wick_runner::parse_device(device)?;
-    wick_runner::load(&args.model, &device, opts)
-        .with_context(|| format!("cannot load {}", args.model.display()))
+    wick_runner::load(&args.target.model, &device, opts)
+        .with_context(|| format!("cannot load {}", args.target.model.display()))
 }
 
 pub fn parity(args: ParityArgs) -> anyhow::Result<bool> {
@@ -173,7 +180,7 @@ pub fn parity(args: ParityArgs) -> anyhow::Result<bool> {
     };
     let test_opts = LoadOptions {
         weight_format: args.weight_format.parse()?,
-        dtype: wick_runner::parse_dtype(&args.dtype)?,
+        dtype: wick_runner::parse_dtype(&args.target.dtype)?,
         ..Default::default()
     };
     let loaded = load(&args, &args.reference_device, &reference_opts)?;
@@ -199,7 +206,7 @@ pub fn parity(args: ParityArgs) -> anyhow::Result<bool> {
     )?;
     let ref_secs = started.elapsed().as_secs_f64();
     drop(reference);
-    let mut under_test = Runner::new(load(&args, &args.device, &test_opts)?.model, cache)?;
+    let mut under_test = Runner::new(load(&args, &args.target.device, &test_opts)?.model, cache)?;
     let started = std::time::Instant::now();
     let test_rows = run(
         &mut under_test,
@@ -226,9 +233,9 @@ pub fn parity(args: ParityArgs) -> anyhow::Result<bool> {
     let max = diffs.iter().copied().fold(0.0, f64::max);
     let pass = within >= args.min_within;
     let report = json!({
-        "model": args.model.display().to_string(),
+        "model": args.target.model.display().to_string(),
         "reference": format!("{} f32", args.reference_device),
-        "under_test": format!("{} {} {}", args.device, args.dtype, args.weight_format),
+        "under_test": format!("{} {} {}", args.target.device, args.target.dtype, args.weight_format),
         "sequences": prompts.len(),
         "steps": diffs.len(),
         "tolerance_nats": args.tolerance,
@@ -305,14 +312,8 @@ pub fn export_tokenizer(args: ExportTokenizerArgs) -> anyhow::Result<()> {
 
 #[derive(Debug, Args)]
 pub struct StepProfileArgs {
-    /// Model: a .gguf file or a Hugging Face directory.
-    #[arg(long)]
-    pub model: PathBuf,
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// auto: f32 on the CPU, bf16 on a GPU (safetensors models).
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
+    #[command(flatten)]
+    pub target: TargetArgs,
     /// Sequences decoding together, one measurement each.
     #[arg(long, default_value = "1,16,64", value_delimiter = ',')]
     pub batches: Vec<usize>,
@@ -336,15 +337,15 @@ pub fn step_profile(args: StepProfileArgs) -> anyhow::Result<()> {
     // Context, two warm-up steps, the timed and the profiled steps.
     let per_seq = (args.context + 2 + 2 * args.steps).div_ceil(block_size);
     let opts = LoadOptions {
-        dtype: wick_runner::parse_dtype(&args.dtype)?,
+        dtype: wick_runner::parse_dtype(&args.target.dtype)?,
         ..Default::default()
     };
     let loaded = wick_runner::load(
-        &args.model,
-        &wick_runner::parse_device(&args.device)?,
+        &args.target.model,
+        &wick_runner::parse_device(&args.target.device)?,
         &opts,
     )
-    .with_context(|| format!("cannot load {}", args.model.display()))?;
+    .with_context(|| format!("cannot load {}", args.target.model.display()))?;
     let vocab = loaded.model.config().vocab_size as u32;
     let cache = CacheConfig {
         num_blocks: max_batch * per_seq,
