@@ -125,7 +125,11 @@ pub fn check(
     bounds: Bounds,
 ) -> Result<(), String> {
     let cases = cases(reference);
-    let loaded = wick_runner::load(model, &Device::Cpu, opts).expect("load model");
+    let opts = LoadOptions {
+        simd: super::simd_limit(),
+        ..opts.clone()
+    };
+    let loaded = wick_runner::load(model, &Device::Cpu, &opts).expect("load model");
     let mut runner = Runner::new(
         loaded.model,
         CacheConfig {

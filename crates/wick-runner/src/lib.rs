@@ -12,6 +12,7 @@
 
 mod attention;
 mod config;
+mod cpu;
 mod embedding;
 mod error;
 #[doc(hidden)]
@@ -21,8 +22,6 @@ mod linear;
 mod load;
 mod model;
 mod models;
-#[doc(hidden)]
-pub mod paged;
 mod profile;
 #[doc(hidden)]
 pub mod qgemm;
@@ -36,6 +35,7 @@ mod tokenizer;
 
 pub use candle_core::Device;
 pub use config::{Activation, LayerSpec, ModelConfig, RopeScaling, RopeSpec, RopeStyle};
+pub use cpu::SimdLimit;
 pub use embedding::{EmbeddingModel, Pooling};
 pub use error::RunnerError;
 pub use kv_cache::{CacheConfig, KvCache};
@@ -44,9 +44,9 @@ pub use load::{
     WeightFormat,
 };
 pub use model::Model;
-pub use paged::sample::DrawParams;
 pub use profile::StepProfile;
 pub use runner::{Runner, StepRow};
+pub use sampling::device::DrawParams;
 pub use sampling::{argmax, logprobs, Sampled, Sampler};
 pub use tokenizer::{from_gguf as tokenizer_from_gguf, GgufTokenizer};
 

@@ -3,9 +3,10 @@
 use candle_core::{DType, Tensor};
 use wick_core::ScheduledBatch;
 
+use crate::attention::DeviceMetadata;
 use crate::attention::{AttentionMetadata, SeqSpan};
-use crate::paged::sample::DrawParams;
 use crate::profile::{Phase, Profiler, StepProfile};
+use crate::sampling::device::{self, DrawParams};
 use crate::{CacheConfig, KvCache, Model, Result, RunnerError};
 
 /// The model and its KV cache: runs one step for a whole scheduled batch.
@@ -119,7 +120,7 @@ impl Runner {
         if !drawn_rows.is_empty() {
             let idx = Tensor::new(drawn_rows.as_slice(), device)?;
             let params: Vec<DrawParams> = draws.iter().flatten().copied().collect();
-            ids = crate::paged::sample::draw(&logits.index_select(&idx, 0)?, &params)?;
+            ids = device::draw(&logits.index_select(&idx, 0)?, &params)?;
             self.prof.mark(self.model.device(), Phase::Sampling)?;
         }
         let mut host = Vec::new();
@@ -174,7 +175,7 @@ impl Runner {
         if ids.is_empty() {
             return Ok(Logits::Host(Vec::new()));
         }
-        let mut meta = AttentionMetadata::new(spans);
+        let meta = AttentionMetadata::new(spans);
         if let (Some(pool), true) = (&self.pool, self.kv.uses_host_memory()) {
             let (model, kv, scratch) = (&self.model, &mut self.kv, &mut self.scratch);
             return pool
@@ -182,20 +183,22 @@ impl Runner {
                 .map(Logits::Host);
         }
         self.prof.start(self.model.device())?;
-        if !self.kv.uses_host_memory() {
-            let cache = self.kv.config();
-            meta.prepare_device(
-                self.model.device(),
-                self.model.windows(),
-                (cache.block_size, cache.num_blocks * cache.block_size),
-                self.model.uses_paged_attention(),
-            )?;
-        }
+        let cache = self.kv.config();
+        let dm = DeviceMetadata::new(
+            &meta,
+            self.model.device(),
+            self.model.windows(),
+            (cache.block_size, cache.num_blocks * cache.block_size),
+            self.model.uses_paged_attention(),
+        )?;
         Ok(
-            match self
-                .model
-                .forward(&ids, &meta, &last_rows, &mut self.kv, &mut self.prof)?
-            {
+            match self.model.forward(
+                &ids,
+                (&meta, &dm),
+                &last_rows,
+                &mut self.kv,
+                &mut self.prof,
+            )? {
                 Some(logits) => Logits::Device(logits),
                 None => Logits::Host(Vec::new()),
             },

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures::StreamExt;
 
-use crate::generation::{finish_all, merge, start, total_usage, GenToken, Piece, Started};
+use crate::generation::{finish_all, merge, start, total_usage, GenToken, Piece, Submitted};
 use crate::openai::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatLogprobs, Choice, ChunkChoice,
     Delta, FunctionCall, FunctionDelta, ToolCall, ToolCallDelta, Usage,
@@ -70,7 +70,7 @@ impl Reply {
     }
 }
 
-async fn complete(reply: Reply, started: Started) -> Result<Json<ChatCompletion>, ApiError> {
+async fn complete(reply: Reply, started: Submitted) -> Result<Json<ChatCompletion>, ApiError> {
     let (done, usage) = finish_all(started.runs, &started.prompts).await?;
     let choices = done
         .into_iter()
@@ -140,8 +140,8 @@ fn call_delta(index: usize, id: Option<String>, name: Option<String>, arguments:
     }
 }
 
-fn stream(reply: Reply, started: Started) -> impl IntoResponse {
-    let Started {
+fn stream(reply: Reply, started: Submitted) -> impl IntoResponse {
+    let Submitted {
         runs,
         prompts,
         include_usage,

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures::StreamExt;
 
-use crate::generation::{finish_all, merge, start, total_usage, GenToken, Piece, Started};
+use crate::generation::{finish_all, merge, start, total_usage, GenToken, Piece, Submitted};
 use crate::openai::{Completion, CompletionChoice, CompletionLogprobs, Usage};
 use crate::routes::{generation_body, json_event, reply_id, sse, unix_now};
 use crate::validate::parse_completion;
@@ -86,7 +86,7 @@ impl Reply {
     }
 }
 
-async fn complete(reply: Reply, started: Started) -> Result<Json<Completion>, ApiError> {
+async fn complete(reply: Reply, started: Submitted) -> Result<Json<Completion>, ApiError> {
     let (done, usage) = finish_all(started.runs, &started.prompts).await?;
     let choices = done
         .into_iter()
@@ -104,8 +104,8 @@ async fn complete(reply: Reply, started: Started) -> Result<Json<Completion>, Ap
     Ok(Json(reply.body(choices, Some(Some(usage)))))
 }
 
-fn stream(reply: Reply, started: Started) -> impl IntoResponse {
-    let Started {
+fn stream(reply: Reply, started: Submitted) -> impl IntoResponse {
+    let Submitted {
         runs,
         prompts,
         include_usage,

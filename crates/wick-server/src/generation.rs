@@ -306,7 +306,7 @@ pub(crate) fn output_budget(
 }
 
 /// A generation under way: one run per choice, and what every answer reports.
-pub(crate) struct Started {
+pub(crate) struct Submitted {
     /// The state with the request's model selected.
     pub state: AppState,
     pub runs: Vec<Run>,
@@ -328,7 +328,7 @@ pub(crate) async fn start(
     state: &AppState,
     tag: &RequestTag,
     req: GenRequest,
-) -> Result<Started, ApiError> {
+) -> Result<Submitted, ApiError> {
     let state = &state.select(&req.model)?;
     let model = state.model()?;
     if let Some(user) = &req.sampling.user {
@@ -427,7 +427,7 @@ pub(crate) async fn start(
             None => return Err(ApiError::EngineStopped),
         }
     }
-    Ok(Started {
+    Ok(Submitted {
         state: state.clone(),
         runs,
         prompts,

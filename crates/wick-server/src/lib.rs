@@ -161,7 +161,7 @@ pub struct ModelEntry {
 }
 
 /// What the front end knows of a loaded model, by kind.
-enum Loaded {
+enum ReadyModel {
     Generate(Box<ServedModel>),
     Embed(embeddings::EmbeddingModelInfo),
 }
@@ -170,7 +170,7 @@ struct Slot {
     name: String,
     backend: Backend,
     metrics: Metrics,
-    loaded: OnceLock<Loaded>,
+    loaded: OnceLock<ReadyModel>,
 }
 
 /// `ids` if every one is below `vocab_size`, or a 400 naming `param`.
@@ -250,14 +250,14 @@ impl AppState {
     /// model is.
     pub fn set_ready(&self, model: ServedModel) {
         if let Some(slot) = self.slot_for(&model.name) {
-            let _ = slot.loaded.set(Loaded::Generate(Box::new(model)));
+            let _ = slot.loaded.set(ReadyModel::Generate(Box::new(model)));
         }
     }
 
     /// The embedding model named `info.name` is loaded.
     pub fn set_embedding_ready(&self, info: embeddings::EmbeddingModelInfo) {
         if let Some(slot) = self.slot_for(&info.name) {
-            let _ = slot.loaded.set(Loaded::Embed(info));
+            let _ = slot.loaded.set(ReadyModel::Embed(info));
         }
     }
 
@@ -304,8 +304,8 @@ impl AppState {
             return Err(ApiError::EngineStopped);
         }
         match slot.loaded.get() {
-            Some(Loaded::Generate(m)) => Ok(m),
-            Some(Loaded::Embed(m)) => Err(ApiError::invalid(
+            Some(ReadyModel::Generate(m)) => Ok(m),
+            Some(ReadyModel::Embed(m)) => Err(ApiError::invalid(
                 "model",
                 format!(
                     "`{}` is an embedding model: it serves /v1/embeddings, not text generation",
@@ -325,8 +325,8 @@ impl AppState {
             return Err(ApiError::EngineStopped);
         }
         match (slot.loaded.get(), &slot.backend) {
-            (Some(Loaded::Embed(m)), Backend::Embed(h)) => Ok((m, h)),
-            (Some(Loaded::Generate(m)), _) => Err(ApiError::invalid(
+            (Some(ReadyModel::Embed(m)), Backend::Embed(h)) => Ok((m, h)),
+            (Some(ReadyModel::Generate(m)), _) => Err(ApiError::invalid(
                 "model",
                 format!(
                     "`{}` is a text generation model, not an embedding model: it cannot serve /v1/embeddings",
@@ -387,7 +387,7 @@ impl AppState {
     }
 
     /// Every loaded model, in the order they were given.
-    fn loaded(&self) -> impl Iterator<Item = &Loaded> {
+    fn loaded(&self) -> impl Iterator<Item = &ReadyModel> {
         self.inner.slots.iter().filter_map(|s| s.loaded.get())
     }
 

@@ -15,7 +15,7 @@ use crate::openai::{
 };
 use crate::tools::{openai_tools, ToolSpec};
 use crate::validate::messages_from;
-use crate::{ApiError, AppState, Loaded};
+use crate::{ApiError, AppState, ReadyModel};
 
 pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -104,7 +104,7 @@ pub(crate) async fn models(State(state): State<AppState>) -> Result<Json<ModelLi
     let data = state
         .loaded()
         .map(|m| match m {
-            Loaded::Generate(m) => ModelCard {
+            ReadyModel::Generate(m) => ModelCard {
                 id: m.name.clone(),
                 object: "model",
                 created,
@@ -113,7 +113,7 @@ pub(crate) async fn models(State(state): State<AppState>) -> Result<Json<ModelLi
                 max_model_len: m.max_model_len,
                 context_length: m.context_length,
             },
-            Loaded::Embed(m) => ModelCard {
+            ReadyModel::Embed(m) => ModelCard {
                 id: m.name.clone(),
                 object: "model",
                 created,

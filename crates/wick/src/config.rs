@@ -209,7 +209,7 @@ struct FileQueue {
 
 /// One model to serve, with its own options.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ModelConfig {
+pub struct ModelSettings {
     /// A path, or a Hub repository id (see [`crate::hub`]).
     pub model: PathBuf,
     pub model_file: Option<String>,
@@ -229,7 +229,7 @@ pub struct ModelConfig {
     pub max_model_len: usize,
 }
 
-impl ModelConfig {
+impl ModelSettings {
     /// The name clients put in `model`: `served_model_name`, else a Hub repository's id,
     /// else the GGUF file's stem or the model directory's name (as the loader names it).
     pub fn served_name(&self) -> String {
@@ -254,7 +254,7 @@ impl ModelConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// Every model served, at least one.
-    pub models: Vec<ModelConfig>,
+    pub models: Vec<ModelSettings>,
     pub api_key: Option<String>,
     pub host: String,
     pub port: u16,
@@ -292,7 +292,7 @@ impl Config {
             None => FileConfig::default(),
         };
         // The options every model gets unless its own entry says otherwise.
-        let base = ModelConfig {
+        let base = ModelSettings {
             model: PathBuf::new(),
             model_file: args.model_file.or(file.model.file),
             revision: args
@@ -345,7 +345,7 @@ impl Config {
             let mut names = names.into_iter();
             args.model
                 .into_iter()
-                .map(|model| ModelConfig {
+                .map(|model| ModelSettings {
                     model,
                     served_model_name: names.next(),
                     ..base.clone()
@@ -355,7 +355,7 @@ impl Config {
             if args.served_model_name.len() > 1 {
                 bail!("several --served-model-name need as many --model");
             }
-            let first = file.model.path.map(|model| ModelConfig {
+            let first = file.model.path.map(|model| ModelSettings {
                 model,
                 served_model_name: args
                     .served_model_name
@@ -372,7 +372,7 @@ impl Config {
                     let Some(model) = e.path else {
                         bail!("models[{i}] has no path");
                     };
-                    Ok(ModelConfig {
+                    Ok(ModelSettings {
                         model,
                         model_file: e.file.or(base.model_file.clone()),
                         revision: e.revision.unwrap_or(base.revision.clone()),
@@ -658,7 +658,7 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        let names: Vec<String> = cfg.models.iter().map(ModelConfig::served_name).collect();
+        let names: Vec<String> = cfg.models.iter().map(ModelSettings::served_name).collect();
         assert_eq!(names, ["chat", "minilm"]);
         assert!(cfg.models.iter().all(|m| m.max_num_seqs == 8));
         let f = file(

@@ -25,7 +25,7 @@ use wick_server::{
     AppState, Backend, ChatTemplate, EmbeddingModelInfo, Grammars, ModelEntry, ServedModel,
 };
 
-use crate::config::{Config, ModelConfig, ServeArgs};
+use crate::config::{Config, ModelSettings, ServeArgs};
 
 /// Used when a model carries no chat template of its own.
 
@@ -152,7 +152,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         });
     }
     let state = AppState::with_models(entries, cfg.api_key.clone());
-    let names: Vec<String> = cfg.models.iter().map(ModelConfig::served_name).collect();
+    let names: Vec<String> = cfg.models.iter().map(ModelSettings::served_name).collect();
     tracing::info!(%addr, models = ?names, "listening; loading the models");
 
     let drain_timeout = Duration::from_secs_f64(cfg.drain_timeout);
@@ -214,8 +214,20 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
 }
 
+/// The CPU kernels' limit: `WICK_NO_AVX512=1` skips AVX-512, `WICK_NO_SIMD=1` every vector
+/// kernel (for tests and comparisons; every set gives the same bits).
+pub(crate) fn simd_limit() -> wick_runner::SimdLimit {
+    if std::env::var_os("WICK_NO_SIMD").is_some() {
+        wick_runner::SimdLimit::Portable
+    } else if std::env::var_os("WICK_NO_AVX512").is_some() {
+        wick_runner::SimdLimit::NoAvx512
+    } else {
+        wick_runner::SimdLimit::Widest
+    }
+}
+
 /// Whether `m` is served on /v1/embeddings (a local sentence-transformers directory).
-fn is_embedding(m: &ModelConfig) -> bool {
+fn is_embedding(m: &ModelSettings) -> bool {
     wick_runner::EmbeddingModel::is_embedding_model(&m.model)
 }
 
@@ -227,7 +239,7 @@ enum Loading {
 
 impl Loading {
     /// Waits for the load; marks the model ready, or says why it could not load.
-    async fn ready(self, m: &ModelConfig, state: &AppState) -> anyhow::Result<()> {
+    async fn ready(self, m: &ModelSettings, state: &AppState) -> anyhow::Result<()> {
         let failed =
             |message: String| anyhow::anyhow!("cannot load model {}: {message}", m.model.display());
         match self {
@@ -262,7 +274,7 @@ impl Loading {
 /// the thread ended without sending it.
 async fn wait_for<T: Send + 'static>(
     rx: std::sync::mpsc::Receiver<T>,
-    m: &ModelConfig,
+    m: &ModelSettings,
 ) -> anyhow::Result<T> {
     match tokio::task::spawn_blocking(move || rx.recv()).await {
         Ok(Ok(x)) => Ok(x),
@@ -276,7 +288,7 @@ async fn wait_for<T: Send + 'static>(
 /// Starts an embedding model's engine thread (it loads the model there).
 fn start_embedding(
     cfg: &Config,
-    m: &ModelConfig,
+    m: &ModelSettings,
     name: String,
     metrics: Metrics,
 ) -> anyhow::Result<wick_engine::EmbedStarted<EmbeddingModelInfo>> {
@@ -319,7 +331,7 @@ const EMBED_BATCH_TOKENS: usize = 8192;
 /// repository, after the download, so that /health/live answers meanwhile).
 fn start_generation(
     cfg: &Config,
-    m: &ModelConfig,
+    m: &ModelSettings,
     generation_models: usize,
     metrics: Metrics,
 ) -> anyhow::Result<wick_engine::Started> {
@@ -360,6 +372,7 @@ fn start_generation(
         max_model_len: m.max_model_len,
     };
     let (spec, file, revision) = (m.model.clone(), m.model_file.clone(), m.revision.clone());
+    let simd = simd_limit();
     wick_engine::start(engine_cfg, metrics, move || {
         // On the engine thread, so that /health/live answers during a Hub download.
         let path = hub::resolve(&spec, file.as_deref(), &revision).map_err(|e| format!("{e:#}"))?;
@@ -369,6 +382,7 @@ fn start_generation(
             &LoadOptions {
                 weight_format,
                 dtype,
+                simd,
                 ..Default::default()
             },
         )
@@ -518,7 +532,7 @@ impl KvSizing {
     }
 }
 
-fn served_model(cfg: &ModelConfig, ready: Ready) -> anyhow::Result<ServedModel> {
+fn served_model(cfg: &ModelSettings, ready: Ready) -> anyhow::Result<ServedModel> {
     let a = ready.assets;
     let source = match &cfg.chat_template {
         Some(path) => Some(

@@ -176,11 +176,13 @@ pub fn parity(args: ParityArgs) -> anyhow::Result<bool> {
     let block_size = 16;
     let reference_opts = LoadOptions {
         dtype: None,
+        simd: crate::simd_limit(),
         ..Default::default()
     };
     let test_opts = LoadOptions {
         weight_format: args.weight_format.parse()?,
         dtype: wick_runner::parse_dtype(&args.target.dtype)?,
+        simd: crate::simd_limit(),
         ..Default::default()
     };
     let loaded = load(&args, &args.reference_device, &reference_opts)?;
@@ -338,6 +340,7 @@ pub fn step_profile(args: StepProfileArgs) -> anyhow::Result<()> {
     let per_seq = (args.context + 2 + 2 * args.steps).div_ceil(block_size);
     let opts = LoadOptions {
         dtype: wick_runner::parse_dtype(&args.target.dtype)?,
+        simd: crate::simd_limit(),
         ..Default::default()
     };
     let loaded = wick_runner::load(

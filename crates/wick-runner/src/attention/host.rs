@@ -19,7 +19,11 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use super::Heads;
+#[cfg(target_arch = "x86_64")]
+use crate::cpu::Isa;
+
+use super::metadata::{window_start, AttentionMetadata, Heads};
+use crate::rope::{Rope, RopeTables};
 
 /// Positions per tile.
 const TILE: usize = 32;
@@ -211,12 +215,12 @@ fn attend_item_here(
     let args = (item, q_rows, q_stride, k_cache, v_cache, heads);
     #[cfg(target_arch = "x86_64")]
     if heads.head_dim.is_multiple_of(LANES) {
-        match super::simd::level() {
-            // SAFETY: AVX-512 F is present (checked by `level`).
-            super::simd::Level::Avx512 => return unsafe { super::simd::attend_item_avx512(args) },
-            // SAFETY: AVX2, FMA and F16C are present (checked by `level`).
-            super::simd::Level::Avx2 => return unsafe { super::simd::attend_item_avx2(args) },
-            super::simd::Level::Portable => {}
+        match crate::cpu::float_isa() {
+            // SAFETY: AVX-512 F is present (checked by `crate::cpu`).
+            Isa::Avx512 => return unsafe { super::x86::attend_item_avx512(args) },
+            // SAFETY: AVX2, FMA and F16C are present (checked by `crate::cpu`).
+            Isa::Avx2 => return unsafe { super::x86::attend_item_avx2(args) },
+            Isa::Portable => {}
         }
     }
     // SAFETY: portable code.
@@ -255,7 +259,7 @@ pub(super) unsafe fn attend_item<K: Kernels>(
         .collect();
     let span = |t: usize| {
         let pos = item.pos0 + t;
-        (super::window_start(pos, heads.window), pos)
+        (window_start(pos, heads.window), pos)
     };
     let (first, _) = span(0);
     let (_, last) = span(n - 1);
@@ -362,4 +366,46 @@ pub(super) fn items_of<'a>(
         }
         start = end;
     }
+}
+
+/// Rotates `qkv` (`[tokens, q_dim + 2 * kv_dim]`) in place, stores its keys and values in
+/// their slots of the host cache, and writes the attention `[tokens, q_dim]` into `out`.
+pub(super) fn attention_host(
+    k_cache: &mut [f16],
+    v_cache: &mut [f16],
+    heads: Heads,
+    (rope, tab): (&Rope, &RopeTables),
+    qkv: &mut [f32],
+    meta: &AttentionMetadata,
+    out: &mut Vec<f32>,
+) {
+    let (qd, kd, hd) = (heads.q_dim(), heads.kv_dim(), heads.head_dim);
+    let row = qd + 2 * kd;
+    for (t, x) in qkv.chunks_exact_mut(row).enumerate() {
+        for head in x[..qd + kd].chunks_exact_mut(hd) {
+            rope.apply(&mut head[..rope.dims], tab, t);
+        }
+        let seq = &meta.seqs[meta.token_seq[t]];
+        let slot = seq.slots[meta.positions[t]];
+        k_cache[slot * kd..(slot + 1) * kd].convert_from_f32_slice(&x[qd..qd + kd]);
+        v_cache[slot * kd..(slot + 1) * kd].convert_from_f32_slice(&x[qd + kd..]);
+    }
+    let n = meta.num_tokens();
+    out.clear();
+    out.resize(n * qd, 0.0);
+    let mut items = Vec::new();
+    let mut work = 0;
+    for s in &meta.seqs {
+        items_of(
+            s.q_start..s.q_start + s.q_len,
+            s.start_pos,
+            &s.slots,
+            heads.num_kv_heads,
+            &mut items,
+        );
+        for p in s.start_pos..s.start_pos + s.q_len {
+            work += p + 1 - window_start(p, heads.window);
+        }
+    }
+    attend(&items, qkv, row, k_cache, v_cache, heads, work, out);
 }

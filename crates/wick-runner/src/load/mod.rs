@@ -104,6 +104,9 @@ pub struct LoadOptions {
     /// two paths).
     #[doc(hidden)]
     pub tensor_path: bool,
+    /// The widest CPU kernels to run: for the whole process, since every kernel set gives
+    /// the same bits (see `crate::cpu`).
+    pub simd: crate::SimdLimit,
 }
 
 /// `auto`, `f32`, `bf16` or `f16`.
@@ -131,6 +134,7 @@ pub(crate) struct Placement {
 
 /// Loads a GGUF file, or a Hugging Face directory, onto `device`.
 pub fn load(path: &Path, device: &Device, opts: &LoadOptions) -> Result<LoadedModel> {
+    crate::cpu::set_limit(opts.simd);
     let (dtype, is_dir) = if path.is_dir() {
         if !path.join("config.json").exists() {
             return Err(RunnerError::NotAModel {
@@ -189,7 +193,7 @@ pub fn load(path: &Path, device: &Device, opts: &LoadOptions) -> Result<LoadedMo
         ));
     }
     Ok(LoadedModel {
-        model: Model::new(cfg, weights, &place)?,
+        model: Model::new(cfg, weights, (place.device, place.dtype, place.host))?,
         assets,
     })
 }

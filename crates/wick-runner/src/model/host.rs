@@ -156,12 +156,13 @@ fn gelu_mul(g: &[f32], u: &[f32], a: &mut [f32]) {
         unsafe fn avx2(g: &[f32], u: &[f32], a: &mut [f32]) {
             gelu_mul_generic(g, u, a)
         }
-        match crate::attention::simd_level() {
-            // SAFETY: AVX-512 F is present (checked by `simd_level`).
-            crate::attention::SimdLevel::Avx512 => return unsafe { avx512(g, u, a) },
-            // SAFETY: AVX2 and FMA are present (checked by `simd_level`).
-            crate::attention::SimdLevel::Avx2 => return unsafe { avx2(g, u, a) },
-            crate::attention::SimdLevel::Portable => {}
+        use crate::cpu::Isa;
+        match crate::cpu::float_isa() {
+            // SAFETY: AVX-512 F is present (checked by `crate::cpu`).
+            Isa::Avx512 => return unsafe { avx512(g, u, a) },
+            // SAFETY: AVX2 and FMA are present (checked by `crate::cpu`).
+            Isa::Avx2 => return unsafe { avx2(g, u, a) },
+            Isa::Portable => {}
         }
     }
     gelu_mul_generic(g, u, a)

@@ -15,7 +15,6 @@ use candle_core::{DType, Device, Tensor};
 pub(crate) use host::Scratch;
 
 use crate::linear::{Linear, Proj};
-use crate::load::Placement;
 use crate::rope::Rope;
 use crate::{ModelConfig, Result, RunnerError};
 
@@ -68,7 +67,12 @@ pub struct Model {
 }
 
 impl Model {
-    pub(crate) fn new(cfg: ModelConfig, w: Weights, place: &Placement) -> Result<Self> {
+    /// A model computing on `device` in `dtype`, on the host path where `host`.
+    pub(crate) fn new(
+        cfg: ModelConfig,
+        w: Weights,
+        (device, dtype, host): (Device, DType, bool),
+    ) -> Result<Self> {
         let ropes = cfg.ropes.iter().map(Rope::new).collect();
         let mut windows: Vec<Option<usize>> = cfg.layers.iter().map(|l| l.sliding_window).collect();
         windows.sort_unstable();
@@ -78,9 +82,9 @@ impl Model {
             w,
             ropes,
             windows,
-            device: place.device.clone(),
-            dtype: place.dtype,
-            host: place.host,
+            device,
+            dtype,
+            host,
         })
     }
 
@@ -183,7 +187,8 @@ impl Model {
     /// Whether the tensor path attends with the paged op (its kernels know this head size
     /// and the device runs them) rather than by gathering each sequence's context.
     pub(crate) fn uses_paged_attention(&self) -> bool {
-        crate::paged::runs_on(&self.device) && crate::paged::supports(self.cfg.head_dim)
+        crate::attention::paged::runs_on(&self.device)
+            && crate::attention::paged::supports(self.cfg.head_dim)
     }
 
     /// Every distinct sliding window of the layers (for the tensor path's masks).

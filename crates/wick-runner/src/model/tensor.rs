@@ -3,7 +3,7 @@
 use candle_core::{Device, Tensor};
 
 use super::Model;
-use crate::attention::AttentionMetadata;
+use crate::attention::{AttentionMetadata, DeviceMetadata};
 use crate::config::Activation;
 use crate::profile::{Phase, Profiler};
 use crate::{KvCache, Result, RunnerError};
@@ -18,7 +18,7 @@ impl Model {
     pub(crate) fn forward(
         &self,
         ids: &[u32],
-        meta: &AttentionMetadata,
+        (meta, dm): (&AttentionMetadata, &DeviceMetadata),
         last_rows: &[u32],
         kv: &mut KvCache,
         prof: &mut Profiler,
@@ -64,7 +64,7 @@ impl Model {
             let r = cfg.layers[i].rope;
             let (cos, sin) = &tables[r];
             let attn =
-                kv.attention_tensor(i, self.heads(i), (&self.ropes[r], cos, sin), &qkv, meta)?;
+                kv.attention_tensor(i, self.heads(i), (&self.ropes[r], cos, sin), &qkv, meta, dm)?;
             prof.mark(dev, Phase::Attention)?;
             let mut o = layer.o.forward(&attn)?;
             prof.mark(dev, Phase::Matmul)?;

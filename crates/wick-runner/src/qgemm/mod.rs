@@ -419,8 +419,8 @@ impl Acts {
 fn quantize_super_block(x: &[f32], q: &mut [i8], d: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     match isa() {
-        // SAFETY: AVX-512 F/BW are present (checked in `has_vnni`).
-        Isa::Avx512Vnni => return unsafe { quantize_super_block_avx512(x, q, d) },
+        // SAFETY: AVX-512 F/BW are present (checked by `crate::cpu`).
+        Isa::Avx512 => return unsafe { quantize_super_block_avx512(x, q, d) },
         // SAFETY: AVX2 and FMA are present (checked in `isa`).
         Isa::Avx2 => return unsafe { quantize_super_block_avx2(x, q, d) },
         Isa::Portable => {}
@@ -462,8 +462,8 @@ fn quantize_super_block_generic(x: &[f32], q: &mut [i8], d: &mut [f32]) {
 fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     match isa() {
-        // SAFETY: AVX-512 F/BW are present (checked in `has_vnni`).
-        Isa::Avx512Vnni => return unsafe { quantize_row_avx512(x, q, d, s) },
+        // SAFETY: AVX-512 F/BW are present (checked by `crate::cpu`).
+        Isa::Avx512 => return unsafe { quantize_row_avx512(x, q, d, s) },
         // SAFETY: AVX2 and FMA are present (checked in `isa`).
         Isa::Avx2 => return unsafe { quantize_row_avx2(x, q, d, s) },
         Isa::Portable => {}
@@ -525,61 +525,8 @@ fn quantize_row_generic(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
     }
 }
 
-/// The widest kernels this CPU runs: AVX-512 VNNI, else AVX2 with FMA and F16C, else
-/// portable code.
-/// `WICK_NO_AVX512=1` skips the first, `WICK_NO_SIMD=1` both (for tests and comparisons).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Isa {
-    Avx512Vnni,
-    Avx2,
-    Portable,
-}
-
-fn isa() -> Isa {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(|| {
-            if std::env::var_os("WICK_NO_SIMD").is_some() {
-                Isa::Portable
-            } else if has_vnni() {
-                Isa::Avx512Vnni
-            } else if is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-            {
-                // The AVX2 kernels convert f16 scales with F16C (`vcvtph2ps`).
-                Isa::Avx2
-            } else {
-                Isa::Portable
-            }
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        Isa::Portable
-    }
-}
-
-fn has_vnni() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            std::env::var_os("WICK_NO_AVX512").is_none()
-                && std::env::var_os("WICK_NO_SIMD").is_none()
-                && is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vnni")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
+/// The kernel sets (`crate::cpu`): AVX-512 with VNNI, AVX2 with FMA and F16C, portable.
+use crate::cpu::{int8_isa as isa, Isa};
 
 /// `out[t][n] = sum_k w[n][k] * x[t][k]` for the quantized activations `a` (`out` is
 /// `[a.t, w.n]`, overwritten). Splits the row tiles over the thread pool when the work pays
@@ -673,9 +620,9 @@ unsafe fn tile(w: &Packed, a: &Acts, ti: usize, t0: usize, tn: usize, isa: Isa, 
         // caller's.
         unsafe {
             match (isa, group) {
-                (Isa::Avx512Vnni, 8) => avx512::tile::<8>(w, a, ti, t, out),
-                (Isa::Avx512Vnni, 4) => avx512::tile::<4>(w, a, ti, t, out),
-                (Isa::Avx512Vnni, _) => avx512::tile::<1>(w, a, ti, t, out),
+                (Isa::Avx512, 8) => avx512::tile::<8>(w, a, ti, t, out),
+                (Isa::Avx512, 4) => avx512::tile::<4>(w, a, ti, t, out),
+                (Isa::Avx512, _) => avx512::tile::<1>(w, a, ti, t, out),
                 (_, 8) => avx2::tile::<8>(w, a, ti, t, out),
                 (_, 4) => avx2::tile::<4>(w, a, ti, t, out),
                 (_, _) => avx2::tile::<1>(w, a, ti, t, out),
@@ -766,7 +713,7 @@ mod quantize_tests {
 
     #[test]
     fn the_avx512_quantizer_gives_the_generic_bits() {
-        if !has_vnni() {
+        if crate::cpu::int8_isa_within(crate::SimdLimit::Widest) != Isa::Avx512 {
             return;
         }
         let k = 256;

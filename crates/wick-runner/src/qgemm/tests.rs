@@ -103,17 +103,13 @@ fn each_token_gets_the_same_bits_alone_or_in_any_batch() {
 
 #[test]
 fn every_path_gives_the_same_bits() {
+    use crate::cpu::int8_isa_within;
+    use crate::SimdLimit;
     let mut paths = vec![Isa::Portable];
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
-            paths.push(Isa::Avx2);
-        }
-        if has_vnni() {
-            paths.push(Isa::Avx512Vnni);
+    for limit in [SimdLimit::NoAvx512, SimdLimit::Widest] {
+        let isa = int8_isa_within(limit);
+        if !paths.contains(&isa) {
+            paths.push(isa);
         }
     }
     for ty in TYPES {

@@ -8,7 +8,6 @@ use super::PagedAttention;
 
 pub(crate) const ATTENTION_PTX: &str =
     include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
-pub(crate) const SAMPLING_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
 
 /// The CUDA slice of a u32 tensor (the block tables), contiguous from its start.
 pub(crate) fn u32_slice(t: &Tensor) -> Result<candle_core::cuda::cudarc::driver::CudaSlice<u32>> {

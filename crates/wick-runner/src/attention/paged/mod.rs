@@ -9,12 +9,13 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 
-use crate::attention::{AttentionMetadata, Heads};
+use super::metadata::{AttentionMetadata, Heads};
 use crate::{Result, RunnerError};
 
 #[cfg(feature = "cuda")]
 mod cuda;
-pub mod sample;
+#[cfg(feature = "cuda")]
+pub(crate) use cuda::u32_slice;
 
 /// Positions per partition of a query's context (`PARTITION` in the kernel).
 pub(crate) const PARTITION: usize = 256;
@@ -112,6 +113,7 @@ impl BlockTables {
     }
 
     /// Slot of position `pos` of sequence `seq`, as the kernels compute it.
+    #[cfg(test)]
     pub fn slot(&self, seq: usize, pos: usize) -> usize {
         self.tables[seq * self.max_blocks + pos / self.block_size] as usize * self.block_size
             + pos % self.block_size

@@ -1,6 +1,8 @@
 //! Drawing the next token from a row of logits: logit bias, penalties, temperature, top-k,
 //! top-p, min-p, and log-probabilities.
 
+pub(crate) mod device;
+
 use std::collections::HashMap;
 
 use rand::rngs::StdRng;

@@ -172,6 +172,8 @@ mod cuda {
     use super::{DrawParams, THREADS};
     use crate::Result;
 
+    const SAMPLING_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
+
     pub(super) fn draw(logits: &Tensor, params: &[DrawParams]) -> Result<Vec<u32>> {
         let (rows, vocab) = logits.dims2()?;
         let dev = match logits.device() {
@@ -199,17 +201,13 @@ mod cuda {
             }
         };
         let out = dev.alloc_zeros::<u32>(rows)?;
-        let func = dev.get_or_load_custom_func(
-            "sample_rows",
-            "wick_sampling",
-            crate::paged::cuda::SAMPLING_PTX,
-        )?;
+        let func = dev.get_or_load_custom_func("sample_rows", "wick_sampling", SAMPLING_PTX)?;
         let vocab = i32::try_from(vocab)
             .map_err(|_| crate::RunnerError::Step("vocabulary exceeds i32".into()))?;
         let (l, t, k, p, m, u) = (
             f32_slice(logits)?,
             f32_slice(&temperature)?,
-            crate::paged::cuda::u32_slice(&top_k)?,
+            crate::attention::paged::u32_slice(&top_k)?,
             f32_slice(&top_p)?,
             f32_slice(&min_p)?,
             f32_slice(&uniform)?,
@@ -234,3 +232,7 @@ mod cuda {
         Ok(dev.clone_dtoh(&out)?)
     }
 }
+
+#[cfg(test)]
+#[path = "device_tests.rs"]
+mod tests;
