@@ -26,13 +26,10 @@ pub fn documented_metrics() -> Vec<(String, String)> {
 /// The CPU kernels' limit the binary reads: `WICK_NO_AVX512=1` skips AVX-512,
 /// `WICK_NO_SIMD=1` every vector kernel (`make test` runs the numerics under each).
 pub fn simd_limit() -> wick_runner::SimdLimit {
-    if std::env::var_os("WICK_NO_SIMD").is_some() {
-        wick_runner::SimdLimit::Portable
-    } else if std::env::var_os("WICK_NO_AVX512").is_some() {
-        wick_runner::SimdLimit::NoAvx512
-    } else {
-        wick_runner::SimdLimit::Widest
-    }
+    wick_runner::SimdLimit::from_overrides(
+        std::env::var_os("WICK_NO_AVX512").is_some(),
+        std::env::var_os("WICK_NO_SIMD").is_some(),
+    )
 }
 
 /// The default model: `$WICK_MODEL`, or fetched (once, cached, verified) by

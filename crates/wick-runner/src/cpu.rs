@@ -20,6 +20,18 @@ pub enum SimdLimit {
     Portable,
 }
 
+impl SimdLimit {
+    /// The limit from the two overrides: no AVX-512, or no vector kernels at all (which
+    /// wins). The binary reads them from `WICK_NO_AVX512` and `WICK_NO_SIMD`.
+    pub fn from_overrides(no_avx512: bool, no_simd: bool) -> Self {
+        match (no_avx512, no_simd) {
+            (_, true) => Self::Portable,
+            (true, false) => Self::NoAvx512,
+            (false, false) => Self::Widest,
+        }
+    }
+}
+
 /// A kernel set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Isa {

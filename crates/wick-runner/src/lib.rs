@@ -29,6 +29,8 @@ pub mod quant;
 mod rope;
 mod runner;
 mod sampling;
+#[cfg(test)]
+mod test_support;
 #[doc(hidden)]
 pub mod testing;
 mod tokenizer;

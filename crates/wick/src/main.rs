@@ -217,13 +217,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
 /// The CPU kernels' limit: `WICK_NO_AVX512=1` skips AVX-512, `WICK_NO_SIMD=1` every vector
 /// kernel (for tests and comparisons; every set gives the same bits).
 pub(crate) fn simd_limit() -> wick_runner::SimdLimit {
-    if std::env::var_os("WICK_NO_SIMD").is_some() {
-        wick_runner::SimdLimit::Portable
-    } else if std::env::var_os("WICK_NO_AVX512").is_some() {
-        wick_runner::SimdLimit::NoAvx512
-    } else {
-        wick_runner::SimdLimit::Widest
-    }
+    wick_runner::SimdLimit::from_overrides(
+        std::env::var_os("WICK_NO_AVX512").is_some(),
+        std::env::var_os("WICK_NO_SIMD").is_some(),
+    )
 }
 
 /// Whether `m` is served on /v1/embeddings (a local sentence-transformers directory).

@@ -421,7 +421,7 @@ fn quantize_super_block(x: &[f32], q: &mut [i8], d: &mut [f32]) {
     match isa() {
         // SAFETY: AVX-512 F/BW are present (checked by `crate::cpu`).
         Isa::Avx512 => return unsafe { quantize_super_block_avx512(x, q, d) },
-        // SAFETY: AVX2 and FMA are present (checked in `isa`).
+        // SAFETY: AVX2 and FMA are present (checked by `crate::cpu`).
         Isa::Avx2 => return unsafe { quantize_super_block_avx2(x, q, d) },
         Isa::Portable => {}
     }
@@ -464,7 +464,7 @@ fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
     match isa() {
         // SAFETY: AVX-512 F/BW are present (checked by `crate::cpu`).
         Isa::Avx512 => return unsafe { quantize_row_avx512(x, q, d, s) },
-        // SAFETY: AVX2 and FMA are present (checked in `isa`).
+        // SAFETY: AVX2 and FMA are present (checked by `crate::cpu`).
         Isa::Avx2 => return unsafe { quantize_row_avx2(x, q, d, s) },
         Isa::Portable => {}
     }
@@ -525,7 +525,7 @@ fn quantize_row_generic(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
     }
 }
 
-/// The kernel sets (`crate::cpu`): AVX-512 with VNNI, AVX2 with FMA and F16C, portable.
+// The kernel sets (`crate::cpu`): AVX-512 with VNNI, AVX2 with FMA and F16C, portable.
 use crate::cpu::{int8_isa as isa, Isa};
 
 /// `out[t][n] = sum_k w[n][k] * x[t][k]` for the quantized activations `a` (`out` is
@@ -616,7 +616,7 @@ unsafe fn tile(w: &Packed, a: &Acts, ti: usize, t0: usize, tn: usize, isa: Isa, 
             _ => 1,
         };
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` is what the CPU supports (checked in `isa`); the bounds are the
+        // SAFETY: `isa` is what the CPU supports (checked by `crate::cpu`); the bounds are the
         // caller's.
         unsafe {
             match (isa, group) {

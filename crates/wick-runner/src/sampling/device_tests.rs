@@ -1,16 +1,7 @@
 use candle_core::{Device, Tensor};
 
 use super::*;
-
-fn rng(seed: u64) -> impl FnMut() -> f32 {
-    let mut s = seed;
-    move || {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-}
+use crate::test_support::rng;
 
 /// Sampling parameters of the kinds requests send.
 fn draws() -> Vec<DrawParams> {

@@ -2,19 +2,10 @@ use candle_core::{DType, Device, Tensor};
 
 use super::*;
 use crate::attention::metadata::{AttentionMetadata, Heads, SeqSpan};
+use crate::test_support::rng;
 
 const BS: usize = 16;
 const BLOCKS: usize = 64;
-
-fn rng(seed: u64) -> impl FnMut() -> f32 {
-    let mut s = seed;
-    move || {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-}
 
 /// A sequence of `ctx` positions whose blocks are scattered over the cache (`first` picks
 /// where), the last `q_len` of them queried.
