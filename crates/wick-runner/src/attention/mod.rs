@@ -9,6 +9,7 @@
 //! each sequence's context is gathered with `index_select`.
 
 mod host;
+mod kernels;
 mod metadata;
 pub(crate) mod paged;
 mod tensor;
@@ -19,7 +20,7 @@ mod x86;
 
 use candle_core::Tensor;
 
-pub(crate) use host::exp_canonical;
+pub(crate) use kernels::exp_canonical;
 pub(crate) use metadata::Heads;
 pub use metadata::{AttentionMetadata, SeqSpan};
 pub(crate) use tensor::DeviceMetadata;

@@ -1,6 +1,6 @@
 use half::f16;
 
-use super::host::{attend_item, exp_canonical, Item, ItemArgs, Portable};
+use super::kernels::{attend_item, exp_canonical, Item, ItemArgs, Portable};
 use super::metadata::{window_start, Heads};
 #[cfg(target_arch = "x86_64")]
 use super::x86;

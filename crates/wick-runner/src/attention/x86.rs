@@ -1,11 +1,11 @@
-//! The host attention's x86 kernels: the canonical lanes of [`super::host`] on AVX2 + F16C
+//! The host attention's x86 kernels: the canonical lanes of [`super::kernels`] on AVX2 + F16C
 //! and on AVX-512, the same operations in the same order (hence the same bits).
 
 use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::host::{attend_item, exp_canonical, ItemArgs, Kernels, Portable, EXP_C};
+use super::kernels::{attend_item, exp_canonical, ItemArgs, Kernels, Portable, EXP_C};
 
 /// The canonical reduction's last steps, 8 lanes to 1: lanes `i` and `i + 4`, then
 /// `i + 2`, then `i + 1`.
@@ -91,7 +91,7 @@ impl Kernels for Avx2 {
             *s -= m;
         }
         Self::exp(s);
-        super::host::sum_canonical(s)
+        super::kernels::sum_canonical(s)
     }
 
     #[inline(always)]
