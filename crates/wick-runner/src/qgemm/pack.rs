@@ -1,10 +1,226 @@
-//! From a GGUF row's blocks to what the kernels take: per block of 32 weights, 32 unsigned
-//! integers and the block's scales (see [`Scale`]); then into the tiles of [`super::Packed`].
+//! The packed weight matrix ([`Packed`]): how each type is laid out in the tiles, the
+//! repacking of a GGUF row's blocks (per block of 32 weights, 32 unsigned integers and the
+//! block's scales, see [`Scale`]) into them, and reading a row back.
 
 use half::f16;
 
 use super::{Bits, Scales, QK, ROWS, SUPER};
 use crate::quant::{k4_scale_min, WeightType};
+use crate::{Result, RunnerError};
+
+/// A `[n, k]` weight matrix repacked into row tiles (see the module comment). Built only by
+/// [`Packed::new`], which checks the data against the shape: the kernels' raw-pointer reads
+/// rely on every field agreeing with `n` and `k`, so none is public.
+pub struct Packed {
+    pub(super) format: WeightType,
+    pub(super) n: usize,
+    pub(super) k: usize,
+    pub(super) nb: usize,
+    pub(super) tiles: usize,
+    pub(super) bits: Bits,
+    pub(super) scales: Scales,
+    /// Per (tile, block): 256 bytes of nibbles, or 512 of i8 (Q8_0).
+    pub(super) qs: Vec<u8>,
+    /// Per (tile, block): the high-bit plane (`Bits::high_bytes`).
+    pub(super) qh: Vec<u8>,
+    pub(super) d: Vec<f16>,
+    pub(super) m: Vec<f16>,
+    pub(super) sc: Vec<u8>,
+    pub(super) mn: Vec<u8>,
+    /// Q8_0: 128 x the sum of each block's weights (the activations are shifted by 128).
+    pub(super) wsum: Vec<i32>,
+}
+
+/// Every type with packed kernels (tests and benchmarks iterate it).
+pub const TYPES: [WeightType; 9] = [
+    WeightType::Q4_0,
+    WeightType::Q4_1,
+    WeightType::Q5_0,
+    WeightType::Q5_1,
+    WeightType::Q8_0,
+    WeightType::Q3K,
+    WeightType::Q4K,
+    WeightType::Q5K,
+    WeightType::Q6K,
+];
+
+impl Packed {
+    pub fn format(&self) -> WeightType {
+        self.format
+    }
+
+    /// Output rows.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Inputs per row.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Whether `ty` has packed kernels.
+    pub fn supports(ty: WeightType) -> bool {
+        layout(ty).is_some()
+    }
+
+    /// Whether the activations are quantized per 256 for this layout (the K-quants).
+    pub(super) fn super_blocks(&self) -> bool {
+        matches!(self.scales, Scales::Super | Scales::Halves)
+    }
+
+    /// Whether the kernels read the activations' sums per 16 ([`Acts::s16`]).
+    pub(super) fn reads_sums(&self) -> bool {
+        matches!(self.scales, Scales::Offset(z) if z != 0) || self.super_blocks()
+    }
+
+    /// Super-blocks per row (K-quants; 0 for the others, whose scales are per block).
+    pub(super) fn nsb(&self) -> usize {
+        match self.scales {
+            Scales::Block | Scales::Offset(_) => 0,
+            _ => self.nb / SUPER,
+        }
+    }
+
+    /// Repacks GGUF blocks (`n` rows of `k` weights each, in file order).
+    pub fn new(format: WeightType, data: &[u8], n: usize, k: usize) -> Result<Self> {
+        let Some((bits, scales)) = layout(format) else {
+            return Err(RunnerError::Step(format!("no packed kernel for {format}")));
+        };
+        let (elems, block_bytes) = format.block();
+        let expected = n
+            .checked_mul(k / elems)
+            .and_then(|b| b.checked_mul(block_bytes));
+        if n == 0 || k == 0 || !k.is_multiple_of(elems) || expected != Some(data.len()) {
+            return Err(RunnerError::Step(format!(
+                "malformed {format} matrix {n}x{k} ({} bytes)",
+                data.len()
+            )));
+        }
+        let nb = k / QK;
+        let tiles = n.div_ceil(ROWS);
+        let per_block = tiles * nb * ROWS;
+        let per_super = tiles * (nb / SUPER) * ROWS;
+        let (d, m, sc, mn) = match (scales, bits) {
+            (Scales::Offset(_), _) => (per_block, 0, 0, 0),
+            (Scales::Block, _) => (per_block, per_block, 0, 0),
+            (Scales::Super, _) => (per_super, per_super, per_block, per_block),
+            (Scales::Halves, _) => (per_super, 0, 2 * per_block, 0),
+        };
+        let mut p = Packed {
+            format,
+            n,
+            k,
+            nb,
+            tiles,
+            bits,
+            scales,
+            qs: vec![0; tiles * nb * bits.tile_bytes()],
+            qh: vec![0; tiles * nb * bits.high_bytes()],
+            d: vec![f16::ZERO; d],
+            m: vec![f16::ZERO; m],
+            sc: vec![0; sc],
+            mn: vec![0; mn],
+            wsum: vec![0; if bits == Bits::Eight { per_block } else { 0 }],
+        };
+        let row_bytes = (k / elems) * block_bytes;
+        let mut q = vec![0u8; k];
+        let mut factors = Vec::with_capacity(nb);
+        for (row, bytes) in data.chunks_exact(row_bytes).enumerate() {
+            factors.clear();
+            for (blk, q) in bytes
+                .chunks_exact(block_bytes)
+                .zip(q.chunks_exact_mut(elems))
+            {
+                decode(format, blk, q, &mut factors);
+            }
+            for (b, (q, s)) in q.chunks_exact(QK).zip(&factors).enumerate() {
+                p.put(row, b, q, *s);
+            }
+        }
+        Ok(p)
+    }
+
+    /// Bytes this matrix takes in memory.
+    pub fn bytes(&self) -> usize {
+        self.qs.len()
+            + self.qh.len()
+            + 2 * (self.d.len() + self.m.len())
+            + self.sc.len()
+            + self.mn.len()
+            + 4 * self.wsum.len()
+    }
+
+    /// Row `row` dequantized into `out` (`k` values): an embedding lookup from a tied output
+    /// layer, without a second copy of the table.
+    pub fn row(&self, row: usize, out: &mut [f32]) {
+        assert!(row < self.n, "row {row} of a {}-row matrix", self.n);
+        let mut q = [0u8; QK];
+        for (b, y) in out.chunks_exact_mut(QK).enumerate().take(self.nb) {
+            self.ints(row, b, &mut q);
+            let (f0, f1) = self.factors(row, b);
+            match (self.bits, self.scales) {
+                (Bits::Eight, _) => {
+                    for (y, &q) in y.iter_mut().zip(&q) {
+                        *y = (q as i8) as f32 * f0;
+                    }
+                }
+                (_, Scales::Halves) => {
+                    for (i, (y, &q)) in y.iter_mut().zip(&q).enumerate() {
+                        let f = if i < 16 { f0 } else { f1 };
+                        *y = (q as i32 - 32) as f32 * f;
+                    }
+                }
+                (_, Scales::Offset(zero)) => {
+                    for (y, &q) in y.iter_mut().zip(&q) {
+                        *y = (q as i32 - zero) as f32 * f0;
+                    }
+                }
+                _ => {
+                    for (y, &q) in y.iter_mut().zip(&q) {
+                        *y = q as f32 * f0 + f1;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Random but well-formed GGUF blocks of `ty` for an `[n, k]` matrix: random integers and
+/// sub-block scales, f16 scales of a realistic size (tests and benchmarks).
+#[doc(hidden)]
+pub fn random_blocks(ty: WeightType, n: usize, k: usize, seed: &mut u64) -> Vec<u8> {
+    let mut next = || {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (*seed >> 33) as u32
+    };
+    let (elems, bytes) = ty.block();
+    // (offset, is a minimum) of each f16 in a block.
+    let halves: &[(usize, bool)] = match ty {
+        WeightType::Q4_1 | WeightType::Q5_1 => &[(0, false), (2, true)],
+        WeightType::Q4K | WeightType::Q5K | WeightType::Q2K => &[(0, false), (2, false)],
+        WeightType::Q6K => &[(208, false)],
+        WeightType::Q3K => &[(108, false)],
+        _ => &[(0, false)],
+    };
+    let mut data = Vec::with_capacity(n * k / elems * bytes);
+    for _ in 0..n * k / elems {
+        let start = data.len();
+        data.extend((0..bytes).map(|_| next() as u8));
+        for &(at, min) in halves {
+            let v = (next() % 1000) as f32 / 50_000.0 + 0.001;
+            let v = if min {
+                -v * 2.5
+            } else {
+                v / if elems > QK { 8.0 } else { 1.0 }
+            };
+            data[start + at..start + at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+        }
+    }
+    data
+}
 
 /// The scales of one block of 32 weights, `q` its unsigned integers.
 #[derive(Debug, Clone, Copy)]
@@ -144,7 +360,7 @@ pub(super) fn decode(ty: WeightType, b: &[u8], q: &mut [u8], scales: &mut Vec<Sc
     }
 }
 
-impl super::Packed {
+impl Packed {
     /// Writes block `b` of row `row` (its integers `q`, its scales `s`) into the tiles.
     pub(super) fn put(&mut self, row: usize, b: usize, q: &[u8], s: Scale) {
         let (ti, r) = (row / ROWS, row % ROWS);

@@ -1,4 +1,7 @@
+use super::matmul::tile;
 use super::*;
+use crate::cpu::Isa;
+use crate::quant::WeightType;
 
 fn lcg(seed: &mut u64) -> u32 {
     *seed = seed
