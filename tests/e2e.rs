@@ -538,6 +538,7 @@ fn a_model_that_cannot_load_is_a_clear_start_up_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("max_num_seq"));
 }
 
+#[cfg(feature = "dev")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_load_generator_measures_a_tiny_load() {
     let s = Server::start(&[]).await;
@@ -588,6 +589,7 @@ async fn the_load_generator_measures_a_tiny_load() {
 
 /// `wick parity` (the GPU check's numerics step), run here CPU against CPU: identical weights
 /// agree exactly and pass; re-quantized weights differ measurably and fail with exit code 1.
+#[cfg(feature = "dev")]
 #[test]
 fn parity_passes_the_same_weights_and_catches_different_ones() {
     let model = common::model_path();
@@ -613,15 +615,13 @@ fn parity_passes_the_same_weights_and_catches_different_ones() {
     assert_eq!(q8["pass"], false);
 }
 
-/// The GGUF's tokenizer written as Hugging Face files encodes text exactly as the GGUF does.
-#[test]
-fn export_tokenizer_writes_an_equivalent_tokenizer_json() {
-    let dir = tempfile::tempdir().unwrap();
+/// `wick export-tokenizer` on the default model into `dir`.
+fn export_tokenizer(dir: &std::path::Path) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_wick"))
         .args(["export-tokenizer", "--model"])
         .arg(common::model_path())
         .arg("--out")
-        .arg(dir.path())
+        .arg(dir)
         .output()
         .unwrap();
     assert!(
@@ -629,6 +629,13 @@ fn export_tokenizer_writes_an_equivalent_tokenizer_json() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The GGUF's tokenizer written as Hugging Face files encodes text exactly as the GGUF does.
+#[test]
+fn export_tokenizer_writes_an_equivalent_tokenizer_json() {
+    let dir = tempfile::tempdir().unwrap();
+    export_tokenizer(dir.path());
     let exported = tokenizers::Tokenizer::from_file(dir.path().join("tokenizer.json")).unwrap();
     let gguf = wick_runner::load(
         &common::model_path(),
@@ -655,8 +662,15 @@ fn export_tokenizer_writes_an_equivalent_tokenizer_json() {
     .unwrap();
     assert!(cfg["chat_template"].as_str().unwrap().contains("im_start"));
     assert_eq!(cfg["eos_token"], "<|im_end|>");
-    // The tokenizer metadata alone is enough for `wick tiny-models` (the GPU check's tiny
-    // models of every family): the files it writes are the ones the tests check.
+}
+
+/// The exported tokenizer metadata alone is enough for `wick tiny-models` (the GPU check's
+/// tiny models of every family): the files it writes are the ones the tests check.
+#[cfg(feature = "dev")]
+#[test]
+fn tiny_models_from_the_exported_tokenizer_are_the_tested_files() {
+    let dir = tempfile::tempdir().unwrap();
+    export_tokenizer(dir.path());
     let tiny = dir.path().join("tiny");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_wick"))
         .args(["tiny-models", "--tokenizer"])

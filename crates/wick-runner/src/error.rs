@@ -7,6 +7,11 @@ pub enum RunnerError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is not a model: expected a .gguf file or a directory with config.json and *.safetensors")]
     NotAModel { path: PathBuf },
     #[error("invalid model file {path}: {message}")]

@@ -15,23 +15,27 @@ mod config;
 mod cpu;
 mod embedding;
 mod error;
-#[doc(hidden)]
+#[cfg(feature = "testing")]
 pub mod gguf;
+#[cfg(not(feature = "testing"))]
+mod gguf;
 mod kv_cache;
 mod linear;
 mod load;
 mod model;
 mod models;
 mod profile;
-#[doc(hidden)]
+#[cfg(feature = "testing")]
 pub mod qgemm;
+#[cfg(not(feature = "testing"))]
+mod qgemm;
 pub mod quant;
 mod rope;
 mod runner;
 mod sampling;
 #[cfg(test)]
 mod test_support;
-#[doc(hidden)]
+#[cfg(feature = "testing")]
 pub mod testing;
 mod tokenizer;
 
@@ -40,6 +44,7 @@ pub use config::{Activation, LayerSpec, ModelConfig, RopeScaling, RopeSpec, Rope
 pub use cpu::SimdLimit;
 pub use embedding::{EmbeddingModel, Pooling};
 pub use error::RunnerError;
+pub use gguf::write_tokenizer_gguf;
 pub use kv_cache::{CacheConfig, KvCache};
 pub use load::{
     load, load_assets, parse_device, parse_dtype, LoadOptions, LoadedModel, ModelAssets,

@@ -1,11 +1,15 @@
 //! The `wick` binary: `wick serve` reads the configuration, binds the listener, starts the
 //! engine thread (which loads the model and reports back), and serves the HTTP API.
 
+#[cfg(feature = "dev")]
 mod bench;
 mod config;
+mod export;
 mod hub;
+#[cfg(feature = "dev")]
 mod soak;
 mod telemetry;
+#[cfg(feature = "dev")]
 mod tools;
 
 use std::future::IntoFuture;
@@ -44,19 +48,25 @@ struct Cli {
 enum Command {
     /// Serve a model over the OpenAI API.
     Serve(Box<ServeArgs>),
+    /// Write a GGUF file's tokenizer as tokenizer.json + tokenizer_config.json.
+    ExportTokenizer(export::ExportTokenizerArgs),
+    // The developer tools (`--features dev`): load generator, soak, GPU-check tools.
     /// Load-test an OpenAI-compatible server (this one or another) over streaming requests.
+    #[cfg(feature = "dev")]
     Bench(bench::BenchArgs),
     /// A long, hostile mixed load (disconnects, malformed requests), then checks that the
     /// server is whole: no 5xx, KV blocks back to 0, memory flat.
+    #[cfg(feature = "dev")]
     Soak(soak::SoakArgs),
     /// Compare a model's log-probabilities on a device against the CPU (the GPU check).
+    #[cfg(feature = "dev")]
     Parity(tools::ParityArgs),
     /// Decode-step time at several batch sizes, and where it goes (the GPU check).
+    #[cfg(feature = "dev")]
     StepProfile(tools::StepProfileArgs),
-    /// Write a GGUF file's tokenizer as tokenizer.json + tokenizer_config.json.
-    ExportTokenizer(tools::ExportTokenizerArgs),
     /// Write the tests' tiny random models of every family (for the GPU check).
     #[command(hide = true)]
+    #[cfg(feature = "dev")]
     TinyModels(tools::TinyModelsArgs),
 }
 
@@ -92,6 +102,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
+        #[cfg(feature = "dev")]
         Command::Parity(args) => {
             let _ = telemetry::init(config::LogFormat::Human, "warn", None);
             match tools::parity(args) {
@@ -100,16 +111,20 @@ fn main() -> ExitCode {
                 Err(e) => Err(e),
             }
         }
+        #[cfg(feature = "dev")]
         Command::StepProfile(args) => {
             let _ = telemetry::init(config::LogFormat::Human, "warn", None);
             tools::step_profile(args)
         }
-        Command::ExportTokenizer(args) => tools::export_tokenizer(args),
+        Command::ExportTokenizer(args) => export::export_tokenizer(args),
+        #[cfg(feature = "dev")]
         Command::TinyModels(args) => tools::tiny_models(args),
+        #[cfg(feature = "dev")]
         Command::Bench(args) => {
             let _ = telemetry::init(config::LogFormat::Human, "info", None);
             runtime().and_then(|rt| rt.block_on(bench::run(args)).map(drop))
         }
+        #[cfg(feature = "dev")]
         Command::Soak(args) => runtime().and_then(|rt| rt.block_on(soak::main(args))),
     };
     match result {

@@ -5,8 +5,9 @@
 //!   log-probabilities of the reference's tokens differ.
 //! - `wick step-profile`: decode steps at several batch sizes, tokens/s and the step's time
 //!   by phase (host work, matrix products, attention, the rest, sampling).
-//! - `wick export-tokenizer`: a GGUF file's tokenizer and chat template as `tokenizer.json`
-//!   and `tokenizer_config.json`, so a Hugging Face model directory can be written around them.
+//! - `wick tiny-models`: the tests' tiny random models of every family.
+//!
+//! Developer tools: built with the `dev` feature only.
 
 use std::path::PathBuf;
 
@@ -71,17 +72,6 @@ pub struct ParityArgs {
     /// Fraction of steps that must agree within the tolerance; below it the exit code is 1.
     #[arg(long, default_value_t = 0.99)]
     pub min_within: f64,
-}
-
-#[derive(Debug, Args)]
-pub struct ExportTokenizerArgs {
-    /// The GGUF file.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// Directory to write tokenizer.json, tokenizer_config.json and tokenizer.gguf (the
-    /// file's tokenizer metadata alone) into.
-    #[arg(long)]
-    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -267,49 +257,6 @@ fn encode(t: &tokenizers::Tokenizer, n: usize) -> anyhow::Result<Vec<Vec<u32>>> 
 fn blocks_for(prompts: &[Vec<u32>], tokens: usize, block_size: usize) -> usize {
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     prompts.len() * (longest + tokens).div_ceil(block_size)
-}
-
-pub fn export_tokenizer(args: ExportTokenizerArgs) -> anyhow::Result<()> {
-    let a = wick_runner::load_assets(&args.model)
-        .with_context(|| format!("cannot load {}", args.model.display()))?;
-    std::fs::create_dir_all(&args.out)?;
-    a.tokenizer
-        .save(args.out.join("tokenizer.json"), false)
-        .map_err(|e| anyhow::anyhow!("cannot write tokenizer.json: {e}"))?;
-    let cfg = json!({
-        "chat_template": a.chat_template,
-        "bos_token": a.bos_token,
-        "eos_token": a.eos_token,
-        "model_max_length": a.max_model_len,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-    });
-    std::fs::write(
-        args.out.join("tokenizer_config.json"),
-        serde_json::to_string_pretty(&cfg)?,
-    )?;
-    if args.model.is_file() {
-        let g = wick_runner::gguf::GgufFile::open(&args.model)?;
-        let mut w = wick_runner::gguf::GgufWriter::new();
-        let mut keys: Vec<_> = g
-            .metadata
-            .keys()
-            .filter(|k| k.starts_with("tokenizer."))
-            .collect();
-        keys.sort();
-        for k in keys {
-            w.meta(k, g.metadata[k].clone());
-        }
-        w.write(&args.out.join("tokenizer.gguf"))?;
-    }
-    let eos_id = a
-        .eos_token
-        .as_deref()
-        .and_then(|t| a.tokenizer.token_to_id(t));
-    println!(
-        "{}",
-        json!({"vocab_size": a.tokenizer.get_vocab_size(true), "eos_token_id": eos_id, "stop_token_ids": a.stop_token_ids})
-    );
-    Ok(())
 }
 
 #[derive(Debug, Args)]

@@ -11,7 +11,7 @@ SERVER=${LLAMA_SERVER:-$(bash ../shared/peers/build-llama-server.sh | tail -1)}
 MAKE_REFERENCE=${MAKE_REFERENCE:-../shared/peers/make-reference.py}
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
-cargo run --release -q -p wick-runner --example tiny_models -- "$(scripts/fetch-model.sh)" "$OUT"
+cargo run --release -q -p wick-runner --features testing --example tiny_models -- "$(scripts/fetch-model.sh)" "$OUT"
 for g in "$OUT"/*.gguf; do
   name=$(basename "$g" .gguf)
   python3 "$MAKE_REFERENCE" "$SERVER" "$g" tests/data/tiny/prompts.json "tests/data/tiny/$name.llamacpp.json"

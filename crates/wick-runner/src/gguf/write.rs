@@ -1,11 +1,34 @@
-//! Writing GGUF files: the tests' tiny random models and their malformed variants.
+//! Writing GGUF files: a model's tokenizer alone ([`write_tokenizer_gguf`]), and the tests'
+//! tiny random models and their malformed variants.
 
 use std::io::Write;
 use std::path::Path;
 
-use super::Value;
+use super::{GgufFile, Value};
+use crate::{Result, RunnerError};
+
+/// Writes the `tokenizer.*` metadata of the GGUF file `model` (no tensors) as the GGUF file
+/// `out`: a tokenizer other tools (and the tiny test models) can load on its own.
+pub fn write_tokenizer_gguf(model: &Path, out: &Path) -> Result<()> {
+    let g = GgufFile::open(model)?;
+    let mut w = GgufWriter::new();
+    let mut keys: Vec<_> = g
+        .metadata
+        .keys()
+        .filter(|k| k.starts_with("tokenizer."))
+        .collect();
+    keys.sort();
+    for k in keys {
+        w.meta(k, g.metadata[k].clone());
+    }
+    w.write(out).map_err(|source| RunnerError::Write {
+        path: out.to_path_buf(),
+        source,
+    })
+}
 
 /// A metadata value to write (the reader's [`Value`]).
+#[cfg(any(test, feature = "testing"))]
 pub type WriteValue = Value;
 
 const ALIGNMENT: usize = 32;
@@ -29,12 +52,14 @@ impl GgufWriter {
     }
 
     /// An f32 tensor; `dims` in ggml order (row length first).
+    #[cfg(any(test, feature = "testing"))]
     pub fn tensor_f32(&mut self, name: &str, dims: &[usize], data: &[f32]) {
         let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.raw_tensor(name, dims, 0, &bytes);
     }
 
     /// A tensor of ggml type `type_id` from its encoded bytes.
+    #[cfg(any(test, feature = "testing"))]
     pub fn raw_tensor(&mut self, name: &str, dims: &[usize], type_id: u32, bytes: &[u8]) {
         self.tensors
             .push((name.to_string(), dims.to_vec(), type_id, bytes.to_vec()));

@@ -43,11 +43,6 @@ impl Acts {
         }
     }
 
-    /// Tokens quantized.
-    pub fn tokens(&self) -> usize {
-        self.t
-    }
-
     /// Whether these activations were quantized for `w`'s layout (see [`matmul`]).
     pub(super) fn fit(&self, w: &Packed) -> bool {
         self.k == w.k

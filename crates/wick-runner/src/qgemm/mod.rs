@@ -32,7 +32,9 @@ mod tests;
 
 pub use acts::Acts;
 pub use matmul::matmul;
-pub use pack::{random_blocks, Packed, TYPES};
+pub use pack::Packed;
+#[cfg(any(test, feature = "testing"))]
+pub use pack::{random_blocks, TYPES};
 
 const QK: usize = 32;
 const ROWS: usize = 16;

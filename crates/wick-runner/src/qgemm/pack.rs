@@ -32,6 +32,7 @@ pub struct Packed {
 }
 
 /// Every type with packed kernels (tests and benchmarks iterate it).
+#[cfg(any(test, feature = "testing"))]
 pub const TYPES: [WeightType; 9] = [
     WeightType::Q4_0,
     WeightType::Q4_1,
@@ -188,7 +189,7 @@ impl Packed {
 
 /// Random but well-formed GGUF blocks of `ty` for an `[n, k]` matrix: random integers and
 /// sub-block scales, f16 scales of a realistic size (tests and benchmarks).
-#[doc(hidden)]
+#[cfg(any(test, feature = "testing"))]
 pub fn random_blocks(ty: WeightType, n: usize, k: usize, seed: &mut u64) -> Vec<u8> {
     let mut next = || {
         *seed = seed
