@@ -60,9 +60,10 @@ soak: build-dev
 bench-kernels:
 	cargo bench -p wick-runner --features testing --bench kernels
 
-## Criterion benchmark of one runner step at 1, 8 and 32 tokens.
+## Criterion benchmark of one runner step at 1, 8 and 32 tokens, and of building one step's
+## attention metadata for 1, 16 and 64 sequences at 4,096 positions.
 bench:
-	WICK_MODEL="$$(scripts/fetch-model.sh)" cargo bench -p wick-runner --bench runner_step
+	WICK_MODEL="$$(scripts/fetch-model.sh)" cargo bench -p wick-runner --features testing --bench runner_step
 
 ## Serving figures over HTTP: inter-token latency with a long prompt arriving, TTFT with a
 ## prefix-cache hit; and the scheduler's step with 256 running sequences.

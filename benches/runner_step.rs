@@ -4,6 +4,10 @@
 //! `prefill/N`: one sequence prefills an N-token chunk. Set `WICK_MODEL` to the GGUF path,
 //! or let `scripts/fetch-model.sh` fetch it. `WICK_BENCH_FORMATS=q8_0,f32,native` picks the
 //! formats (default: all three).
+//!
+//! `metadata/{host,paged}/N`: building one step's attention metadata (and, for `paged`, the
+//! paged op's block tables) for N sequences decoding at position 4,095: the host work every
+//! step does before its layers, without the model.
 
 use std::path::PathBuf;
 
@@ -56,6 +60,41 @@ fn prefill_batch(n: usize) -> ScheduledBatch {
     }
 }
 
+/// `n` sequences of 4,096 positions (256 blocks each, scattered), decoding their last.
+fn long_decode_batch(n: usize) -> ScheduledBatch {
+    let blocks = 4096 / BLOCK;
+    ScheduledBatch {
+        seqs: (0..n)
+            .map(|i| ScheduledSeq {
+                id: RequestId(i as u64),
+                tokens: vec![7],
+                start_pos: 4095,
+                block_table: (0..blocks)
+                    .map(|b| BlockId(((b * n + i) * 7 % (n * blocks)) as u32))
+                    .collect(),
+                sample: true,
+            })
+            .collect(),
+    }
+}
+
+fn bench_metadata(c: &mut Criterion) {
+    let mut g = c.benchmark_group("metadata");
+    for n in [1usize, 16, 64] {
+        let batch = long_decode_batch(n);
+        let num_blocks = n * 4096 / BLOCK;
+        for (name, tables) in [("host", false), ("paged", true)] {
+            g.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
+                b.iter(|| {
+                    wick_runner::testing::step_metadata(&batch, BLOCK, num_blocks, tables)
+                        .expect("metadata")
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 fn bench(c: &mut Criterion) {
     let path = model_path();
     let formats = std::env::var("WICK_BENCH_FORMATS").unwrap_or_else(|_| "q8_0,f32,native".into());
@@ -95,5 +134,5 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+criterion_group!(benches, bench_metadata, bench);
 criterion_main!(benches);

@@ -3,8 +3,8 @@
 use candle_core::{DType, Tensor};
 use wick_core::ScheduledBatch;
 
+use crate::attention::AttentionMetadata;
 use crate::attention::DeviceMetadata;
-use crate::attention::{AttentionMetadata, SeqSpan};
 use crate::profile::{Phase, Profiler, StepProfile};
 use crate::sampling::device::{self, DrawParams};
 use crate::{CacheConfig, KvCache, Model, Result, RunnerError};
@@ -144,10 +144,9 @@ impl Runner {
     }
 
     fn forward(&mut self, batch: &ScheduledBatch) -> Result<Logits> {
-        let bs = self.kv.config().block_size;
+        let (bs, num_blocks) = (self.kv.config().block_size, self.kv.config().num_blocks);
         let max_pos = self.model.config().max_position_embeddings;
         let mut ids = Vec::with_capacity(batch.num_tokens());
-        let mut spans = Vec::with_capacity(batch.seqs.len());
         let mut last_rows = Vec::new();
         for s in &batch.seqs {
             let end = s.start_pos + s.tokens.len();
@@ -158,15 +157,6 @@ impl Runner {
                     s.block_table.len()
                 )));
             }
-            let slots = (0..end)
-                .map(|p| s.block_table[p / bs].index() * bs + p % bs)
-                .collect();
-            spans.push(SeqSpan {
-                q_start: ids.len(),
-                q_len: s.tokens.len(),
-                start_pos: s.start_pos,
-                slots,
-            });
             ids.extend_from_slice(&s.tokens);
             if s.sample {
                 last_rows.push(ids.len() as u32 - 1);
@@ -175,7 +165,7 @@ impl Runner {
         if ids.is_empty() {
             return Ok(Logits::Host(Vec::new()));
         }
-        let meta = AttentionMetadata::new(spans);
+        let meta = AttentionMetadata::from_batch(batch, bs, num_blocks)?;
         if let (Some(pool), true) = (&self.pool, self.kv.uses_host_memory()) {
             let (model, kv, scratch) = (&self.model, &mut self.kv, &mut self.scratch);
             return pool
@@ -188,7 +178,7 @@ impl Runner {
             &meta,
             self.model.device(),
             self.model.windows(),
-            (cache.block_size, cache.num_blocks * cache.block_size),
+            cache.num_blocks * cache.block_size,
             self.model.uses_paged_attention(),
         )?;
         Ok(

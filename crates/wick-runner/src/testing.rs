@@ -647,3 +647,24 @@ fn write_hf(
     });
     std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).map_err(io)
 }
+
+/// The host work of one step's attention metadata for `batch` over a cache of `num_blocks`
+/// blocks of `block_size` (what the runner builds before a step's layers), and with
+/// `block_tables` the paged op's block tables too (the tensor path's): for
+/// `benches/runner_step.rs`, which times it. Returns the tokens and table entries built.
+pub fn step_metadata(
+    batch: &wick_core::ScheduledBatch,
+    block_size: usize,
+    num_blocks: usize,
+    block_tables: bool,
+) -> Result<usize> {
+    let meta = crate::attention::AttentionMetadata::from_batch(batch, block_size, num_blocks)?;
+    let tables = if block_tables {
+        crate::attention::paged::BlockTables::new(&meta, num_blocks * block_size)?
+            .tables
+            .len()
+    } else {
+        0
+    };
+    Ok(meta.num_tokens() + tables)
+}

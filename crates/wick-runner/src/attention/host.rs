@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use crate::cpu::Isa;
 
 use super::kernels::{attend_item, Item, Portable, LANES};
-use super::metadata::{window_start, AttentionMetadata, Heads};
+use super::metadata::{window_start, AttentionMetadata, Heads, SeqSpan};
 use crate::rope::{Rope, RopeTables};
 
 /// Query tokens per work item.
@@ -87,20 +87,21 @@ pub(super) fn attend(
 
 /// The items of a sequence: its tokens in blocks of [`BLOCK`], for every group.
 pub(super) fn items_of<'a>(
-    rows: std::ops::Range<usize>,
-    pos0: usize,
-    slots: &'a [usize],
+    s: &'a SeqSpan,
+    block_size: usize,
     groups: usize,
     out: &mut Vec<Item<'a>>,
 ) {
+    let rows = s.q_start..s.q_start + s.q_len;
     let mut start = rows.start;
     while start < rows.end {
         let end = (start + BLOCK).min(rows.end);
         for group in 0..groups {
             out.push(Item {
                 rows: start..end,
-                pos0: pos0 + (start - rows.start),
-                slots,
+                pos0: s.start_pos + (start - rows.start),
+                blocks: &s.blocks,
+                block_size,
                 group,
             });
         }
@@ -125,8 +126,7 @@ pub(super) fn attention_host(
         for head in x[..qd + kd].chunks_exact_mut(hd) {
             rope.apply(&mut head[..rope.dims], tab, t);
         }
-        let seq = &meta.seqs[meta.token_seq[t]];
-        let slot = seq.slots[meta.positions[t]];
+        let slot = meta.new_slots[t];
         k_cache[slot * kd..(slot + 1) * kd].convert_from_f32_slice(&x[qd..qd + kd]);
         v_cache[slot * kd..(slot + 1) * kd].convert_from_f32_slice(&x[qd + kd..]);
     }
@@ -136,13 +136,7 @@ pub(super) fn attention_host(
     let mut items = Vec::new();
     let mut work = 0;
     for s in &meta.seqs {
-        items_of(
-            s.q_start..s.q_start + s.q_len,
-            s.start_pos,
-            &s.slots,
-            heads.num_kv_heads,
-            &mut items,
-        );
+        items_of(s, meta.block_size, heads.num_kv_heads, &mut items);
         for p in s.start_pos..s.start_pos + s.q_len {
             work += p + 1 - window_start(p, heads.window);
         }

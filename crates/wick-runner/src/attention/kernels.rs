@@ -16,12 +16,34 @@ pub(super) const TILE: usize = 32;
 pub(super) const LANES: usize = 16;
 
 /// The query tokens of one item: rows `rows` of the step, at positions `pos0..`, each
-/// attending to `[window start, its position]` of `slots`.
+/// attending to `[window start, its position]` of its sequence, whose position `p` is in
+/// cache block `blocks[p / block_size]`.
 pub(super) struct Item<'a> {
     pub rows: std::ops::Range<usize>,
     pub pos0: usize,
-    pub slots: &'a [usize],
+    pub blocks: &'a [u32],
+    pub block_size: usize,
     pub group: usize,
+}
+
+impl Item<'_> {
+    /// The cache slots of positions `lo..=hi` as runs of consecutive slots (one per block the
+    /// range touches): `(first slot, length)`, in position order.
+    #[inline(always)]
+    fn runs(&self, lo: usize, hi: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let bs = self.block_size;
+        let mut pos = lo;
+        std::iter::from_fn(move || {
+            if pos > hi {
+                return None;
+            }
+            let offset = pos % bs;
+            let len = (bs - offset).min(hi + 1 - pos);
+            let first = self.blocks[pos / bs] as usize * bs + offset;
+            pos += len;
+            Some((first, len))
+        })
+    }
 }
 
 /// The inner kernels, over a tile's key and value rows converted to f32 (`[n][hd]`, row
@@ -228,10 +250,14 @@ pub(super) unsafe fn attend_item<K: Kernels>(
         // The tile's rows this item reads, converted once for all its tokens and heads.
         let lo = first.max(tile * TILE);
         let hi = last.min(tile * TILE + TILE - 1);
-        for (j, &slot) in item.slots[lo..=hi].iter().enumerate() {
-            let at = slot * kd + off;
-            K::widen(&k_cache[at..at + hd], &mut keys[j * hd..(j + 1) * hd]);
-            K::widen(&v_cache[at..at + hd], &mut values[j * hd..(j + 1) * hd]);
+        let mut j = 0;
+        for (first, len) in item.runs(lo, hi) {
+            for slot in first..first + len {
+                let at = slot * kd + off;
+                K::widen(&k_cache[at..at + hd], &mut keys[j * hd..(j + 1) * hd]);
+                K::widen(&v_cache[at..at + hd], &mut values[j * hd..(j + 1) * hd]);
+                j += 1;
+            }
         }
         for t in 0..n {
             let (ws, pos) = span(t);

@@ -1,12 +1,13 @@
 //! Attention over the paged KV cache, for every sequence of a step at once.
 //!
 //! [`AttentionMetadata`] says where each packed token of a step belongs (its sequence, its
-//! position, the slot of every position of its sequence). Each layer rotates its queries and
-//! keys, stores the step's keys and values in their slots, then attends every query over its
-//! own sequence's positions: all of them, or the last `window` on a sliding-window layer. On
-//! the host the cache is read in place (no gathers); on CUDA (and the CPU's tensor path) one
-//! paged-attention op per layer reads it through the block table ([`paged`]); on Metal
-//! each sequence's context is gathered with `index_select`.
+//! position, its cache slot) and hands over each sequence's block table as scheduled. Each
+//! layer rotates its queries and keys, stores the step's keys and values in their slots, then
+//! attends every query over its own sequence's positions: all of them, or the last `window` on
+//! a sliding-window layer. On the host the cache is read in place through the block table (no
+//! gathers); on CUDA (and the CPU's tensor path) one paged-attention op per layer reads it
+//! through the block tables ([`paged`]); on Metal each sequence's context is gathered with
+//! `index_select`.
 
 mod host;
 mod kernels;
@@ -21,8 +22,8 @@ mod x86;
 use candle_core::Tensor;
 
 pub(crate) use kernels::exp_canonical;
+pub use metadata::AttentionMetadata;
 pub(crate) use metadata::Heads;
-pub use metadata::{AttentionMetadata, SeqSpan};
 pub(crate) use tensor::DeviceMetadata;
 
 use crate::kv_cache::{KvCache, LayerCache};

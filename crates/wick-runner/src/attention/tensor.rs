@@ -24,24 +24,20 @@ pub(crate) struct DeviceMetadata {
 }
 
 impl DeviceMetadata {
-    /// Uploads what the tensor path needs of `meta`: the block tables where the paged op runs (a cache
-    /// of `num_slots` slots in blocks of `block_size`), else every sequence's slots and masks
-    /// for each of `windows`.
+    /// Uploads what the tensor path needs of `meta`: the block tables where the paged op runs
+    /// (a cache of `num_slots` slots), else every sequence's context slots (the gathering
+    /// path's indices, expanded from its block table) and masks for each of `windows`.
     pub(crate) fn new(
         meta: &AttentionMetadata,
         device: &Device,
         windows: &[Option<usize>],
-        (block_size, num_slots): (usize, usize),
+        num_slots: usize,
         paged: bool,
     ) -> Result<Self> {
-        let new_slots: Vec<u32> = meta
-            .seqs
-            .iter()
-            .flat_map(|s| s.slots[s.start_pos..].iter().map(|&x| x as u32))
-            .collect();
+        let new_slots: Vec<u32> = meta.new_slots.iter().map(|&x| x as u32).collect();
         let new_slots = Tensor::new(new_slots.as_slice(), device)?;
         if paged {
-            let tables = BlockTables::new(meta, block_size, num_slots)?;
+            let tables = BlockTables::new(meta, num_slots)?;
             return Ok(Self {
                 new_slots,
                 paged: Some(tables.upload(device)?),
@@ -51,7 +47,9 @@ impl DeviceMetadata {
         }
         let mut ctx_slots = Vec::with_capacity(meta.seqs.len());
         for s in &meta.seqs {
-            let slots: Vec<u32> = s.slots.iter().map(|&x| x as u32).collect();
+            let slots: Vec<u32> = (0..s.context_len())
+                .map(|p| s.slot(p, meta.block_size) as u32)
+                .collect();
             ctx_slots.push(Tensor::new(slots.as_slice(), device)?);
         }
         let mut masks = HashMap::new();
@@ -77,7 +75,7 @@ impl DeviceMetadata {
 
 /// `[q_len, ctx]` of 0 and -inf, or `None` when every query sees every key.
 fn mask(s: &SeqSpan, window: Option<usize>, device: &Device) -> Result<Option<Tensor>> {
-    let ctx = s.slots.len();
+    let ctx = s.context_len();
     let needed = s.q_len > 1 || window_start(s.start_pos, window) > 0;
     if !needed {
         return Ok(None);
@@ -140,7 +138,7 @@ pub(super) fn attention_tensor(
         .ok_or_else(|| RunnerError::Step("no masks prepared for this window".into()))?;
     let mut outs = Vec::with_capacity(meta.seqs.len());
     for (i, s) in meta.seqs.iter().enumerate() {
-        let ctx = s.slots.len();
+        let ctx = s.context_len();
         let gather = |c: &Tensor| -> Result<Tensor> {
             let x = c.index_select(&dm.ctx_slots[i], 0)?; // [ctx, kd]
             let x = x.reshape((ctx, nkv, 1, hd))?.transpose(0, 2)?; // [1, nkv, ctx, hd]

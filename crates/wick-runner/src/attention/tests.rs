@@ -11,11 +11,17 @@ struct Case {
     v: Vec<f16>,
     /// `[tokens, q_dim]`.
     q: Vec<f32>,
+    /// The sequence's blocks of [`BS`] positions, scattered over the cache.
+    blocks: Vec<u32>,
+    /// The slot of every position, from `blocks` (the reference's view).
     slots: Vec<usize>,
     pos0: usize,
 }
 
-/// 20 query tokens at positions 50..70 of a sequence whose slots are scattered.
+/// Positions per cache block of the cases (not a divisor of a tile: blocks straddle tiles).
+const BS: usize = 5;
+
+/// 20 query tokens at positions 50..70 of a sequence whose blocks are scattered.
 fn case(window: Option<usize>) -> Case {
     let heads = Heads {
         num_heads: 6,
@@ -24,7 +30,7 @@ fn case(window: Option<usize>) -> Case {
         scale: 0.125,
         window,
     };
-    let (kd, n_slots, tokens) = (heads.kv_dim(), 90, 20);
+    let (kd, n_slots, tokens) = (heads.kv_dim(), 18 * BS, 20);
     let mut seed = 3u64;
     let mut rnd = || {
         seed = seed
@@ -37,12 +43,17 @@ fn case(window: Option<usize>) -> Case {
         .collect();
     let v = (0..n_slots * kd).map(|_| f16::from_f32(rnd())).collect();
     let q = (0..tokens * heads.q_dim()).map(|_| rnd() * 2.0).collect();
-    let slots = (0..70).map(|p| (p * 37) % n_slots).collect();
+    // 14 blocks for 70 positions, out of order over the cache's 18.
+    let blocks: Vec<u32> = (0..14).map(|b| (b * 7 % 18) as u32).collect();
+    let slots = (0..70)
+        .map(|p| blocks[p / BS] as usize * BS + p % BS)
+        .collect();
     Case {
         heads,
         k,
         v,
         q,
+        blocks,
         slots,
         pos0: 50,
     }
@@ -52,7 +63,8 @@ fn item(c: &Case, rows: std::ops::Range<usize>, group: usize) -> Item<'_> {
     Item {
         pos0: c.pos0 + rows.start,
         rows,
-        slots: &c.slots,
+        blocks: &c.blocks,
+        block_size: BS,
         group,
     }
 }

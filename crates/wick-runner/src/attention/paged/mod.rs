@@ -58,40 +58,40 @@ pub struct BlockTables {
 }
 
 impl BlockTables {
-    /// The layout of `meta`'s sequences in a cache of `num_slots` slots, in blocks of
-    /// `block_size`. Every sequence's slots must follow the paged layout (slot of position
-    /// `p` = `block[p / block_size] * block_size + p % block_size`) and lie in the cache: the
-    /// kernels read without bounds checks, so this is where they are made.
-    pub fn new(meta: &AttentionMetadata, block_size: usize, num_slots: usize) -> Result<Self> {
+    /// The layout of `meta`'s sequences in a cache of `num_slots` slots: each one's block
+    /// table as it is, padded to the longest. Every block must lie in the cache: the kernels
+    /// read without bounds checks, so this is where they are made (once more, whoever built
+    /// the metadata).
+    pub fn new(meta: &AttentionMetadata, num_slots: usize) -> Result<Self> {
         let bad = |m: String| Err(RunnerError::Step(format!("block table: {m}")));
+        let block_size = meta.block_size;
         if block_size == 0 || num_slots > u32::MAX as usize {
             return bad(format!("block size {block_size}, {num_slots} slots"));
         }
+        let num_blocks = num_slots / block_size;
         let max_blocks = meta
             .seqs
             .iter()
-            .map(|s| s.slots.len().div_ceil(block_size))
+            .map(|s| s.context_len().div_ceil(block_size))
             .max()
             .unwrap_or(0);
         let mut tables = vec![0u32; meta.seqs.len() * max_blocks];
         for (i, s) in meta.seqs.iter().enumerate() {
-            let row = &mut tables[i * max_blocks..(i + 1) * max_blocks];
-            for (p, &slot) in s.slots.iter().enumerate() {
-                let block = slot / block_size;
-                if slot % block_size != p % block_size || slot >= num_slots {
-                    return bad(format!(
-                        "sequence {i}: position {p} in slot {slot} is not in the paged layout of {num_slots} slots in blocks of {block_size}"
-                    ));
-                }
-                if p % block_size == 0 {
-                    row[p / block_size] = block as u32;
-                } else if row[p / block_size] as usize != block {
-                    return bad(format!(
-                        "sequence {i}: position {p} leaves its block {}",
-                        row[p / block_size]
-                    ));
-                }
+            let used = s.context_len().div_ceil(block_size);
+            let blocks = s.blocks.get(..used).unwrap_or_default();
+            if blocks.len() < used {
+                return bad(format!(
+                    "sequence {i} has {} positions in {} blocks of {block_size}",
+                    s.context_len(),
+                    s.blocks.len()
+                ));
             }
+            if let Some(b) = blocks.iter().find(|&&b| b as usize >= num_blocks) {
+                return bad(format!(
+                    "sequence {i}: block {b} is past the {num_blocks} blocks of {num_slots} slots"
+                ));
+            }
+            tables[i * max_blocks..i * max_blocks + used].copy_from_slice(blocks);
         }
         let mut tiles = Vec::new();
         for s in &meta.seqs {

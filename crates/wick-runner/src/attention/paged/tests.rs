@@ -10,21 +10,24 @@ const BLOCKS: usize = 64;
 /// A sequence of `ctx` positions whose blocks are scattered over the cache (`first` picks
 /// where), the last `q_len` of them queried.
 fn span(q_start: usize, q_len: usize, ctx: usize, first: usize) -> SeqSpan {
-    let blocks: Vec<usize> = (0..ctx.div_ceil(BS))
-        .map(|b| (first + b * 7) % BLOCKS)
-        .collect();
     SeqSpan {
         q_start,
         q_len,
         start_pos: ctx - q_len,
-        slots: (0..ctx).map(|p| blocks[p / BS] * BS + p % BS).collect(),
+        blocks: (0..ctx.div_ceil(BS))
+            .map(|b| ((first + b * 7) % BLOCKS) as u32)
+            .collect(),
     }
+}
+
+fn metadata(seqs: Vec<SeqSpan>) -> AttentionMetadata {
+    AttentionMetadata::new(seqs, BS, BLOCKS).unwrap()
 }
 
 /// A decode at position 599 (three partitions), a prefill chunk of 20 at 280..300 and a
 /// fresh prompt of 5: the shapes of a mixed step.
 fn mixed() -> AttentionMetadata {
-    AttentionMetadata::new(vec![
+    metadata(vec![
         span(0, 1, 600, 3),
         span(1, 20, 300, 40),
         span(21, 5, 5, 11),
@@ -70,7 +73,7 @@ fn inputs(h: Heads, tokens: usize, dtype: DType) -> Inputs {
 }
 
 fn run(meta: &AttentionMetadata, h: Heads, x: &Inputs) -> Result<Tensor> {
-    let bt = BlockTables::new(meta, BS, BLOCKS * BS)?;
+    let bt = BlockTables::new(meta, BLOCKS * BS)?;
     let paged = bt.upload(&Device::Cpu)?;
     PagedAttention {
         heads: h,
@@ -82,15 +85,15 @@ fn run(meta: &AttentionMetadata, h: Heads, x: &Inputs) -> Result<Tensor> {
 #[test]
 fn block_tables_reproduce_every_slot_of_every_sequence() {
     let meta = mixed();
-    let bt = BlockTables::new(&meta, BS, BLOCKS * BS).unwrap();
+    let bt = BlockTables::new(&meta, BLOCKS * BS).unwrap();
     assert_eq!(bt.max_blocks, 600usize.div_ceil(BS));
     assert_eq!(bt.tables.len(), 3 * bt.max_blocks);
     for (i, s) in meta.seqs.iter().enumerate() {
-        for (p, &slot) in s.slots.iter().enumerate() {
-            assert_eq!(bt.slot(i, p), slot, "sequence {i} position {p}");
+        for p in 0..s.context_len() {
+            assert_eq!(bt.slot(i, p), s.slot(p, BS), "sequence {i} position {p}");
         }
         // Padding past the sequence's blocks.
-        let used = s.slots.len().div_ceil(BS);
+        let used = s.context_len().div_ceil(BS);
         assert!(bt.tables[i * bt.max_blocks + used..(i + 1) * bt.max_blocks]
             .iter()
             .all(|&b| b == 0));
@@ -103,34 +106,41 @@ fn block_tables_reproduce_every_slot_of_every_sequence() {
     // Prefill tiles: the decode alone, the chunk of 20 as 8 + 8 + 4, the prompt of 5.
     assert_eq!(bt.tiles, vec![0, 1, 1, 8, 9, 8, 17, 4, 21, 5]);
     assert!(!bt.decode_only);
-    let decode = AttentionMetadata::new(vec![span(0, 1, 600, 3), span(1, 1, 30, 9)]);
-    assert!(
-        BlockTables::new(&decode, BS, BLOCKS * BS)
-            .unwrap()
-            .decode_only
-    );
+    let decode = metadata(vec![span(0, 1, 600, 3), span(1, 1, 30, 9)]);
+    assert!(BlockTables::new(&decode, BLOCKS * BS).unwrap().decode_only);
 }
 
 #[test]
-fn block_tables_refuse_what_the_kernels_cannot_read() {
-    let check = |s: SeqSpan, want: &str| {
-        let meta = AttentionMetadata::new(vec![s]);
-        let err = BlockTables::new(&meta, BS, BLOCKS * BS)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains(want), "{err}");
+fn metadata_and_block_tables_refuse_what_the_kernels_cannot_read() {
+    let meta_err = |s: SeqSpan, blocks: usize| {
+        AttentionMetadata::new(vec![s], BS, blocks)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
     };
     let mut past_cache = span(0, 1, 40, 3);
-    past_cache.slots[35] = BLOCKS * BS + 3;
-    check(past_cache, "not in the paged layout");
-    let mut wrong_offset = span(0, 1, 40, 3);
-    wrong_offset.slots[5] += 1;
-    check(wrong_offset, "not in the paged layout");
-    let mut leaves = span(0, 1, 40, 3);
-    leaves.slots[17] = 9 * BS + 1;
-    check(leaves, "leaves its block");
+    past_cache.blocks[2] = BLOCKS as u32;
+    let e = meta_err(past_cache.clone(), BLOCKS);
+    assert!(e.contains("block 64 is past the cache's 64 blocks"), "{e}");
+    let mut short = span(0, 1, 40, 3);
+    short.blocks.pop();
+    let e = meta_err(short, BLOCKS);
+    assert!(e.contains("40 positions in 2 blocks of 16"), "{e}");
+    assert!(AttentionMetadata::new(vec![span(0, 1, 40, 3)], 0, BLOCKS).is_err());
+    // The block tables check again against the cache they are for (a smaller one here).
+    let meta = metadata(vec![span(0, 1, 40, 3)]);
+    let e = BlockTables::new(&meta, 8 * BS).unwrap_err().to_string();
+    assert!(e.contains("past the 8 blocks of 128 slots"), "{e}");
+    // Each new token's slot is the one its sequence's table gives.
     let meta = mixed();
-    assert!(BlockTables::new(&meta, 0, 100).is_err());
+    let bt = BlockTables::new(&meta, BLOCKS * BS).unwrap();
+    for (t, &slot) in meta.new_slots.iter().enumerate() {
+        assert_eq!(
+            slot,
+            bt.slot(meta.token_seq[t], meta.positions[t]),
+            "token {t}"
+        );
+    }
 }
 
 /// Plain attention in f64 over each query's own context.
@@ -164,7 +174,7 @@ fn plain(meta: &AttentionMetadata, h: Heads, x: &Inputs) -> Vec<f64> {
         for head in 0..nh {
             let g = head / (nh / h.num_kv_heads);
             let qv = &q[(t * nh + head) * hd..][..hd];
-            let ctx = &s.slots[lo..=pos];
+            let ctx: Vec<usize> = (lo..=pos).map(|p| s.slot(p, BS)).collect();
             let scores: Vec<f64> = ctx
                 .iter()
                 .map(|&sl| {
@@ -261,7 +271,7 @@ fn each_query_gets_the_same_bits_alone_or_in_a_batch() {
     for s in &meta.seqs {
         let mut alone = s.clone();
         alone.q_start = 0;
-        let m = AttentionMetadata::new(vec![alone]);
+        let m = metadata(vec![alone]);
         let q = x.q.narrow(0, s.q_start, s.q_len).unwrap();
         let xs = Inputs {
             q,
@@ -285,7 +295,7 @@ fn the_op_checks_its_arguments() {
     let h = heads(None);
     let x = inputs(h, n, DType::F32);
     let err = |h: Heads, q: &Tensor, k: &Tensor, v: &Tensor| {
-        let bt = BlockTables::new(&meta, BS, BLOCKS * BS).unwrap();
+        let bt = BlockTables::new(&meta, BLOCKS * BS).unwrap();
         let paged = bt.upload(&Device::Cpu).unwrap();
         PagedAttention {
             heads: h,
