@@ -87,7 +87,7 @@ cuda:
 ## target directory is cached next to the toolchain.
 cuda-check:
 	export CUDA_TOOLCHAIN=check && source scripts/cuda-env.sh && \
-	  cargo check --release --features cuda,dev -p wick --target-dir "$${WICK_CACHE:-$$HOME/.cache/wick}/cuda-check-target"
+	  cargo check --release --features cuda -p wick --target-dir "$${WICK_CACHE:-$$HOME/.cache/wick}/cuda-check-target"
 
 ## What scripts/gpu-check.sh needs on the GPU machine, under target/gpu-check/ (about 40 MB,
 ## under the 64 MiB a call carries): the CUDA binary with the developer tools (`cuda,dev`;

@@ -4,7 +4,7 @@
 //! type's ratio to Q4_1 at the same token count. Beside them, candle's dense f32 matmul (the
 //! `gemm` crate) on the same shape at 64 tokens.
 //!
-//! `cargo bench -p wick-runner --bench kernels` (or `make bench-kernels`); `WICK_BENCH_QUICK=1`
+//! `cargo bench -p wick-runner --features testing --bench kernels` (or `make bench-kernels`); `WICK_BENCH_QUICK=1`
 //! runs each case once (CI's smoke run: it checks the code runs, not its speed).
 
 use std::time::Instant;

@@ -2,7 +2,7 @@
 # The GPU check (issues 7 and 15), meant for the GPU machine: no Rust toolchain, no network,
 # CUDA 13, Python with torch, transformers and safetensors. It needs, carried from the build
 # machine (`make gpu-check-bundle` puts them under target/gpu-check/, about 40 MB):
-#   $WICK_BIN       the CUDA binary (`make cuda` -> target/cuda/release/wick), gzipped
+#   $WICK_BIN       the CUDA binary with the developer tools (`--features cuda,dev`), gzipped
 #   $TOKENIZER_DIR  tokenizer.json + tokenizer_config.json + tokenizer.gguf
 #   $KQUANT         a tiny random Llama quantized by llama.cpp's llama-quantize to Q4_K_M
 #
@@ -42,6 +42,10 @@ if [ ! -x "$WICK_BIN" ] && [ -f "$WICK_BIN.gz" ]; then
   gunzip -c "$WICK_BIN.gz" >"$WORK/wick" && chmod +x "$WORK/wick" && WICK_BIN="$WORK/wick"
 fi
 [ -x "$WICK_BIN" ] || { echo "no executable at WICK_BIN=$WICK_BIN" >&2; exit 2; }
+"$WICK_BIN" parity --help >/dev/null 2>&1 || {
+  echo "$WICK_BIN has no developer tools: build it with --features cuda,dev (make gpu-check-bundle)" >&2
+  exit 2
+}
 # The wheels' CUDA libraries (torch's cuBLAS, cuRAND, NVRTC) when the system has none.
 if [ "$DEVICE" = cuda ]; then
   extra=$("$PY" - <<'PYEOF' 2>/dev/null

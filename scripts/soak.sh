@@ -11,7 +11,10 @@ REQUESTS=${REQUESTS:-10000}
 CONCURRENCY=${CONCURRENCY:-64}
 MODEL=${WICK_MODEL:-$(scripts/fetch-model.sh)}
 BIN=${WICK_BIN:-$PWD/target/release/wick}
-"$BIN" soak --help >/dev/null 2>&1 || cargo build --release --features dev --bin wick
+if ! "$BIN" soak --help >/dev/null 2>&1; then
+  cargo build --release --features dev --bin wick
+  BIN=$PWD/target/release/wick
+fi
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 URL=http://127.0.0.1:$PORT
 LOG=$(mktemp)
