@@ -42,3 +42,73 @@ fn gemma3_270m_q4_k_m_matches_llama_cpp() {
     };
     check(&common::fetch_model("gemma"), &opts, &reference, bounds).unwrap();
 }
+
+/// The verification step of speculative decoding on the host path: a decoding sequence's
+/// last token and four proposed ones scored in one step (`Runner::step_scoring`, beside a
+/// prompt prefilling in the same step) give the bits of decoding them one per step.
+#[test]
+fn k_tokens_in_one_step_give_the_bits_of_k_decode_steps() {
+    use wick_core::{BlockId, RequestId, ScheduledBatch, ScheduledSeq};
+    use wick_runner::{CacheConfig, Device, Runner};
+    let opts = LoadOptions {
+        simd: common::simd_limit(),
+        ..Default::default()
+    };
+    let load = || {
+        wick_runner::load(&common::model_path(), &Device::Cpu, &opts)
+            .unwrap()
+            .model
+    };
+    let cache = CacheConfig {
+        num_blocks: 16,
+        block_size: 16,
+    };
+    let prompt: Vec<u32> = (0..40).map(|i| (i * 7919 % 49_000) as u32 + 10).collect();
+    let fed = [prompt[39], 1_000, 22_222, 7, 31_000];
+    let table: Vec<BlockId> = (0..4).map(|b| BlockId(b * 2 + 1)).collect();
+    let seq = |tokens: &[u32], start_pos: usize| ScheduledSeq {
+        id: RequestId(0),
+        tokens: tokens.to_vec(),
+        start_pos,
+        block_table: table.clone(),
+        sample: true,
+    };
+    let prefill = |r: &mut Runner| {
+        r.step(&ScheduledBatch {
+            seqs: vec![seq(&prompt[..39], 0)],
+        })
+        .unwrap();
+    };
+    let mut one = Runner::new(load(), cache).unwrap();
+    prefill(&mut one);
+    let mut want = Vec::new();
+    for (i, &t) in fed.iter().enumerate() {
+        want.extend(
+            one.step(&ScheduledBatch {
+                seqs: vec![seq(&[t], 39 + i)],
+            })
+            .unwrap(),
+        );
+    }
+    let mut many = Runner::new(load(), cache).unwrap();
+    prefill(&mut many);
+    let batch = ScheduledBatch {
+        seqs: vec![
+            ScheduledSeq {
+                id: RequestId(1),
+                tokens: prompt[..20].to_vec(),
+                start_pos: 0,
+                block_table: vec![BlockId(0), BlockId(2)],
+                sample: true,
+            },
+            seq(&fed, 39),
+        ],
+    };
+    let got = many.step_scoring(&batch, &[1, fed.len()]).unwrap();
+    assert_eq!(got[1].len(), fed.len());
+    for (i, (g, w)) in got[1].iter().zip(&want).enumerate() {
+        assert!(g == w, "token {i}: the logits differ");
+    }
+    // The other sequence's last row is its own prompt's (it is not the scored sequence's).
+    assert_ne!(got[0][0], got[1][0]);
+}

@@ -78,10 +78,45 @@ impl Runner {
     /// Computes every scheduled token and returns one row of logits for each sequence
     /// scheduled with `sample`, in batch order.
     pub fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>> {
-        match self.forward(batch)? {
-            Logits::Host(rows) => Ok(rows),
-            Logits::Device(t) => Ok(t.to_dtype(DType::F32)?.to_vec2()?),
+        self.forward(batch, &sample_rows(batch))?.into_host()
+    }
+
+    /// Computes every scheduled token and returns, for each sequence in batch order, the
+    /// logits of its last `rows[i]` tokens of the step, in position order: the verification
+    /// step of speculative decoding, which scores k proposed tokens of a decoding sequence at
+    /// once (their keys and values stay in the cache; a rejected tail is overwritten by the
+    /// next step that reaches its positions). On the host path each row has the bits that the
+    /// same tokens decoded one per step give.
+    pub fn step_scoring(
+        &mut self,
+        batch: &ScheduledBatch,
+        rows: &[usize],
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
+        if rows.len() != batch.seqs.len() {
+            return Err(RunnerError::Step(format!(
+                "{} sequences, {} row counts",
+                batch.seqs.len(),
+                rows.len()
+            )));
         }
+        let mut picked = Vec::new();
+        let mut end = 0;
+        for (s, &n) in batch.seqs.iter().zip(rows) {
+            end += s.tokens.len();
+            if n > s.tokens.len() {
+                return Err(RunnerError::Step(format!(
+                    "sequence {} has {} tokens in this step, {n} rows asked",
+                    s.id,
+                    s.tokens.len()
+                )));
+            }
+            picked.extend((end - n..end).map(|r| r as u32));
+        }
+        let mut logits = self.forward(batch, &picked)?.into_host()?.into_iter();
+        Ok(rows
+            .iter()
+            .map(|&n| logits.by_ref().take(n).collect())
+            .collect())
     }
 
     /// Whether [`Runner::step_drawing`] draws on the device (CUDA), where it saves copying
@@ -98,7 +133,7 @@ impl Runner {
         batch: &ScheduledBatch,
         draws: &[Option<DrawParams>],
     ) -> Result<Vec<StepRow>> {
-        let logits = match self.forward(batch)? {
+        let logits = match self.forward(batch, &sample_rows(batch))? {
             Logits::Host(rows) => return Ok(rows.into_iter().map(StepRow::Logits).collect()),
             Logits::Device(t) => t,
         };
@@ -143,11 +178,11 @@ impl Runner {
             .ok_or_else(|| RunnerError::Step("device sampling lost a row".into()))
     }
 
-    fn forward(&mut self, batch: &ScheduledBatch) -> Result<Logits> {
+    /// Computes every scheduled token; returns the logits of the packed rows `last_rows`.
+    fn forward(&mut self, batch: &ScheduledBatch, last_rows: &[u32]) -> Result<Logits> {
         let (bs, num_blocks) = (self.kv.config().block_size, self.kv.config().num_blocks);
         let max_pos = self.model.config().max_position_embeddings;
         let mut ids = Vec::with_capacity(batch.num_tokens());
-        let mut last_rows = Vec::new();
         for s in &batch.seqs {
             let end = s.start_pos + s.tokens.len();
             if end > max_pos || s.block_table.len() * bs < end {
@@ -158,9 +193,6 @@ impl Runner {
                 )));
             }
             ids.extend_from_slice(&s.tokens);
-            if s.sample {
-                last_rows.push(ids.len() as u32 - 1);
-            }
         }
         if ids.is_empty() {
             return Ok(Logits::Host(Vec::new()));
@@ -169,7 +201,7 @@ impl Runner {
         if let (Some(pool), true) = (&self.pool, self.kv.uses_host_memory()) {
             let (model, kv, scratch) = (&self.model, &mut self.kv, &mut self.scratch);
             return pool
-                .install(|| model.forward_host(&ids, &meta, &last_rows, kv, scratch))
+                .install(|| model.forward_host(&ids, &meta, last_rows, kv, scratch))
                 .map(Logits::Host);
         }
         self.prof.start(self.model.device())?;
@@ -182,13 +214,10 @@ impl Runner {
             self.model.uses_paged_attention(),
         )?;
         Ok(
-            match self.model.forward(
-                &ids,
-                (&meta, &dm),
-                &last_rows,
-                &mut self.kv,
-                &mut self.prof,
-            )? {
+            match self
+                .model
+                .forward(&ids, (&meta, &dm), last_rows, &mut self.kv, &mut self.prof)?
+            {
                 Some(logits) => Logits::Device(logits),
                 None => Logits::Host(Vec::new()),
             },
@@ -196,11 +225,33 @@ impl Runner {
     }
 }
 
+/// The packed rows of the sequences scheduled with `sample`: each one's last token.
+fn sample_rows(batch: &ScheduledBatch) -> Vec<u32> {
+    let mut rows = Vec::new();
+    let mut end = 0;
+    for s in &batch.seqs {
+        end += s.tokens.len();
+        if s.sample && !s.tokens.is_empty() {
+            rows.push(end as u32 - 1);
+        }
+    }
+    rows
+}
+
 /// A step's logits: rows on the host (the host path), or a `[rows, vocab]` tensor on the
 /// model's device.
 enum Logits {
     Host(Vec<Vec<f32>>),
     Device(Tensor),
+}
+
+impl Logits {
+    fn into_host(self) -> Result<Vec<Vec<f32>>> {
+        match self {
+            Logits::Host(rows) => Ok(rows),
+            Logits::Device(t) => Ok(t.to_dtype(DType::F32)?.to_vec2()?),
+        }
+    }
 }
 
 /// What [`Runner::step_drawing`] gives back for one sampling sequence.

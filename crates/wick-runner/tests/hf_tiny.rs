@@ -488,3 +488,140 @@ fn the_tensor_path_draws_greedy_tokens_where_the_logits_are() {
         "{err}"
     );
 }
+
+/// The verification step of speculative decoding on the tensor path: a decoding sequence's
+/// last token and four proposed ones in one step give the logits of each within the tensor
+/// path's bound (the 2e-3 above) of decoding them one per step, while another sequence
+/// prefills in the same step. (The host path's test, bit for bit, runs on the default GGUF
+/// model in `tests/numerics.rs`: this model's dense f32 matrices go through candle's matmul
+/// on the host, whose sums depend on the batch.)
+#[test]
+fn k_tokens_in_one_step_score_like_k_decode_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    write_model(dir.path());
+    let opts = LoadOptions {
+        tensor_path: true,
+        ..Default::default()
+    };
+    let load = || {
+        wick_runner::load(dir.path(), &Device::Cpu, &opts)
+            .unwrap()
+            .model
+    };
+    let (want, got) = score_both_ways(load);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        let d = max_diff(g, w);
+        assert!(d < 2e-3, "token {i}: max |diff| {d}");
+    }
+}
+
+/// Feeds a 13-token prompt but its last token, then that token and 4 proposals: one per step
+/// on one runner, all in one step (beside a 6-token prompt) on another. Returns both sets of
+/// logits, and checks the scoring step's refusals.
+fn score_both_ways(load: impl Fn() -> wick_runner::Model) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let cache = CacheConfig {
+        num_blocks: 40,
+        block_size: BLOCK,
+    };
+    let prompt: Vec<u32> = (0..13).map(|i| (i * 29 % 250) as u32).collect();
+    let proposed = [17u32, 240, 3, 99];
+    let (n, k) = (prompt.len(), proposed.len() + 1);
+    let table: Vec<BlockId> = (0..8).map(|b| BlockId(b * 2 + 1)).collect();
+    let other: Vec<BlockId> = (0..4).map(|b| BlockId(b * 2 + 2)).collect();
+    let seq = |tokens: &[u32], start_pos: usize, sample: bool| ScheduledSeq {
+        id: RequestId(0),
+        tokens: tokens.to_vec(),
+        start_pos,
+        block_table: table.clone(),
+        sample,
+    };
+    let mut one = Runner::new(load(), cache).unwrap();
+    one.step(&ScheduledBatch {
+        seqs: vec![seq(&prompt[..n - 1], 0, false)],
+    })
+    .unwrap();
+    let fed: Vec<u32> = std::iter::once(prompt[n - 1]).chain(proposed).collect();
+    let mut want = Vec::new();
+    for (i, &t) in fed.iter().enumerate() {
+        want.extend(
+            one.step(&ScheduledBatch {
+                seqs: vec![seq(&[t], n - 1 + i, true)],
+            })
+            .unwrap(),
+        );
+    }
+    let mut many = Runner::new(load(), cache).unwrap();
+    many.step(&ScheduledBatch {
+        seqs: vec![seq(&prompt[..n - 1], 0, false)],
+    })
+    .unwrap();
+    let batch = ScheduledBatch {
+        seqs: vec![
+            ScheduledSeq {
+                id: RequestId(1),
+                tokens: vec![5, 6, 7, 8, 9, 10],
+                start_pos: 0,
+                block_table: other,
+                sample: true,
+            },
+            seq(&fed, n - 1, true),
+        ],
+    };
+    let mut got = many.step_scoring(&batch, &[0, k]).unwrap();
+    assert_eq!(got.len(), 2);
+    assert!(got[0].is_empty());
+    assert_eq!(got[1].len(), k);
+    // More rows than a sequence has tokens, or a count per sequence missing: errors.
+    let err = many.step_scoring(&batch, &[7, 1]).unwrap_err().to_string();
+    assert!(err.contains("6 tokens in this step, 7 rows asked"), "{err}");
+    assert!(many.step_scoring(&batch, &[1]).is_err());
+    (want, got.remove(1))
+}
+
+/// A batch whose block table points past the cache, or does not cover its positions, is a
+/// step error on both paths, never a panic in the attention.
+#[test]
+fn a_block_table_past_the_cache_is_a_step_error() {
+    let dir = tempfile::tempdir().unwrap();
+    write_model(dir.path());
+    let cache = CacheConfig {
+        num_blocks: 8,
+        block_size: BLOCK,
+    };
+    for tensor_path in [false, true] {
+        let opts = LoadOptions {
+            tensor_path,
+            ..Default::default()
+        };
+        let model = wick_runner::load(dir.path(), &Device::Cpu, &opts)
+            .unwrap()
+            .model;
+        let mut runner = Runner::new(model, cache).unwrap();
+        let step = |runner: &mut Runner, table: Vec<BlockId>| {
+            runner
+                .step(&ScheduledBatch {
+                    seqs: vec![ScheduledSeq {
+                        id: RequestId(3),
+                        tokens: vec![1, 2, 3, 4, 5, 6],
+                        start_pos: 0,
+                        block_table: table,
+                        sample: true,
+                    }],
+                })
+                .map(|rows| rows.len())
+                .map_err(|e| e.to_string())
+        };
+        let err = step(&mut runner, vec![BlockId(0), BlockId(8)]).unwrap_err();
+        assert!(
+            err.contains("block 8 is past the cache's 8 blocks"),
+            "{err}"
+        );
+        let err = step(&mut runner, vec![BlockId(0)]).unwrap_err();
+        assert!(
+            err.contains("sequence 3 needs 6 positions: 1 blocks of 4"),
+            "{err}"
+        );
+        // The runner is still whole.
+        assert_eq!(step(&mut runner, vec![BlockId(0), BlockId(7)]), Ok(1));
+    }
+}
