@@ -53,6 +53,23 @@ pub enum AddError {
     ExceedsCache { needed: usize, capacity: usize },
 }
 
+/// Why [`Scheduler::rollback`] refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RollbackError {
+    #[error("request {0} is not running")]
+    NotRunning(RequestId),
+    #[error("request {0} is in the step being computed")]
+    InFlight(RequestId),
+    #[error("request {id} has {available} tokens that can be taken back, not {n}")]
+    TooMany {
+        id: RequestId,
+        n: usize,
+        available: usize,
+    },
+    #[error("request {id}: the token to recompute after taking back {n} lies in a block shared through the prefix cache")]
+    Shared { id: RequestId, n: usize },
+}
+
 /// What one step did to one sequence, for the engine to report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeqOutcome {
@@ -192,6 +209,49 @@ impl Scheduler {
         };
         self.blocks.release(&mut seq.block_table);
         Some(seq)
+    }
+
+    /// The running sequence `id`, unless it is in the step being computed (between
+    /// [`Scheduler::schedule`] and [`Scheduler::postprocess`]).
+    fn settled(&mut self, id: RequestId) -> Result<&mut Sequence, RollbackError> {
+        if self.planned.iter().any(|p| p.id == id) {
+            return Err(RollbackError::InFlight(id));
+        }
+        self.running
+            .iter_mut()
+            .find(|s| s.id == id)
+            .ok_or(RollbackError::NotRunning(id))
+    }
+
+    /// Shortens a running sequence by its last `n` generated tokens (speculative decoding's
+    /// rejected ones; never the prompt), freeing the whole blocks past its new end. Its new
+    /// last token is computed again by the next step (its slot simply overwritten), to sample
+    /// from, so it must not lie in a block shared through the prefix cache: a block is
+    /// registered only once computed, and a caller takes back only tokens it has not let be
+    /// registered (unverified ones).
+    pub fn rollback(&mut self, id: RequestId, n: usize) -> Result<(), RollbackError> {
+        let bs = self.cfg.block_size;
+        let seq = self.settled(id)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let available = seq.num_generated();
+        if n > available {
+            return Err(RollbackError::TooMany { id, n, available });
+        }
+        let len = seq.tokens.len() - n;
+        if seq.num_registered * bs >= len {
+            return Err(RollbackError::Shared { id, n });
+        }
+        seq.tokens.truncate(len);
+        seq.num_computed = seq.num_computed.min(len - 1);
+        seq.block_hashes.truncate(len / bs);
+        let keep = len.div_ceil(bs);
+        if seq.block_table.len() > keep {
+            let mut tail = seq.block_table.split_off(keep);
+            self.blocks.release(&mut tail);
+        }
+        Ok(())
     }
 
     /// Chooses the work of the next step: running decodes first, then running prompt chunks,

@@ -482,3 +482,92 @@ fn many_waiting_prompts_get_an_even_share() {
     let prompt_tokens = tokens_except(&b, RequestId(0));
     assert_eq!(prompt_tokens, 32);
 }
+
+/// Generates `n` tokens for every running sequence, one step at a time.
+fn decode_steps(s: &mut Scheduler, n: usize) {
+    for _ in 0..n {
+        let b = s.schedule();
+        s.postprocess(&sample_all(&b));
+    }
+}
+
+#[test]
+fn rollback_frees_whole_blocks_past_the_new_end_and_recomputes_the_last_token() {
+    let mut c = cfg(32);
+    c.enable_prefix_caching = false;
+    let mut s = Scheduler::new(c);
+    s.add(seq(1, 6, 20)).unwrap();
+    // Prefill (6 tokens, one sampled), then 7 decodes: 14 tokens, 13 computed, 4 blocks.
+    decode_steps(&mut s, 8);
+    let q = s.sequences().next().unwrap();
+    assert_eq!(
+        (q.tokens.len(), q.num_computed, q.block_table.len()),
+        (14, 13, 4)
+    );
+    let kept = q.block_table[..2].to_vec();
+    let used = s.num_blocks_used();
+    s.rollback(RequestId(1), 6).unwrap();
+    let q = s.sequences().next().unwrap();
+    // 8 tokens in 2 blocks; the last is computed again, to sample from.
+    assert_eq!((q.tokens.len(), q.num_computed), (8, 7));
+    assert_eq!(q.block_table, kept);
+    assert_eq!(s.num_blocks_used(), used - 2);
+    assert_eq!(blocks_held(&s), 2);
+    let b = s.schedule();
+    assert_eq!(b.seqs[0].start_pos, 7);
+    assert_eq!(b.seqs[0].tokens, vec![5]);
+    assert_eq!(b.seqs[0].block_table, kept);
+    assert!(b.seqs[0].sample);
+    // Not while the step is being computed.
+    assert_eq!(
+        s.rollback(RequestId(1), 1),
+        Err(RollbackError::InFlight(RequestId(1)))
+    );
+    let out = s.postprocess(&sample_all(&b));
+    assert_eq!(out[0].completion_tokens, 3);
+    // Never into the prompt, never an unknown request; nothing changes on a refusal.
+    assert_eq!(
+        s.rollback(RequestId(1), 4),
+        Err(RollbackError::TooMany {
+            id: RequestId(1),
+            n: 4,
+            available: 3
+        })
+    );
+    assert_eq!(
+        s.rollback(RequestId(9), 1),
+        Err(RollbackError::NotRunning(RequestId(9)))
+    );
+    assert_eq!(s.sequences().next().unwrap().tokens.len(), 9);
+    s.rollback(RequestId(1), 3).unwrap();
+    assert_eq!(s.sequences().next().unwrap().tokens.len(), 6);
+    assert_eq!(blocks_held(&s), 2);
+}
+
+#[test]
+fn rollback_never_rewrites_a_block_shared_through_the_prefix_cache() {
+    let mut s = Scheduler::new(cfg(32));
+    s.add(seq(1, 6, 20)).unwrap();
+    // 9 tokens computed: blocks 0 and 1 full and registered.
+    decode_steps(&mut s, 4);
+    let q = s.sequences().next().unwrap();
+    assert_eq!((q.tokens.len(), q.num_registered), (10, 2));
+    // Back to 8 tokens: the 8th, to recompute, is in registered block 1.
+    assert_eq!(
+        s.rollback(RequestId(1), 2),
+        Err(RollbackError::Shared {
+            id: RequestId(1),
+            n: 2
+        })
+    );
+    // Back to 9: the 9th is in block 2, not registered; block 2 stays (it holds the 9th).
+    s.rollback(RequestId(1), 1).unwrap();
+    let q = s.sequences().next().unwrap();
+    assert_eq!(
+        (q.tokens.len(), q.num_computed, q.block_table.len()),
+        (9, 8, 3)
+    );
+    assert_eq!(blocks_held(&s), 3);
+    decode_steps(&mut s, 1);
+    assert_eq!(s.sequences().next().unwrap().num_computed, 9);
+}
