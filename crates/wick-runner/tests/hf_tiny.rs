@@ -238,6 +238,15 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// The tiny model written in `dir`, on the tensor path or (by default) the host path.
+fn load_tiny(dir: &Path, tensor_path: bool) -> wick_runner::Model {
+    let opts = LoadOptions {
+        tensor_path,
+        ..Default::default()
+    };
+    wick_runner::load(dir, &Device::Cpu, &opts).unwrap().model
+}
+
 fn prompts() -> Vec<Vec<u32>> {
     vec![
         (0..11).map(|i| (i * 37 % 250) as u32).collect(),
@@ -343,13 +352,7 @@ fn tiny_hf_model_loads_and_matches_a_plain_forward() {
 
     // The tensor (device) attention path (an f32 cache here) gives the same logits, within the
     // host cache's f16 rounding.
-    let opts = LoadOptions {
-        tensor_path: true,
-        ..Default::default()
-    };
-    let model = wick_runner::load(dir.path(), &Device::Cpu, &opts)
-        .unwrap()
-        .model;
+    let model = load_tiny(dir.path(), true);
     assert!(!model.runs_on_host());
     let mut tensor_path = Runner::new(model, cache).unwrap();
     let again = run_batched(&mut tensor_path, &extra);
@@ -441,14 +444,8 @@ fn the_tensor_path_draws_greedy_tokens_where_the_logits_are() {
         num_blocks: 40,
         block_size: BLOCK,
     };
-    let opts = LoadOptions {
-        tensor_path: true,
-        ..Default::default()
-    };
     let load = || {
-        let model = wick_runner::load(dir.path(), &Device::Cpu, &opts)
-            .unwrap()
-            .model;
+        let model = load_tiny(dir.path(), true);
         Runner::new(model, cache).unwrap()
     };
     let batch = ScheduledBatch {
@@ -499,16 +496,7 @@ fn the_tensor_path_draws_greedy_tokens_where_the_logits_are() {
 fn k_tokens_in_one_step_score_like_k_decode_steps() {
     let dir = tempfile::tempdir().unwrap();
     write_model(dir.path());
-    let opts = LoadOptions {
-        tensor_path: true,
-        ..Default::default()
-    };
-    let load = || {
-        wick_runner::load(dir.path(), &Device::Cpu, &opts)
-            .unwrap()
-            .model
-    };
-    let (want, got) = score_both_ways(load);
+    let (want, got) = score_both_ways(|| load_tiny(dir.path(), true));
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         let d = max_diff(g, w);
         assert!(d < 2e-3, "token {i}: max |diff| {d}");
@@ -589,14 +577,7 @@ fn a_block_table_past_the_cache_is_a_step_error() {
         block_size: BLOCK,
     };
     for tensor_path in [false, true] {
-        let opts = LoadOptions {
-            tensor_path,
-            ..Default::default()
-        };
-        let model = wick_runner::load(dir.path(), &Device::Cpu, &opts)
-            .unwrap()
-            .model;
-        let mut runner = Runner::new(model, cache).unwrap();
+        let mut runner = Runner::new(load_tiny(dir.path(), tensor_path), cache).unwrap();
         let step = |runner: &mut Runner, table: Vec<BlockId>| {
             runner
                 .step(&ScheduledBatch {
