@@ -15,6 +15,10 @@
 #
 # llama-server comes from ../shared/peers/build-llama-server.sh (built once, ~10 min), or
 # from $LLAMA_SERVER when set (for example a build without AMX where AMX tiles fault).
+#
+# Before/after a change: BASELINE_WICK=/path/to/old/wick puts an older Wick build (served
+# the same way as Wick) in llama-server's place, and WICK_BIN a prebuilt Wick in place of
+# this checkout's; the columns are then "baseline" and "wick".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
@@ -37,9 +41,16 @@ case "${MODEL:-default}" in
   *) MODEL=$(scripts/fetch-model.sh "${MODEL:-default}") ;;
 esac
 echo "model: $MODEL, endpoint: $ENDPOINT" >&2
-LLAMA=${LLAMA_SERVER:-$(bash "$SHARED/peers/build-llama-server.sh" | tail -n 1)}
-cargo build --release -q --features dev --bin wick
-WICK=target/release/wick
+if [ -z "${WICK_BIN:-}" ]; then
+  cargo build --release -q --features dev --bin wick
+fi
+WICK=${WICK_BIN:-target/release/wick}
+PEER=llama.cpp
+if [ -n "${BASELINE_WICK:-}" ]; then
+  PEER=baseline
+else
+  LLAMA=${LLAMA_SERVER:-$(bash "$SHARED/peers/build-llama-server.sh" | tail -n 1)}
+fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_healthy() {
@@ -51,8 +62,13 @@ wait_healthy() {
 }
 
 P1=$(free_port); P2=$(free_port)
-"$LLAMA" -m "$MODEL" --host 127.0.0.1 --port "$P1" -t "$THREADS" -np "$PARALLEL" \
-  -c $((PARALLEL * SLOT_CONTEXT)) --alias model >"$OUT/llama-server.log" 2>&1 &
+if [ "$PEER" = baseline ]; then
+  "$BASELINE_WICK" serve --model "$MODEL" --port "$P1" --served-model-name model \
+    --max-num-seqs "$PARALLEL" >"$OUT/baseline.log" 2>&1 &
+else
+  "$LLAMA" -m "$MODEL" --host 127.0.0.1 --port "$P1" -t "$THREADS" -np "$PARALLEL" \
+    -c $((PARALLEL * SLOT_CONTEXT)) --alias model >"$OUT/llama-server.log" 2>&1 &
+fi
 LPID=$!
 "$WICK" serve --model "$MODEL" --port "$P2" --served-model-name model \
   --max-num-seqs "$PARALLEL" >"$OUT/wick.log" 2>&1 &
@@ -111,9 +127,9 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "round $round done" >&2
 done
 
-python3 - "$OUT" "$ROUNDS" "$CONCURRENCY" <<'PY'
+python3 - "$OUT" "$ROUNDS" "$CONCURRENCY" "$PEER" <<'PY'
 import json, statistics, sys
-out, rounds, levels = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
+out, rounds, levels, peer = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4]
 def med(name, key):
     vals = []
     for r in range(1, rounds + 1):
@@ -141,7 +157,8 @@ rows.append(("cold prefill tokens/s (~700-token prompts)", prefill("llama"), pre
 for label, key in [("total tokens/s", "total_tokens_per_s"), ("output tokens/s", "output_tokens_per_s"),
                    ("TTFT p50 ms", "ttft_ms.p50"), ("ITL p99 ms", "itl_ms.p99"), ("errors", "errors")]:
     rows.append((f"long context {label}", med("llama-context", key), med("wick-context", key)))
-print(f"{'figure':<44} {'llama.cpp':>12} {'wick':>12} {'wick/llama':>11}")
+short = "llama" if peer == "llama.cpp" else peer
+print(f"{'figure':<44} {peer:>12} {'wick':>12} {'wick/' + short:>11}")
 for name, l, w in rows:
     ratio = w / l if l else float("nan")
     print(f"{name:<44} {l:>12.1f} {w:>12.1f} {ratio:>11.2f}")

@@ -1,8 +1,9 @@
 //! The paged KV cache: keys and values of every layer in fixed-size blocks,
 //! `[slots, kv_heads * head_dim]` per layer, where a sequence's position `p` sits in slot
 //! `block_table[p / block_size] * block_size + p % block_size`. On the host path the cache is
-//! plain f16 memory (as llama.cpp keeps it); on a device it is a tensor of the activations'
-//! dtype. Attention over it is in `attention`.
+//! plain f16 memory (as llama.cpp keeps it, [`HostLayer`]); on a device it is a tensor of the
+//! activations' dtype ([`DeviceLayer`]). The runner holds the one its path computes with;
+//! attention over it is in `attention`.
 
 use candle_core::{DType, Device, Tensor};
 use half::{f16, vec::HalfBitsVecExt};
@@ -16,16 +17,16 @@ pub struct CacheConfig {
     pub block_size: usize,
 }
 
-pub(crate) enum LayerCache {
-    /// f16: half the memory and bandwidth of f32.
-    Host {
-        k: Vec<f16>,
-        v: Vec<f16>,
-    },
-    Device {
-        k: Tensor,
-        v: Tensor,
-    },
+/// One layer's keys and values in host memory: f16, half the memory and bandwidth of f32.
+pub(crate) struct HostLayer {
+    pub k: Vec<f16>,
+    pub v: Vec<f16>,
+}
+
+/// One layer's keys and values as tensors of the activations' dtype on the model's device.
+pub(crate) struct DeviceLayer {
+    pub k: Tensor,
+    pub v: Tensor,
 }
 
 /// `n` f16 zeros in memory the allocator takes already zeroed (from the OS, for a large
@@ -64,50 +65,48 @@ fn parse_mem_available(meminfo: &str) -> Option<u64> {
     (words.next() == Some("kB")).then_some(kib * 1024)
 }
 
-/// Keys and values of every layer, for every block.
-pub struct KvCache {
-    cfg: CacheConfig,
-    pub(crate) layers: Vec<LayerCache>,
+/// Elements of one layer's keys (or values) for the whole cache.
+fn layer_len(model: &ModelConfig, cfg: CacheConfig) -> Result<usize> {
+    cfg.num_blocks
+        .checked_mul(cfg.block_size)
+        .and_then(|s| s.checked_mul(model.kv_dim()))
+        .ok_or_else(|| crate::RunnerError::Step("KV cache size overflows".into()))
 }
 
-impl KvCache {
-    /// Host memory when `host` (the model runs on the host path), else tensors of `dtype`
-    /// on `device`.
-    pub(crate) fn new(
-        model: &ModelConfig,
-        cfg: CacheConfig,
-        host: bool,
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Self> {
-        let n = cfg
-            .num_blocks
-            .checked_mul(cfg.block_size)
-            .and_then(|s| s.checked_mul(model.kv_dim()))
-            .ok_or_else(|| crate::RunnerError::Step("KV cache size overflows".into()))?;
-        let layers = (0..model.num_layers)
-            .map(|_| {
-                Ok(if host {
-                    LayerCache::Host {
-                        k: zeroed(n),
-                        v: zeroed(n),
-                    }
-                } else {
-                    let shape = (cfg.num_blocks * cfg.block_size, model.kv_dim());
-                    LayerCache::Device {
-                        k: Tensor::zeros(shape, dtype, device)?,
-                        v: Tensor::zeros(shape, dtype, device)?,
-                    }
-                })
+/// The host path's cache: every layer, every block, in host memory.
+pub(crate) fn host_layers(model: &ModelConfig, cfg: CacheConfig) -> Result<Vec<HostLayer>> {
+    let n = layer_len(model, cfg)?;
+    Ok((0..model.num_layers)
+        .map(|_| HostLayer {
+            k: zeroed(n),
+            v: zeroed(n),
+        })
+        .collect())
+}
+
+/// The tensor path's cache: every layer, `[slots, kv_dim]` tensors of `dtype` on `device`.
+pub(crate) fn device_layers(
+    model: &ModelConfig,
+    cfg: CacheConfig,
+    device: &Device,
+    dtype: DType,
+) -> Result<Vec<DeviceLayer>> {
+    layer_len(model, cfg)?;
+    let shape = (cfg.num_blocks * cfg.block_size, model.kv_dim());
+    (0..model.num_layers)
+        .map(|_| {
+            Ok(DeviceLayer {
+                k: Tensor::zeros(shape, dtype, device)?,
+                v: Tensor::zeros(shape, dtype, device)?,
             })
-            .collect::<Result<_>>()?;
-        Ok(Self { cfg, layers })
-    }
+        })
+        .collect()
+}
 
-    pub fn config(&self) -> CacheConfig {
-        self.cfg
-    }
+/// How much memory the KV cache takes, and how much to give it.
+pub struct KvCache;
 
+impl KvCache {
     /// Bytes one block takes: keys and values, every layer (f16 on the host path, `dtype`
     /// on a device).
     pub fn bytes_per_block(
@@ -139,10 +138,6 @@ impl KvCache {
             device_available_bytes(device)?
         };
         Some(share(available, fraction, num_models))
-    }
-
-    pub fn uses_host_memory(&self) -> bool {
-        matches!(self.layers.first(), Some(LayerCache::Host { .. }))
     }
 }
 

@@ -3,51 +3,62 @@
 use candle_core::{DType, Tensor};
 use wick_core::ScheduledBatch;
 
-use crate::attention::AttentionMetadata;
-use crate::attention::DeviceMetadata;
+use crate::attention::{AttentionMetadata, DeviceMetadata};
+use crate::kv_cache::{self, DeviceLayer, HostLayer};
+use crate::model::{HostBackend, Scratch, TensorBackend};
 use crate::profile::{Phase, Profiler, StepProfile};
 use crate::sampling::device::{self, DrawParams};
-use crate::{CacheConfig, KvCache, Model, Result, RunnerError};
+use crate::{CacheConfig, Model, Result, RunnerError};
 
 /// The model and its KV cache: runs one step for a whole scheduled batch.
 pub struct Runner {
     model: Model,
-    kv: KvCache,
-    scratch: crate::model::Scratch,
-    /// The host path's own threads: a step runs inside the pool, so the engine thread hands
-    /// over once per step instead of waking the workers for every matrix product.
-    pool: Option<rayon::ThreadPool>,
+    cache: CacheConfig,
+    path: Path,
     prof: Profiler,
 }
 
-fn host_pool(model: &Model) -> Result<Option<rayon::ThreadPool>> {
-    if !model.runs_on_host() {
-        return Ok(None);
-    }
+/// The backend a model's steps run on, with what only it needs: chosen once, when the runner
+/// is made, from where the model was loaded to compute.
+enum Path {
+    /// Wick's kernels over host memory.
+    Host {
+        kv: Vec<HostLayer>,
+        scratch: Box<Scratch>,
+        /// The host path's own threads: a step runs inside the pool, so the engine thread
+        /// hands over once per step instead of waking the workers for every matrix product.
+        pool: rayon::ThreadPool,
+    },
+    /// Candle ops on the model's device.
+    Tensor { kv: Vec<DeviceLayer> },
+}
+
+fn host_pool() -> Result<rayon::ThreadPool> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("wick-cpu-{i}"))
         .build()
-        .map(Some)
         .map_err(|e| RunnerError::Step(format!("cannot start the CPU threads: {e}")))
 }
 
 impl Runner {
     pub fn new(model: Model, cache: CacheConfig) -> Result<Self> {
-        let kv = KvCache::new(
-            model.config(),
-            cache,
-            model.runs_on_host(),
-            model.device(),
-            model.dtype(),
-        )?;
-        let pool = host_pool(&model)?;
+        let path = if model.runs_on_host() {
+            Path::Host {
+                kv: kv_cache::host_layers(model.config(), cache)?,
+                scratch: Box::default(),
+                pool: host_pool()?,
+            }
+        } else {
+            Path::Tensor {
+                kv: kv_cache::device_layers(model.config(), cache, model.device(), model.dtype())?,
+            }
+        };
         Ok(Self {
             model,
-            kv,
-            scratch: Default::default(),
-            pool,
+            cache,
+            path,
             prof: Profiler::default(),
         })
     }
@@ -70,9 +81,10 @@ impl Runner {
     /// Seconds the last step spent in attention, where the runner measures it (the host
     /// path): the scheduler sizes prompt chunks by it.
     pub fn attention_seconds(&self) -> Option<f64> {
-        self.model
-            .runs_on_host()
-            .then_some(self.scratch.attention.as_secs_f64())
+        match &self.path {
+            Path::Host { scratch, .. } => Some(scratch.attention.as_secs_f64()),
+            Path::Tensor { .. } => None,
+        }
     }
 
     /// Computes every scheduled token and returns one row of logits for each sequence
@@ -180,7 +192,7 @@ impl Runner {
 
     /// Computes every scheduled token; returns the logits of the packed rows `last_rows`.
     fn forward(&mut self, batch: &ScheduledBatch, last_rows: &[u32]) -> Result<Logits> {
-        let (bs, num_blocks) = (self.kv.config().block_size, self.kv.config().num_blocks);
+        let (bs, num_blocks) = (self.cache.block_size, self.cache.num_blocks);
         let max_pos = self.model.config().max_position_embeddings;
         let mut ids = Vec::with_capacity(batch.num_tokens());
         for s in &batch.seqs {
@@ -198,30 +210,29 @@ impl Runner {
             return Ok(Logits::Host(Vec::new()));
         }
         let meta = AttentionMetadata::from_batch(batch, bs, num_blocks)?;
-        if let (Some(pool), true) = (&self.pool, self.kv.uses_host_memory()) {
-            let (model, kv, scratch) = (&self.model, &mut self.kv, &mut self.scratch);
-            return pool
-                .install(|| model.forward_host(&ids, &meta, last_rows, kv, scratch))
-                .map(Logits::Host);
+        let model = &self.model;
+        match &mut self.path {
+            Path::Host { kv, scratch, pool } => pool.install(|| {
+                let mut b = HostBackend::new(model, kv, &meta, scratch);
+                let rows = model.forward(&mut b, &ids, last_rows)?;
+                Ok(Logits::Host(rows.unwrap_or_default()))
+            }),
+            Path::Tensor { kv } => {
+                self.prof.start(model.device())?;
+                let dm = DeviceMetadata::new(
+                    &meta,
+                    model.device(),
+                    model.windows(),
+                    num_blocks * bs,
+                    model.uses_paged_attention(),
+                )?;
+                let mut b = TensorBackend::new(model, kv, (&meta, &dm), &mut self.prof)?;
+                Ok(match model.forward(&mut b, &ids, last_rows)? {
+                    Some(logits) => Logits::Device(logits),
+                    None => Logits::Host(Vec::new()),
+                })
+            }
         }
-        self.prof.start(self.model.device())?;
-        let cache = self.kv.config();
-        let dm = DeviceMetadata::new(
-            &meta,
-            self.model.device(),
-            self.model.windows(),
-            cache.num_blocks * cache.block_size,
-            self.model.uses_paged_attention(),
-        )?;
-        Ok(
-            match self
-                .model
-                .forward(&ids, (&meta, &dm), last_rows, &mut self.kv, &mut self.prof)?
-            {
-                Some(logits) => Logits::Device(logits),
-                None => Logits::Host(Vec::new()),
-            },
-        )
     }
 }
 

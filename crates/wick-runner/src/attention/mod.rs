@@ -26,52 +26,32 @@ pub use metadata::AttentionMetadata;
 pub(crate) use metadata::Heads;
 pub(crate) use tensor::DeviceMetadata;
 
-use crate::kv_cache::{KvCache, LayerCache};
+use crate::kv_cache::{DeviceLayer, HostLayer};
 use crate::rope::{Rope, RopeTables};
-use crate::{Result, RunnerError};
+use crate::Result;
 
-impl KvCache {
-    /// Attention of layer `layer` on the host cache: rotates `qkv`
-    /// (`[tokens, q_dim + 2 * kv_dim]`) in place, stores its keys and values, and writes
-    /// `[tokens, q_dim]` into `out`.
-    pub(crate) fn attention_host(
-        &mut self,
-        layer: usize,
-        heads: Heads,
-        rope: (&Rope, &RopeTables),
-        qkv: &mut [f32],
-        meta: &AttentionMetadata,
-        out: &mut Vec<f32>,
-    ) -> Result<()> {
-        match &mut self.layers[layer] {
-            LayerCache::Host { k, v } => {
-                host::attention_host(k, v, heads, rope, qkv, meta, out);
-                Ok(())
-            }
-            LayerCache::Device { .. } => Err(RunnerError::Step(
-                "the host attention path needs a host KV cache".into(),
-            )),
-        }
-    }
+/// Attention of one layer on its host cache: rotates `qkv` (`[tokens, q_dim + 2 * kv_dim]`)
+/// in place, stores its keys and values, and writes `[tokens, q_dim]` into `out`.
+pub(crate) fn attention_host(
+    cache: &mut HostLayer,
+    heads: Heads,
+    rope: (&Rope, &RopeTables),
+    qkv: &mut [f32],
+    meta: &AttentionMetadata,
+    out: &mut Vec<f32>,
+) {
+    host::attention_host(&mut cache.k, &mut cache.v, heads, rope, qkv, meta, out)
+}
 
-    /// Attention of layer `layer` on a device cache, for `qkv` of `[tokens, q_dim + 2 *
-    /// kv_dim]`; returns `[tokens, q_dim]`.
-    pub(crate) fn attention_tensor(
-        &mut self,
-        layer: usize,
-        heads: Heads,
-        rope: (&Rope, &Tensor, &Tensor),
-        qkv: &Tensor,
-        meta: &AttentionMetadata,
-        dm: &DeviceMetadata,
-    ) -> Result<Tensor> {
-        match &mut self.layers[layer] {
-            LayerCache::Device { k, v } => {
-                tensor::attention_tensor(k, v, heads, rope, qkv, meta, dm)
-            }
-            LayerCache::Host { .. } => Err(RunnerError::Step(
-                "the tensor attention path needs a device KV cache".into(),
-            )),
-        }
-    }
+/// Attention of one layer on its device cache, for `qkv` of `[tokens, q_dim + 2 * kv_dim]`;
+/// returns `[tokens, q_dim]`.
+pub(crate) fn attention_tensor(
+    cache: &mut DeviceLayer,
+    heads: Heads,
+    rope: (&Rope, &Tensor, &Tensor),
+    qkv: &Tensor,
+    meta: &AttentionMetadata,
+    dm: &DeviceMetadata,
+) -> Result<Tensor> {
+    tensor::attention_tensor(&mut cache.k, &mut cache.v, heads, rope, qkv, meta, dm)
 }

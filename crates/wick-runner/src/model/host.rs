@@ -1,102 +1,154 @@
-//! The host forward: plain memory, no tensors, scratch buffers reused between steps.
+//! The host backend: plain memory, no tensors, Wick's packed kernels and tiled attention
+//! over the f16 cache, buffers kept between steps; run inside the runner's thread pool.
 
 use rayon::prelude::*;
 
-use super::Model;
-use crate::attention::{exp_canonical, AttentionMetadata};
+use super::layer::{Backend, Buf};
+use super::{Model, Norm};
+use crate::attention::{self, exp_canonical, AttentionMetadata, Heads};
 use crate::config::Activation;
+use crate::kv_cache::HostLayer;
+use crate::linear::Proj;
 use crate::qgemm::Acts;
 use crate::rope::RopeTables;
-use crate::{KvCache, Result, RunnerError};
+use crate::Result;
 
-/// Buffers of the host forward, kept between steps so that a step allocates little once
+/// Buffers of the host backend, kept between steps so that a step allocates little once
 /// they have grown to the largest step seen.
 #[derive(Default)]
 pub(crate) struct Scratch {
-    x: Vec<f32>,
-    h: Vec<f32>,
-    qkv: Vec<f32>,
-    attn: Vec<f32>,
-    tmp: Vec<f32>,
-    gate_up: Vec<f32>,
-    act: Vec<f32>,
+    bufs: [Vec<f32>; Buf::COUNT],
     acts: Acts,
     /// Time spent in attention during the last step (the scheduler's cost model).
     pub(crate) attention: std::time::Duration,
 }
 
-impl Model {
-    /// Runs the packed tokens `ids` through every layer on the host and returns one logits
-    /// row per entry of `last_rows`.
-    pub(crate) fn forward_host(
-        &self,
-        ids: &[u32],
-        meta: &AttentionMetadata,
-        last_rows: &[u32],
-        kv: &mut KvCache,
-        s: &mut Scratch,
-    ) -> Result<Vec<Vec<f32>>> {
-        if !self.host {
-            return Err(RunnerError::Step(
-                "this model computes with tensors; use forward".into(),
-            ));
-        }
-        let cfg = &self.cfg;
-        let (hid, inter, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.norm_eps);
-        let (qd, kd) = (cfg.q_dim(), cfg.kv_dim());
-        self.embed(ids, &mut s.x)?;
-        let tables: Vec<RopeTables> = self
+/// One step on the host: the model's RoPE tables for the step's positions, its cache and
+/// its scratch.
+pub(crate) struct HostBackend<'a> {
+    model: &'a Model,
+    kv: &'a mut [HostLayer],
+    meta: &'a AttentionMetadata,
+    tables: Vec<RopeTables>,
+    s: &'a mut Scratch,
+}
+
+impl<'a> HostBackend<'a> {
+    pub(crate) fn new(
+        model: &'a Model,
+        kv: &'a mut [HostLayer],
+        meta: &'a AttentionMetadata,
+        s: &'a mut Scratch,
+    ) -> Self {
+        let tables = model
             .ropes
             .iter()
             .map(|r| r.tables(&meta.positions))
             .collect();
         s.attention = Default::default();
-        for (i, layer) in self.w.layers.iter().enumerate() {
-            rms_norm(&s.x, &layer.attn_norm.w, eps, &mut s.h);
-            layer.qkv.forward_host(&s.h, &mut s.acts, &mut s.qkv)?;
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                for row in s.qkv.chunks_exact_mut(qd + 2 * kd) {
-                    // Per head: the weights are one head long.
-                    rms_norm_in_place(&mut row[..qd], &qn.w, eps);
-                    rms_norm_in_place(&mut row[qd..qd + kd], &kn.w, eps);
-                }
+        Self {
+            model,
+            kv,
+            meta,
+            tables,
+            s,
+        }
+    }
+
+    /// Runs `f` on buffer `x` (read) and buffer `out` (written), two different roles.
+    fn with_out<T>(
+        &mut self,
+        x: Buf,
+        out: Buf,
+        f: impl FnOnce(&[f32], &mut Vec<f32>, &mut Acts) -> T,
+    ) -> T {
+        let mut o = std::mem::take(&mut self.s.bufs[out as usize]);
+        let r = f(&self.s.bufs[x as usize], &mut o, &mut self.s.acts);
+        self.s.bufs[out as usize] = o;
+        r
+    }
+}
+
+impl Backend for HostBackend<'_> {
+    type Logits = Vec<Vec<f32>>;
+
+    fn embed(&mut self, model: &Model, ids: &[u32]) -> Result<()> {
+        model.embed(ids, &mut self.s.bufs[Buf::X as usize])
+    }
+
+    fn norm(&mut self, x: Buf, w: &Norm, eps: f32, out: Buf) -> Result<()> {
+        if x == out {
+            rms_norm_in_place(&mut self.s.bufs[x as usize], &w.w, eps);
+        } else {
+            self.with_out(x, out, |x, out, _| rms_norm(x, &w.w, eps, out));
+        }
+        Ok(())
+    }
+
+    fn head_norms(&mut self, q: &Norm, k: &Norm, eps: f32, heads: &Heads) -> Result<()> {
+        let (qd, kd) = (heads.q_dim(), heads.kv_dim());
+        for row in self.s.bufs[Buf::Qkv as usize].chunks_exact_mut(qd + 2 * kd) {
+            // Per head: the weights are one head long.
+            rms_norm_in_place(&mut row[..qd], &q.w, eps);
+            rms_norm_in_place(&mut row[qd..qd + kd], &k.w, eps);
+        }
+        Ok(())
+    }
+
+    fn linear(&mut self, p: &Proj, x: Buf, out: Buf) -> Result<()> {
+        self.with_out(x, out, |x, out, acts| p.forward_host(x, acts, out))
+    }
+
+    fn attention(&mut self, layer: usize, heads: Heads, rope: usize) -> Result<()> {
+        let t = std::time::Instant::now();
+        let rope = (&self.model.ropes[rope], &self.tables[rope]);
+        let cache = &mut self.kv[layer];
+        let mut out = std::mem::take(&mut self.s.bufs[Buf::Attn as usize]);
+        let qkv = &mut self.s.bufs[Buf::Qkv as usize];
+        attention::attention_host(cache, heads, rope, qkv, self.meta, &mut out);
+        self.s.bufs[Buf::Attn as usize] = out;
+        self.s.attention += t.elapsed();
+        Ok(())
+    }
+
+    fn add(&mut self, x: Buf, y: Buf) -> Result<()> {
+        let mut xs = std::mem::take(&mut self.s.bufs[x as usize]);
+        add_into(&mut xs, &self.s.bufs[y as usize]);
+        self.s.bufs[x as usize] = xs;
+        Ok(())
+    }
+
+    fn act_mul(&mut self, f: Activation, intermediate: usize) -> Result<()> {
+        self.with_out(Buf::GateUp, Buf::Act, |gu, act, _| {
+            act_mul(gu, intermediate, f, act)
+        });
+        Ok(())
+    }
+
+    fn gather_rows(&mut self, rows: &[u32]) -> Result<()> {
+        let hid = self.model.cfg.hidden_size;
+        self.with_out(Buf::X, Buf::Tmp, |x, out, _| {
+            out.clear();
+            for &r in rows {
+                let r = r as usize;
+                out.extend_from_slice(&x[r * hid..(r + 1) * hid]);
             }
-            let r = cfg.layers[i].rope;
-            let rope = (&self.ropes[r], &tables[r]);
-            let t = std::time::Instant::now();
-            kv.attention_host(i, self.heads(i), rope, &mut s.qkv, meta, &mut s.attn)?;
-            s.attention += t.elapsed();
-            layer.o.forward_host(&s.attn, &mut s.acts, &mut s.tmp)?;
-            if let Some(n) = &layer.post_attn_norm {
-                rms_norm_in_place(&mut s.tmp, &n.w, eps);
-            }
-            add_into(&mut s.x, &s.tmp);
-            rms_norm(&s.x, &layer.ffn_norm.w, eps, &mut s.h);
-            layer
-                .gate_up
-                .forward_host(&s.h, &mut s.acts, &mut s.gate_up)?;
-            act_mul(&s.gate_up, inter, cfg.activation, &mut s.act);
-            layer.down.forward_host(&s.act, &mut s.acts, &mut s.tmp)?;
-            if let Some(n) = &layer.post_ffn_norm {
-                rms_norm_in_place(&mut s.tmp, &n.w, eps);
-            }
-            add_into(&mut s.x, &s.tmp);
-        }
-        if last_rows.is_empty() {
-            return Ok(Vec::new());
-        }
-        s.tmp.clear();
-        for &r in last_rows {
-            let r = r as usize;
-            s.tmp.extend_from_slice(&s.x[r * hid..(r + 1) * hid]);
-        }
-        rms_norm(&s.tmp, &self.w.norm.w, eps, &mut s.h);
-        self.w.lm_head.forward_host(&s.h, &mut s.acts, &mut s.tmp)?;
-        if let Some(cap) = cfg.final_logit_softcap {
-            s.tmp.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
-        }
-        let vocab = self.w.lm_head.w.rows();
-        Ok(s.tmp.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
+        });
+        Ok(())
+    }
+
+    fn softcap(&mut self, x: Buf, cap: f32) -> Result<()> {
+        self.s.bufs[x as usize]
+            .iter_mut()
+            .for_each(|v| *v = cap * (*v / cap).tanh());
+        Ok(())
+    }
+
+    fn logits(&mut self, x: Buf, vocab: usize) -> Result<Vec<Vec<f32>>> {
+        Ok(self.s.bufs[x as usize]
+            .chunks_exact(vocab)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 }
 

@@ -3,16 +3,19 @@
 //! optional part of a [`Layer`]. The KV cache and the attention metadata come in as
 //! arguments instead of living inside the model.
 //!
-//! Two paths compute the same thing: the host path (`host`: plain memory, Wick's kernels, an
-//! f16 KV cache) on the CPU in f32, and the tensor path (`tensor`: candle ops) on devices and
-//! in half precision.
+//! The step is written once (`layer`) over two backends that compute the same thing: the host
+//! backend (`host`: plain memory, Wick's kernels, an f16 KV cache) on the CPU in f32, and the
+//! tensor backend (`tensor`: candle ops) on devices and in half precision. Which one a model
+//! runs on is decided at load ([`Model::runs_on_host`]) and taken by the runner once.
 
 mod host;
+mod layer;
 mod tensor;
 
 use candle_core::{DType, Device, Tensor};
 
-pub(crate) use host::Scratch;
+pub(crate) use host::{HostBackend, Scratch};
+pub(crate) use tensor::TensorBackend;
 
 use crate::linear::{Linear, Proj};
 use crate::rope::Rope;
