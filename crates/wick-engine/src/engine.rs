@@ -10,7 +10,7 @@ use wick_core::{
     QueueLimits, QueueReceiver, Recv, RequestId, ScheduledBatch, TokenConstraint, TokenEvent,
     TokenLogprobs,
 };
-use wick_runner::{DrawParams, ModelAssets, Runner, Sampled, Sampler, StepRow};
+use wick_runner::{DrawParams, ModelAssets, Runner, RunnerError, Sampled, Sampler, StepRow};
 use wick_scheduler::{attended, CostFit, Scheduler, SchedulerConfig, SeqOutcome, Sequence};
 
 /// How long the idle loop waits for a request before looking at its channels again.
@@ -23,9 +23,10 @@ const RATE_WINDOW: Duration = Duration::from_secs(30);
 const MAX_PANICKED_STEPS: u32 = 3;
 
 /// What the engine needs from a model runner: one step over a scheduled batch, returning
-/// a row of logits per sequence scheduled with `sample`, in batch order.
+/// a row of logits per sequence scheduled with `sample`, in batch order. A failed step is a
+/// typed [`RunnerError`]: it fails that step's requests, with its message.
 pub trait StepRunner {
-    fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>, String>;
+    fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>, RunnerError>;
 
     /// Seconds the last step spent in attention, if the runner measures it: with it the
     /// engine fits what steps cost and the scheduler sizes prompt chunks by time.
@@ -44,15 +45,15 @@ pub trait StepRunner {
         &mut self,
         batch: &ScheduledBatch,
         draws: &[Option<DrawParams>],
-    ) -> Result<Vec<StepRow>, String> {
+    ) -> Result<Vec<StepRow>, RunnerError> {
         let _ = draws;
         Ok(self.step(batch)?.into_iter().map(StepRow::Logits).collect())
     }
 }
 
 impl StepRunner for Runner {
-    fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>, String> {
-        Runner::step(self, batch).map_err(|e| e.to_string())
+    fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>, RunnerError> {
+        Runner::step(self, batch)
     }
 
     fn draws_on_device(&self) -> bool {
@@ -63,8 +64,8 @@ impl StepRunner for Runner {
         &mut self,
         batch: &ScheduledBatch,
         draws: &[Option<DrawParams>],
-    ) -> Result<Vec<StepRow>, String> {
-        Runner::step_drawing(self, batch, draws).map_err(|e| e.to_string())
+    ) -> Result<Vec<StepRow>, RunnerError> {
+        Runner::step_drawing(self, batch, draws)
     }
 
     fn attention_seconds(&self) -> Option<f64> {
@@ -409,7 +410,7 @@ impl<R: StepRunner> Engine<R> {
         let drawn = catch_unwind(AssertUnwindSafe(|| self.run_and_sample(&batch)));
         let (sampled, mut logprobs, failed) = match drawn {
             Ok(Ok(drawn)) => drawn,
-            Ok(Err(message)) => return self.fail_batch(&batch, message),
+            Ok(Err(e)) => return self.fail_batch(&batch, e.to_string()),
             Err(panic) => {
                 self.panicked_steps += 1;
                 let message = format!("internal error: {}", panic_message(&*panic));
@@ -453,7 +454,7 @@ impl<R: StepRunner> Engine<R> {
 
     /// The runner's step and each row's sampling: the ids drawn, their log-probabilities,
     /// and the requests whose grammar failed.
-    fn run_and_sample(&mut self, batch: &ScheduledBatch) -> Result<Drawn, String> {
+    fn run_and_sample(&mut self, batch: &ScheduledBatch) -> Result<Drawn, RunnerError> {
         let rows = if self.runner.draws_on_device() {
             // Rows without a grammar whose sampler needs nothing of the host are drawn on
             // the device; only their ids come back.

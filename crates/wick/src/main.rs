@@ -468,7 +468,10 @@ impl FaultInjection {
 }
 
 impl StepRunner for FaultInjection {
-    fn step(&mut self, batch: &wick_core::ScheduledBatch) -> Result<Vec<Vec<f32>>, String> {
+    fn step(
+        &mut self,
+        batch: &wick_core::ScheduledBatch,
+    ) -> Result<Vec<Vec<f32>>, wick_runner::RunnerError> {
         self.maybe_panic();
         StepRunner::step(&mut self.runner, batch)
     }
@@ -485,7 +488,7 @@ impl StepRunner for FaultInjection {
         &mut self,
         batch: &wick_core::ScheduledBatch,
         draws: &[Option<wick_runner::DrawParams>],
-    ) -> Result<Vec<wick_runner::StepRow>, String> {
+    ) -> Result<Vec<wick_runner::StepRow>, wick_runner::RunnerError> {
         self.maybe_panic();
         StepRunner::step_drawing(&mut self.runner, batch, draws)
     }

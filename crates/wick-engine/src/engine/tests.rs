@@ -17,9 +17,9 @@ struct CountingRunner {
 }
 
 impl StepRunner for CountingRunner {
-    fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>, String> {
+    fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>, RunnerError> {
         if self.fail {
-            return Err("boom".into());
+            return Err(RunnerError::Step("boom".into()));
         }
         std::thread::sleep(Duration::from_millis(2));
         Ok(batch
@@ -201,7 +201,7 @@ fn a_failing_step_reports_an_error_and_the_engine_survives() {
         events,
         vec![TokenEvent::Error {
             kind: ErrorKind::Internal,
-            message: "boom".into()
+            message: "step: boom".into()
         }]
     );
     let events = collect(submit(&h, 2, vec![1], 4));
@@ -218,7 +218,7 @@ struct PanickingRunner {
 }
 
 impl StepRunner for PanickingRunner {
-    fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>, String> {
+    fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>, RunnerError> {
         let n = self.steps;
         self.steps += 1;
         if self.panic_on.as_ref().is_none_or(|p| p.contains(&n)) {
@@ -333,7 +333,7 @@ struct ContextRunner {
 }
 
 impl StepRunner for ContextRunner {
-    fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>, String> {
+    fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>, RunnerError> {
         let bs = self.block_size;
         let slot = |table: &[wick_core::BlockId], p: usize| table[p / bs].index() * bs + p % bs;
         let mut rows = Vec::new();
@@ -601,7 +601,7 @@ struct DrawingRunner {
 }
 
 impl StepRunner for DrawingRunner {
-    fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>, String> {
+    fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>, RunnerError> {
         CountingRunner { fail: false }.step(batch)
     }
 
@@ -613,7 +613,7 @@ impl StepRunner for DrawingRunner {
         &mut self,
         batch: &ScheduledBatch,
         draws: &[Option<DrawParams>],
-    ) -> Result<Vec<StepRow>, String> {
+    ) -> Result<Vec<StepRow>, RunnerError> {
         let rows = self.step(batch)?;
         assert_eq!(rows.len(), draws.len());
         self.given
