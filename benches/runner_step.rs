@@ -43,6 +43,7 @@ fn decode_batch(n: usize) -> ScheduledBatch {
                 start_pos: CTX,
                 block_table: table(i),
                 sample: true,
+                adapter: None,
             })
             .collect(),
     }
@@ -56,6 +57,7 @@ fn prefill_batch(n: usize) -> ScheduledBatch {
             start_pos: 0,
             block_table: table(0),
             sample: true,
+            adapter: None,
         }],
     }
 }
@@ -73,6 +75,7 @@ fn long_decode_batch(n: usize) -> ScheduledBatch {
                     .map(|b| BlockId(((b * n + i) * 7 % (n * blocks)) as u32))
                     .collect(),
                 sample: true,
+                adapter: None,
             })
             .collect(),
     }

@@ -30,4 +30,11 @@ pub struct ScheduledSeq {
     pub block_table: Vec<BlockId>,
     /// Whether this step completes the sequence's known tokens, so a next token is sampled.
     pub sample: bool,
+    /// The adapter (LoRA) whose low-rank products this sequence's projections add; `None`:
+    /// the base model alone.
+    pub adapter: Option<AdapterId>,
 }
+
+/// An adapter loaded beside the base model, by the runner's number for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AdapterId(pub u32);

@@ -14,7 +14,7 @@ pub mod metrics;
 mod queue;
 mod request;
 
-pub use batch::{ScheduledBatch, ScheduledSeq};
+pub use batch::{AdapterId, ScheduledBatch, ScheduledSeq};
 pub use embed::{embed_queue, EmbedHandle, EmbedReceiver, EmbedReply, EmbedRequest};
 pub use ids::{BlockId, RequestId};
 pub use metrics::Metrics;

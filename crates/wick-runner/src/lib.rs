@@ -10,6 +10,7 @@
 //! logits for the last position of each sequence that samples. [`Sampler`] draws the next
 //! token.
 
+mod adapter;
 mod attention;
 mod config;
 mod cpu;
@@ -39,6 +40,7 @@ mod test_support;
 pub mod testing;
 mod tokenizer;
 
+pub use adapter::{Adapters, Projection, Site};
 pub use candle_core::Device;
 pub use config::{Activation, LayerSpec, ModelConfig, RopeScaling, RopeSpec, RopeStyle};
 pub use cpu::SimdLimit;

@@ -3,6 +3,7 @@
 use candle_core::{DType, Tensor};
 use wick_core::ScheduledBatch;
 
+use crate::adapter::{self, Adapters, StepAdapters};
 use crate::attention::{AttentionMetadata, DeviceMetadata};
 use crate::kv_cache::{self, DeviceLayer, HostLayer};
 use crate::model::{HostBackend, Scratch, TensorBackend};
@@ -16,6 +17,7 @@ pub struct Runner {
     cache: CacheConfig,
     path: Path,
     prof: Profiler,
+    adapters: Option<Box<dyn Adapters>>,
 }
 
 /// The backend a model's steps run on, with what only it needs: chosen once, when the runner
@@ -60,7 +62,15 @@ impl Runner {
             cache,
             path,
             prof: Profiler::default(),
+            adapters: None,
         })
+    }
+
+    /// The adapters that sequences scheduled with one ([`wick_core::ScheduledSeq::adapter`])
+    /// add to every layer's projections; `None`: none loaded (a sequence naming one is then a
+    /// step error).
+    pub fn set_adapters(&mut self, adapters: Option<Box<dyn Adapters>>) {
+        self.adapters = adapters;
     }
 
     pub fn model(&self) -> &Model {
@@ -210,10 +220,21 @@ impl Runner {
             return Ok(Logits::Host(Vec::new()));
         }
         let meta = AttentionMetadata::from_batch(batch, bs, num_blocks)?;
+        let rows = adapter::adapter_rows(batch);
+        if let (Some((a, _)), None) = (rows.first(), &self.adapters) {
+            return Err(RunnerError::Step(format!(
+                "a sequence names adapter {}, and no adapters are loaded",
+                a.0
+            )));
+        }
+        let adapters = StepAdapters {
+            set: self.adapters.as_deref(),
+            rows: &rows,
+        };
         let model = &self.model;
         match &mut self.path {
             Path::Host { kv, scratch, pool } => pool.install(|| {
-                let mut b = HostBackend::new(model, kv, &meta, scratch);
+                let mut b = HostBackend::new(model, kv, &meta, scratch, adapters);
                 let rows = model.forward(&mut b, &ids, last_rows)?;
                 Ok(Logits::Host(rows.unwrap_or_default()))
             }),
@@ -226,7 +247,7 @@ impl Runner {
                     num_blocks * bs,
                     model.uses_paged_attention(),
                 )?;
-                let mut b = TensorBackend::new(model, kv, (&meta, &dm), &mut self.prof)?;
+                let mut b = TensorBackend::new(model, kv, (&meta, &dm), &mut self.prof, adapters)?;
                 Ok(match model.forward(&mut b, &ids, last_rows)? {
                     Some(logits) => Logits::Device(logits),
                     None => Logits::Host(Vec::new()),

@@ -9,8 +9,9 @@ use candle_core::{Device, Tensor};
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
+use wick_core::AdapterId;
 use wick_core::{BlockId, RequestId, ScheduledBatch, ScheduledSeq};
-use wick_runner::{CacheConfig, LoadOptions, Runner, StepRow};
+use wick_runner::{Adapters, CacheConfig, LoadOptions, Projection, Runner, Site, StepRow};
 
 // Heads of 32: the smallest the paged-attention kernels (the tensor path on CPU and CUDA) take.
 const H: usize = 64;
@@ -275,6 +276,7 @@ fn run_batched(runner: &mut Runner, extra: &[[u32; 2]]) -> Vec<Vec<Vec<f32>>> {
                     start_pos: done[s],
                     block_table: tables[s].clone(),
                     sample: end == prompts[s].len(),
+                    adapter: None,
                 }
             })
             .collect();
@@ -299,6 +301,7 @@ fn run_batched(runner: &mut Runner, extra: &[[u32; 2]]) -> Vec<Vec<Vec<f32>>> {
                 start_pos: prompts[s].len() + step,
                 block_table: tables[s].clone(),
                 sample: true,
+                adapter: None,
             })
             .collect();
         for (s, l) in runner
@@ -458,6 +461,7 @@ fn the_tensor_path_draws_greedy_tokens_where_the_logits_are() {
                 start_pos: 0,
                 block_table: (0..10).map(|b| BlockId((b * 3 + s) as u32 + 1)).collect(),
                 sample: true,
+                adapter: None,
             })
             .collect(),
     };
@@ -522,6 +526,7 @@ fn score_both_ways(load: impl Fn() -> wick_runner::Model) -> (Vec<Vec<f32>>, Vec
         start_pos,
         block_table: table.clone(),
         sample,
+        adapter: None,
     };
     let mut one = Runner::new(load(), cache).unwrap();
     one.step(&ScheduledBatch {
@@ -551,6 +556,7 @@ fn score_both_ways(load: impl Fn() -> wick_runner::Model) -> (Vec<Vec<f32>>, Vec
                 start_pos: 0,
                 block_table: other,
                 sample: true,
+                adapter: None,
             },
             seq(&fed, n - 1, true),
         ],
@@ -587,6 +593,7 @@ fn a_block_table_past_the_cache_is_a_step_error() {
                         start_pos: 0,
                         block_table: table,
                         sample: true,
+                        adapter: None,
                     }],
                 })
                 .map(|rows| rows.len())
@@ -604,5 +611,160 @@ fn a_block_table_past_the_cache_is_a_step_error() {
         );
         // The runner is still whole.
         assert_eq!(step(&mut runner, vec![BlockId(0), BlockId(7)]), Ok(1));
+    }
+}
+
+/// An adapter set for the tests: records every call, and adds `add` to the outputs of
+/// `proj` (0.0: a no-op adapter whose B is zero).
+struct TestAdapters {
+    calls: std::sync::Arc<std::sync::Mutex<Vec<(Site, AdapterId, usize)>>>,
+    proj: Projection,
+    add: f32,
+}
+
+impl Adapters for TestAdapters {
+    fn add_host(
+        &self,
+        site: Site,
+        adapter: AdapterId,
+        x: &[f32],
+        out: &mut [f32],
+    ) -> wick_runner::Result<()> {
+        let width = if site.proj == Projection::Down { I } else { H };
+        self.calls
+            .lock()
+            .unwrap()
+            .push((site, adapter, x.len() / width));
+        if site.proj == self.proj {
+            out.iter_mut()
+                .for_each(|v| *v += self.add * adapter.0 as f32);
+        }
+        Ok(())
+    }
+
+    fn delta_tensor(
+        &self,
+        site: Site,
+        adapter: AdapterId,
+        x: &Tensor,
+    ) -> wick_runner::Result<Option<Tensor>> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push((site, adapter, x.dim(0).unwrap()));
+        if site.proj != self.proj {
+            return Ok(None);
+        }
+        let width = match site.proj {
+            Projection::Qkv => H + 2 * KV_HEADS * HD,
+            Projection::Output | Projection::Down => H,
+            Projection::GateUp => 2 * I,
+        };
+        let d = Tensor::full(
+            self.add * adapter.0 as f32,
+            (x.dim(0).unwrap(), width),
+            x.device(),
+        );
+        Ok(Some(d.unwrap().to_dtype(x.dtype()).unwrap()))
+    }
+}
+
+/// Three prompts in one prefill step, the first on adapter 1, the second on none, the third
+/// on adapter 2; returns each one's logits.
+fn adapter_step(runner: &mut Runner) -> wick_runner::Result<Vec<Vec<f32>>> {
+    let adapters = [Some(AdapterId(1)), None, Some(AdapterId(2))];
+    let seqs = prompts()
+        .into_iter()
+        .zip(adapters)
+        .enumerate()
+        .map(|(i, (p, adapter))| ScheduledSeq {
+            id: RequestId(i as u64),
+            block_table: (0..p.len().div_ceil(BLOCK))
+                .map(|b| BlockId((b * 3 + i) as u32))
+                .collect(),
+            tokens: p,
+            start_pos: 0,
+            sample: true,
+            adapter,
+        })
+        .collect();
+    runner.step(&ScheduledBatch { seqs })
+}
+
+/// The adapter hook on both paths: every projection of every layer reaches the adapters with
+/// the rows of each sequence on one (and none for the base model's), a no-op adapter gives
+/// the base model's bits, a real change moves only its own sequences' logits, and a sequence
+/// naming an adapter on a runner without any is a step error.
+#[test]
+fn adapters_reach_every_projection_of_their_own_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    write_model(dir.path());
+    let cache = CacheConfig {
+        num_blocks: 40,
+        block_size: BLOCK,
+    };
+    for tensor_path in [false, true] {
+        let mut runner = Runner::new(load_tiny(dir.path(), tensor_path), cache).unwrap();
+        let err = adapter_step(&mut runner).unwrap_err().to_string();
+        assert!(
+            err.contains("adapter 1, and no adapters are loaded"),
+            "{err}"
+        );
+        let base = {
+            let mut r = Runner::new(load_tiny(dir.path(), tensor_path), cache).unwrap();
+            r.set_adapters(Some(Box::new(TestAdapters {
+                calls: Default::default(),
+                proj: Projection::Down,
+                add: 0.0,
+            })));
+            // Adapter ids on the rows, but nothing added: the base model without them.
+            let none = r.step(&ScheduledBatch {
+                seqs: prompts()
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, p)| ScheduledSeq {
+                        id: RequestId(i as u64),
+                        block_table: (0..p.len().div_ceil(BLOCK))
+                            .map(|b| BlockId((b * 3 + i + 20) as u32))
+                            .collect(),
+                        tokens: p,
+                        start_pos: 0,
+                        sample: true,
+                        adapter: None,
+                    })
+                    .collect(),
+            });
+            (adapter_step(&mut r).unwrap(), none.unwrap())
+        };
+        assert_eq!(base.0, base.1, "a no-op adapter changed the logits");
+
+        let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut runner = Runner::new(load_tiny(dir.path(), tensor_path), cache).unwrap();
+        runner.set_adapters(Some(Box::new(TestAdapters {
+            calls: calls.clone(),
+            proj: Projection::Down,
+            add: 0.05,
+        })));
+        let moved = adapter_step(&mut runner).unwrap();
+        let mut want = Vec::new();
+        let lens: Vec<usize> = prompts().iter().map(Vec::len).collect();
+        for layer in 0..LAYERS {
+            for proj in [
+                Projection::Qkv,
+                Projection::Output,
+                Projection::GateUp,
+                Projection::Down,
+            ] {
+                let site = Site { layer, proj };
+                want.push((site, AdapterId(1), lens[0]));
+                want.push((site, AdapterId(2), lens[2]));
+            }
+        }
+        assert_eq!(*calls.lock().unwrap(), want, "tensor path: {tensor_path}");
+        assert_eq!(moved[1], base.0[1], "the base model's sequence moved");
+        for s in [0, 2] {
+            let d = max_diff(&moved[s], &base.0[s]);
+            assert!(d > 1e-3, "sequence {s} on an adapter did not move ({d})");
+        }
     }
 }

@@ -450,6 +450,7 @@ impl Scheduler {
                     start_pos: start,
                     block_table: seq.block_table.clone(),
                     sample: p.sample,
+                    adapter: None,
                 })
             })
             .collect();

@@ -132,6 +132,7 @@ fn run(
                 start_pos: pos[s],
                 block_table: tables[s].clone(),
                 sample: true,
+                adapter: None,
             })
             .collect();
         let logits = runner
@@ -324,6 +325,7 @@ pub fn step_profile(args: StepProfileArgs) -> anyhow::Result<()> {
                         start_pos: start,
                         block_table: table(s),
                         sample: end == args.context,
+                        adapter: None,
                     }],
                 })?;
             }
@@ -340,6 +342,7 @@ pub fn step_profile(args: StepProfileArgs) -> anyhow::Result<()> {
                         start_pos: pos,
                         block_table: table(s),
                         sample: true,
+                        adapter: None,
                     })
                     .collect();
                 let rows =

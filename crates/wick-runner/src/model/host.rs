@@ -5,6 +5,7 @@ use rayon::prelude::*;
 
 use super::layer::{Backend, Buf};
 use super::{Model, Norm};
+use crate::adapter::{Site, StepAdapters};
 use crate::attention::{self, exp_canonical, AttentionMetadata, Heads};
 use crate::config::Activation;
 use crate::kv_cache::HostLayer;
@@ -31,6 +32,7 @@ pub(crate) struct HostBackend<'a> {
     meta: &'a AttentionMetadata,
     tables: Vec<RopeTables>,
     s: &'a mut Scratch,
+    adapters: StepAdapters<'a>,
 }
 
 impl<'a> HostBackend<'a> {
@@ -39,6 +41,7 @@ impl<'a> HostBackend<'a> {
         kv: &'a mut [HostLayer],
         meta: &'a AttentionMetadata,
         s: &'a mut Scratch,
+        adapters: StepAdapters<'a>,
     ) -> Self {
         let tables = model
             .ropes
@@ -52,6 +55,7 @@ impl<'a> HostBackend<'a> {
             meta,
             tables,
             s,
+            adapters,
         }
     }
 
@@ -95,8 +99,15 @@ impl Backend for HostBackend<'_> {
         Ok(())
     }
 
-    fn linear(&mut self, p: &Proj, x: Buf, out: Buf) -> Result<()> {
-        self.with_out(x, out, |x, out, acts| p.forward_host(x, acts, out))
+    fn linear(&mut self, p: &Proj, site: Option<Site>, x: Buf, out: Buf) -> Result<()> {
+        let (adapters, tokens) = (self.adapters, self.meta.num_tokens());
+        self.with_out(x, out, |x, out, acts| {
+            p.forward_host(x, acts, out)?;
+            match site {
+                Some(site) => adapters.add_host(site, x, out, tokens),
+                None => Ok(()),
+            }
+        })
     }
 
     fn attention(&mut self, layer: usize, heads: Heads, rope: usize) -> Result<()> {

@@ -11,6 +11,7 @@
 //! one step below and one method per backend.
 
 use super::{Layer, Model, Norm};
+use crate::adapter::{Projection, Site};
 use crate::attention::Heads;
 use crate::config::Activation;
 use crate::linear::Proj;
@@ -51,8 +52,9 @@ pub(crate) trait Backend {
     fn norm(&mut self, x: Buf, w: &Norm, eps: f32, out: Buf) -> Result<()>;
     /// RMSNorm of each query head by `q` and each key head by `k`, in `Qkv`.
     fn head_norms(&mut self, q: &Norm, k: &Norm, eps: f32, heads: &Heads) -> Result<()>;
-    /// `out = x W^T (+ bias)`.
-    fn linear(&mut self, p: &Proj, x: Buf, out: Buf) -> Result<()>;
+    /// `out = x W^T (+ bias)`, plus the adapters' parts at `site` for the rows of sequences
+    /// on one (a layer's projections; the output layer has none).
+    fn linear(&mut self, p: &Proj, site: Option<Site>, x: Buf, out: Buf) -> Result<()>;
     /// Layer `layer`'s attention: rotates `Qkv` with RoPE table `rope`, stores its keys and
     /// values in the cache, attends each query over its own sequence: `Attn`.
     fn attention(&mut self, layer: usize, heads: Heads, rope: usize) -> Result<()>;
@@ -86,7 +88,7 @@ impl Model {
         }
         b.gather_rows(last_rows)?;
         b.norm(Buf::Tmp, &self.w.norm, self.cfg.norm_eps, Buf::H)?;
-        b.linear(&self.w.lm_head, Buf::H, Buf::Tmp)?;
+        b.linear(&self.w.lm_head, None, Buf::H, Buf::Tmp)?;
         if let Some(cap) = self.cfg.final_logit_softcap {
             b.softcap(Buf::Tmp, cap)?;
         }
@@ -97,21 +99,22 @@ impl Model {
     fn layer<B: Backend>(&self, b: &mut B, i: usize, l: &Layer) -> Result<()> {
         let (cfg, eps) = (&self.cfg, self.cfg.norm_eps);
         let heads = self.heads(i);
+        let at = |proj| Some(Site { layer: i, proj });
         b.norm(Buf::X, &l.attn_norm, eps, Buf::H)?;
-        b.linear(&l.qkv, Buf::H, Buf::Qkv)?;
+        b.linear(&l.qkv, at(Projection::Qkv), Buf::H, Buf::Qkv)?;
         if let (Some(q), Some(k)) = (&l.q_norm, &l.k_norm) {
             b.head_norms(q, k, eps, &heads)?;
         }
         b.attention(i, heads, cfg.layers[i].rope)?;
-        b.linear(&l.o, Buf::Attn, Buf::Tmp)?;
+        b.linear(&l.o, at(Projection::Output), Buf::Attn, Buf::Tmp)?;
         if let Some(n) = &l.post_attn_norm {
             b.norm(Buf::Tmp, n, eps, Buf::Tmp)?;
         }
         b.add(Buf::X, Buf::Tmp)?;
         b.norm(Buf::X, &l.ffn_norm, eps, Buf::H)?;
-        b.linear(&l.gate_up, Buf::H, Buf::GateUp)?;
+        b.linear(&l.gate_up, at(Projection::GateUp), Buf::H, Buf::GateUp)?;
         b.act_mul(cfg.activation, cfg.intermediate_size)?;
-        b.linear(&l.down, Buf::Act, Buf::Tmp)?;
+        b.linear(&l.down, at(Projection::Down), Buf::Act, Buf::Tmp)?;
         if let Some(n) = &l.post_ffn_norm {
             b.norm(Buf::Tmp, n, eps, Buf::Tmp)?;
         }

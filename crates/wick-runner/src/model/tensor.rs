@@ -5,6 +5,7 @@ use candle_core::{Device, Tensor};
 
 use super::layer::{Backend, Buf};
 use super::{Model, Norm};
+use crate::adapter::{Site, StepAdapters};
 use crate::attention::{self, AttentionMetadata, DeviceMetadata, Heads};
 use crate::config::Activation;
 use crate::kv_cache::DeviceLayer;
@@ -25,6 +26,7 @@ pub(crate) struct TensorBackend<'a> {
     dm: &'a DeviceMetadata,
     tables: Vec<(Tensor, Tensor)>,
     prof: &'a mut Profiler,
+    adapters: StepAdapters<'a>,
     bufs: [Option<Tensor>; Buf::COUNT],
 }
 
@@ -34,6 +36,7 @@ impl<'a> TensorBackend<'a> {
         kv: &'a mut [DeviceLayer],
         (meta, dm): (&'a AttentionMetadata, &'a DeviceMetadata),
         prof: &'a mut Profiler,
+        adapters: StepAdapters<'a>,
     ) -> Result<Self> {
         let tables = model
             .ropes
@@ -50,6 +53,7 @@ impl<'a> TensorBackend<'a> {
             dm,
             tables,
             prof,
+            adapters,
             bufs: Default::default(),
         })
     }
@@ -98,8 +102,12 @@ impl Backend for TensorBackend<'_> {
         self.set(Buf::Qkv, qkv, Phase::Other)
     }
 
-    fn linear(&mut self, p: &Proj, x: Buf, out: Buf) -> Result<()> {
-        let y = p.forward(self.get(x)?)?;
+    fn linear(&mut self, p: &Proj, site: Option<Site>, x: Buf, out: Buf) -> Result<()> {
+        let x = self.get(x)?;
+        let mut y = p.forward(x)?;
+        if let Some(site) = site {
+            y = self.adapters.add_tensor(site, x, y)?;
+        }
         self.set(out, y, Phase::Matmul)
     }
 
