@@ -10,7 +10,7 @@ use wick_core::{
     QueueLimits, QueueReceiver, Recv, RequestId, ScheduledBatch, TokenConstraint, TokenEvent,
     TokenLogprobs,
 };
-use wick_runner::{DrawParams, ModelAssets, Runner, RunnerError, Sampled, Sampler, StepRow};
+use wick_runner::{Draw, ModelAssets, Runner, RunnerError, Sampler, SeqSampling};
 use wick_scheduler::{attended, CostFit, Scheduler, SchedulerConfig, SeqOutcome, Sequence};
 
 /// How long the idle loop waits for a request before looking at its channels again.
@@ -22,10 +22,11 @@ const RATE_WINDOW: Duration = Duration::from_secs(30);
 /// so that it is restarted.
 const MAX_PANICKED_STEPS: u32 = 3;
 
-/// What the engine needs from a model runner: one step over a scheduled batch, returning
-/// a row of logits per sequence scheduled with `sample`, in batch order. A failed step is a
-/// typed [`RunnerError`]: it fails that step's requests, with its message.
+/// What the engine needs from a model runner: one step over a scheduled batch that draws
+/// the next token of each sequence scheduled with `sample`. A failed step is a typed
+/// [`RunnerError`]: it fails that step's requests, with its message.
 pub trait StepRunner {
+    /// A row of logits per sequence scheduled with `sample`, in batch order.
     fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>, RunnerError>;
 
     /// Seconds the last step spent in attention, if the runner measures it: with it the
@@ -34,20 +35,15 @@ pub trait StepRunner {
         None
     }
 
-    /// Whether [`StepRunner::step_drawing`] draws tokens where the logits are (a GPU).
-    fn draws_on_device(&self) -> bool {
-        false
-    }
-
-    /// A step whose sampling sequences with a draw (one entry per sampling sequence, in
-    /// batch order) may come back as drawn ids instead of logits.
-    fn step_drawing(
+    /// The step, and each sampling sequence's draw with its state (`seqs`, batch order):
+    /// where and how to draw is the runner's choice. By default every row is drawn on the
+    /// host from [`StepRunner::step`]'s logits.
+    fn step_sampling(
         &mut self,
         batch: &ScheduledBatch,
-        draws: &[Option<DrawParams>],
-    ) -> Result<Vec<StepRow>, RunnerError> {
-        let _ = draws;
-        Ok(self.step(batch)?.into_iter().map(StepRow::Logits).collect())
+        seqs: &mut [SeqSampling<'_>],
+    ) -> Result<Vec<Draw>, RunnerError> {
+        Ok(wick_runner::sample_rows(self.step(batch)?, seqs))
     }
 }
 
@@ -56,16 +52,12 @@ impl StepRunner for Runner {
         Runner::step(self, batch)
     }
 
-    fn draws_on_device(&self) -> bool {
-        Runner::draws_on_device(self)
-    }
-
-    fn step_drawing(
+    fn step_sampling(
         &mut self,
         batch: &ScheduledBatch,
-        draws: &[Option<DrawParams>],
-    ) -> Result<Vec<StepRow>, RunnerError> {
-        Runner::step_drawing(self, batch, draws)
+        seqs: &mut [SeqSampling<'_>],
+    ) -> Result<Vec<Draw>, RunnerError> {
+        Runner::step_sampling(self, batch, seqs)
     }
 
     fn attention_seconds(&self) -> Option<f64> {
@@ -455,46 +447,59 @@ impl<R: StepRunner> Engine<R> {
     /// The runner's step and each row's sampling: the ids drawn, their log-probabilities,
     /// and the requests whose grammar failed.
     fn run_and_sample(&mut self, batch: &ScheduledBatch) -> Result<Drawn, RunnerError> {
-        let rows = if self.runner.draws_on_device() {
-            // Rows without a grammar whose sampler needs nothing of the host are drawn on
-            // the device; only their ids come back.
-            let draws: Vec<Option<DrawParams>> = batch
-                .seqs
-                .iter()
-                .filter(|s| s.sample)
-                .map(|s| {
-                    let live = self.live.get_mut(&s.id)?;
-                    if live.constraint.is_some() {
-                        return None;
-                    }
-                    live.sampler.device_draw()
-                })
-                .collect();
-            self.runner.step_drawing(batch, &draws)?
-        } else {
-            let rows = self.runner.step(batch)?;
-            rows.into_iter().map(StepRow::Logits).collect()
-        };
-        let mut rows = rows.into_iter();
-        let mut sampled = Vec::with_capacity(rows.len());
+        let ids: Vec<RequestId> = batch
+            .seqs
+            .iter()
+            .filter(|s| s.sample)
+            .map(|s| s.id)
+            .collect();
+        let order: HashMap<RequestId, usize> =
+            ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        let mut lives: Vec<Option<&mut Live>> = (0..ids.len()).map(|_| None).collect();
+        for (id, live) in self.live.iter_mut() {
+            if let Some(&i) = order.get(id) {
+                lives[i] = Some(live);
+            }
+        }
+        // A sequence whose request is gone still has a row; it is drawn and dropped.
+        let missing = lives.iter().filter(|l| l.is_none()).count();
+        let mut spare: Vec<Sampler> = (0..missing)
+            .map(|_| Sampler::new(wick_core::SamplingParams::greedy(), &[]))
+            .collect();
+        let mut spare = spare.iter_mut();
+        let mut seqs: Vec<SeqSampling<'_>> = lives
+            .into_iter()
+            .filter_map(|live| match live {
+                Some(l) => Some(SeqSampling {
+                    sampler: &mut l.sampler,
+                    constraint: l
+                        .constraint
+                        .as_mut()
+                        .map(|c| &mut **c as &mut dyn TokenConstraint),
+                }),
+                None => spare.next().map(|sampler| SeqSampling {
+                    sampler,
+                    constraint: None,
+                }),
+            })
+            .collect();
+        let draws = self.runner.step_sampling(batch, &mut seqs)?;
+        drop(seqs);
+        let mut sampled = Vec::with_capacity(draws.len());
         let mut logprobs = HashMap::new();
         let mut failed = Vec::new();
-        for s in batch.seqs.iter().filter(|s| s.sample) {
-            let (Some(row), Some(live)) = (rows.next(), self.live.get_mut(&s.id)) else {
+        for (id, drawn) in ids.into_iter().zip(draws) {
+            if !self.live.contains_key(&id) {
                 continue;
-            };
-            let drawn = match row {
-                StepRow::Logits(mut row) => sample(live, &mut row),
-                StepRow::Drawn(id) => Ok(live.sampler.accept(id)),
-            };
+            }
             match drawn {
                 Ok(drawn) => {
-                    sampled.push((s.id, drawn.id));
+                    sampled.push((id, drawn.id));
                     if drawn.logprobs.is_some() {
-                        logprobs.insert(s.id, drawn.logprobs);
+                        logprobs.insert(id, drawn.logprobs);
                     }
                 }
-                Err(message) => failed.push((s.id, message)),
+                Err(message) => failed.push((id, message)),
             }
         }
         Ok((sampled, logprobs, failed))
@@ -660,18 +665,6 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         (_, Some(s)) => format!("panic: {s}"),
         _ => "panic".into(),
     }
-}
-
-/// Samples one row, masked by the request's grammar if it has one.
-fn sample(live: &mut Live, row: &mut [f32]) -> Result<Sampled, String> {
-    if let Some(c) = live.constraint.as_mut() {
-        c.mask(row)?;
-    }
-    let drawn = live.sampler.sample(row);
-    if let Some(c) = live.constraint.as_mut() {
-        c.consume(drawn.id)?;
-    }
-    Ok(drawn)
 }
 
 #[cfg(test)]

@@ -56,7 +56,7 @@ pub use model::Model;
 pub use profile::StepProfile;
 pub use runner::{Runner, StepRow};
 pub use sampling::device::DrawParams;
-pub use sampling::{argmax, logprobs, Sampled, Sampler};
+pub use sampling::{argmax, logprobs, sample_rows, Draw, Sampled, Sampler, SeqSampling};
 pub use tokenizer::{from_gguf as tokenizer_from_gguf, GgufTokenizer};
 
 pub type Result<T> = std::result::Result<T, RunnerError>;

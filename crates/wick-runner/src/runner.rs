@@ -9,6 +9,7 @@ use crate::kv_cache::{self, DeviceLayer, HostLayer};
 use crate::model::{HostBackend, Scratch, TensorBackend};
 use crate::profile::{Phase, Profiler, StepProfile};
 use crate::sampling::device::{self, DrawParams};
+use crate::sampling::{Draw, SeqSampling};
 use crate::{CacheConfig, Model, Result, RunnerError};
 
 /// The model and its KV cache: runs one step for a whole scheduled batch.
@@ -138,6 +139,38 @@ impl Runner {
         Ok(rows
             .iter()
             .map(|&n| logits.by_ref().take(n).collect())
+            .collect())
+    }
+
+    /// Computes every scheduled token and draws the next token of each sequence scheduled
+    /// with `sample`, with its state in `seqs` (batch order, one per sampling sequence): on
+    /// the device where the logits are (CUDA), for the rows that need nothing of the host
+    /// (see [`SeqSampling`]), else on the host. A grammar's refusal is that row's `Err`.
+    pub fn step_sampling(
+        &mut self,
+        batch: &ScheduledBatch,
+        seqs: &mut [SeqSampling<'_>],
+    ) -> Result<Vec<Draw>> {
+        let sampling = sample_rows(batch).len();
+        if sampling != seqs.len() {
+            return Err(RunnerError::Step(format!(
+                "{sampling} sampling sequences, {} sampling states",
+                seqs.len()
+            )));
+        }
+        let draws: Vec<Option<DrawParams>> = if self.draws_on_device() {
+            seqs.iter_mut().map(SeqSampling::device_draw).collect()
+        } else {
+            vec![None; seqs.len()]
+        };
+        let rows = self.step_drawing(batch, &draws)?;
+        Ok(rows
+            .into_iter()
+            .zip(seqs.iter_mut())
+            .map(|(row, s)| match row {
+                StepRow::Logits(mut row) => s.sample_host(&mut row),
+                StepRow::Drawn(id) => s.accept(id),
+            })
             .collect())
     }
 

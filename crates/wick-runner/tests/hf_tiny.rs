@@ -11,7 +11,9 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 use wick_core::AdapterId;
 use wick_core::{BlockId, RequestId, ScheduledBatch, ScheduledSeq};
-use wick_runner::{Adapters, CacheConfig, LoadOptions, Projection, Runner, Site, StepRow};
+use wick_runner::{
+    Adapters, CacheConfig, LoadOptions, Projection, Runner, SeqSampling, Site, StepRow,
+};
 
 // Heads of 32: the smallest the paged-attention kernels (the tensor path on CPU and CUDA) take.
 const H: usize = 64;
@@ -766,5 +768,98 @@ fn adapters_reach_every_projection_of_their_own_rows() {
             let d = max_diff(&moved[s], &base.0[s]);
             assert!(d > 1e-3, "sequence {s} on an adapter did not move ({d})");
         }
+    }
+}
+
+/// The runner draws each sampling sequence's token with its own state: a greedy row gets the
+/// argmax of the step's logits, a row with a grammar the token its grammar leaves, and the
+/// grammar is fed it; a state missing for a row is a step error.
+#[test]
+fn the_runner_samples_each_row_with_its_own_state() {
+    #[derive(Debug)]
+    struct Only(u32, Vec<u32>);
+    impl wick_core::TokenConstraint for Only {
+        fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
+            for (i, l) in logits.iter_mut().enumerate() {
+                if i as u32 != self.0 {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+            Ok(())
+        }
+        fn consume(&mut self, t: u32) -> Result<(), String> {
+            self.1.push(t);
+            Ok(())
+        }
+        fn is_finished(&self) -> bool {
+            false
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_model(dir.path());
+    let cache = CacheConfig {
+        num_blocks: 40,
+        block_size: BLOCK,
+    };
+    for tensor_path in [false, true] {
+        let batch = |base: u32| ScheduledBatch {
+            seqs: prompts()
+                .into_iter()
+                .take(2)
+                .enumerate()
+                .map(|(i, p)| ScheduledSeq {
+                    id: RequestId(i as u64),
+                    block_table: (0..p.len().div_ceil(BLOCK))
+                        .map(|b| BlockId(base + (b * 2 + i) as u32))
+                        .collect(),
+                    tokens: p,
+                    start_pos: 0,
+                    sample: true,
+                    adapter: None,
+                })
+                .collect(),
+        };
+        let mut runner = Runner::new(load_tiny(dir.path(), tensor_path), cache).unwrap();
+        let logits = runner.step(&batch(0)).unwrap();
+        let greedy = || wick_runner::Sampler::new(wick_core::SamplingParams::greedy(), &[]);
+        let (mut a, mut b) = (greedy(), greedy());
+        let mut grammar = Only(7, Vec::new());
+        let draws = runner
+            .step_sampling(
+                &batch(20),
+                &mut [
+                    SeqSampling {
+                        sampler: &mut a,
+                        constraint: None,
+                    },
+                    SeqSampling {
+                        sampler: &mut b,
+                        constraint: Some(&mut grammar),
+                    },
+                ],
+            )
+            .unwrap();
+        assert_eq!(
+            draws[0].as_ref().unwrap().id,
+            wick_runner::argmax(&logits[0])
+        );
+        assert_ne!(wick_runner::argmax(&logits[1]), 7);
+        assert_eq!(draws[1].as_ref().unwrap().id, 7);
+        assert_eq!(grammar.1, vec![7]);
+        let mut c = greedy();
+        let err = runner
+            .step_sampling(
+                &batch(0),
+                &mut [SeqSampling {
+                    sampler: &mut c,
+                    constraint: None,
+                }],
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("2 sampling sequences, 1 sampling states"),
+            "{err}"
+        );
     }
 }

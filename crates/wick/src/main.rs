@@ -480,17 +480,13 @@ impl StepRunner for FaultInjection {
         self.runner.attention_seconds()
     }
 
-    fn draws_on_device(&self) -> bool {
-        self.runner.draws_on_device()
-    }
-
-    fn step_drawing(
+    fn step_sampling(
         &mut self,
         batch: &wick_core::ScheduledBatch,
-        draws: &[Option<wick_runner::DrawParams>],
-    ) -> Result<Vec<wick_runner::StepRow>, wick_runner::RunnerError> {
+        seqs: &mut [wick_runner::SeqSampling<'_>],
+    ) -> Result<Vec<wick_runner::Draw>, wick_runner::RunnerError> {
         self.maybe_panic();
-        StepRunner::step_drawing(&mut self.runner, batch, draws)
+        StepRunner::step_sampling(&mut self.runner, batch, seqs)
     }
 }
 

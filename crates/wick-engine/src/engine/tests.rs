@@ -593,9 +593,9 @@ fn per_request_histograms_are_recorded_at_the_end() {
     assert!(metrics.time_per_output_token.get_sample_sum() >= 0.002);
 }
 
-/// A runner that draws on its "device": counts up like `CountingRunner`, but returns a drawn
-/// id (plus 100, so the test sees which path gave it) for every row it was given a draw for,
-/// and records which rows got one.
+/// A runner that draws its own way: counts up like `CountingRunner`, but draws every row
+/// itself (plus 100, so the test sees which path gave it) unless the row has a grammar, and
+/// records each row's state as given (its request's grammar or none), in batch order.
 struct DrawingRunner {
     given: std::sync::Arc<std::sync::Mutex<Vec<bool>>>,
 }
@@ -605,36 +605,35 @@ impl StepRunner for DrawingRunner {
         CountingRunner { fail: false }.step(batch)
     }
 
-    fn draws_on_device(&self) -> bool {
-        true
-    }
-
-    fn step_drawing(
+    fn step_sampling(
         &mut self,
         batch: &ScheduledBatch,
-        draws: &[Option<DrawParams>],
-    ) -> Result<Vec<StepRow>, RunnerError> {
+        seqs: &mut [SeqSampling<'_>],
+    ) -> Result<Vec<Draw>, RunnerError> {
         let rows = self.step(batch)?;
-        assert_eq!(rows.len(), draws.len());
-        self.given
-            .lock()
-            .unwrap()
-            .extend(draws.iter().map(|d| d.is_some()));
+        assert_eq!(rows.len(), seqs.len());
+        let mut given = self.given.lock().unwrap();
         Ok(rows
             .into_iter()
-            .zip(draws)
-            .map(|(row, d)| match d {
-                Some(_) => StepRow::Drawn(wick_runner::argmax(&row) % 10 + 100),
-                None => StepRow::Logits(row),
+            .zip(seqs.iter_mut())
+            .map(|(mut row, s)| {
+                given.push(s.constraint.is_some());
+                match s.constraint {
+                    Some(_) => s.sample_host(&mut row),
+                    None => Ok(wick_runner::Sampled {
+                        id: wick_runner::argmax(&row) % 10 + 100,
+                        logprobs: None,
+                    }),
+                }
             })
             .collect())
     }
 }
 
-/// Plain requests are drawn on the device and their ids used as drawn; a request that asks
-/// for log-probabilities (which need the logits) gets its row on the host.
+/// The runner draws each row with its request's own state: its draws are the tokens used,
+/// and a request's grammar reaches the runner with its row (masking it there).
 #[test]
-fn rows_that_need_nothing_of_the_host_are_drawn_on_the_device() {
+fn the_runner_draws_each_row_with_its_requests_state() {
     let given = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let runner = DrawingRunner {
         given: given.clone(),
@@ -649,29 +648,26 @@ fn rows_that_need_nothing_of_the_host_are_drawn_on_the_device() {
         }
     );
     let (tx, rx) = unbounded_channel();
-    let mut sampling = SamplingParams::greedy();
-    sampling.logprobs = Some(2);
     h.submit(EngineRequest {
         id: RequestId(2),
         tag: "t2".into(),
         prompt: vec![3],
         max_tokens: 1,
         stop_token_ids: vec![STOP],
-        sampling,
+        sampling: SamplingParams::greedy(),
         arrived: Instant::now(),
         events: tx,
-        constraint: None,
+        constraint: Some(Box::new(OnlyNines { seen: 0 })),
     })
     .unwrap();
-    let with_logprobs = collect(rx);
-    match &with_logprobs[0] {
-        TokenEvent::Token { id, logprobs } => {
-            assert_eq!(*id, 4, "sampled on the host from the logits");
-            assert!(logprobs.is_some());
+    let constrained = collect(rx);
+    match &constrained[0] {
+        TokenEvent::Token { id, .. } => {
+            assert_eq!(*id, 9, "drawn on the host from the row its grammar masked");
         }
         e => panic!("{e:?}"),
     }
-    assert_eq!(*given.lock().unwrap(), vec![true, false]);
+    assert_eq!(*given.lock().unwrap(), vec![false, true]);
     drop(h);
     t.join().unwrap();
 }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use wick_core::{SamplingParams, TokenLogprobs};
+use wick_core::{SamplingParams, TokenConstraint, TokenLogprobs};
 
 /// One request's sampler: its parameters, its own random generator (so the same seed and
 /// request give the same tokens whatever else is running), and what the penalties need.
@@ -191,6 +191,56 @@ impl Sampler {
         }
         candidates.last().map(|&(_, id)| id)
     }
+}
+
+/// One sampling sequence's state for a step that draws its next token: its sampler and, for
+/// structured output, its grammar (which masks the row before the draw and is fed the drawn
+/// token; a row with a grammar is drawn on the host).
+pub struct SeqSampling<'a> {
+    pub sampler: &'a mut Sampler,
+    pub constraint: Option<&'a mut dyn TokenConstraint>,
+}
+
+/// One sequence's draw: its token, or why its grammar refused (which fails that request
+/// alone).
+pub type Draw = std::result::Result<Sampled, String>;
+
+impl SeqSampling<'_> {
+    /// The draw to make on the device, where the row needs nothing of the host (no grammar,
+    /// no logit processing, no log-probabilities); it takes the request's next uniform.
+    pub(crate) fn device_draw(&mut self) -> Option<crate::DrawParams> {
+        if self.constraint.is_some() {
+            return None;
+        }
+        self.sampler.device_draw()
+    }
+
+    /// Draws from `row` on the host: masked by the grammar first, the grammar fed the token
+    /// after.
+    pub fn sample_host(&mut self, row: &mut [f32]) -> Draw {
+        if let Some(c) = self.constraint.as_deref_mut() {
+            c.mask(row)?;
+        }
+        let drawn = self.sampler.sample(row);
+        if let Some(c) = self.constraint.as_deref_mut() {
+            c.consume(drawn.id)?;
+        }
+        Ok(drawn)
+    }
+
+    /// Records the token drawn on the device for this row (one without a grammar).
+    pub(crate) fn accept(&mut self, id: u32) -> Draw {
+        Ok(self.sampler.accept(id))
+    }
+}
+
+/// Draws each row on the host with its sequence's state (rows and states in the same order):
+/// what a step that only computes logits gives each sequence.
+pub fn sample_rows(rows: Vec<Vec<f32>>, seqs: &mut [SeqSampling<'_>]) -> Vec<Draw> {
+    rows.into_iter()
+        .zip(seqs.iter_mut())
+        .map(|(mut row, s)| s.sample_host(&mut row))
+        .collect()
 }
 
 /// The model's log-probabilities (log-softmax of the raw logits) of `id` and of the `n`

@@ -187,3 +187,106 @@ fn top_p_on_a_large_vocabulary_equals_the_full_sort() {
         );
     }
 }
+
+/// Which rows the runner may draw on the device: those that need nothing of the host (no
+/// grammar, no logit processing, no log-probabilities).
+#[test]
+fn only_rows_that_need_nothing_of_the_host_are_drawn_on_the_device() {
+    #[derive(Debug)]
+    struct Any;
+    impl TokenConstraint for Any {
+        fn mask(&mut self, _: &mut [f32]) -> Result<(), String> {
+            Ok(())
+        }
+        fn consume(&mut self, _: u32) -> Result<(), String> {
+            Ok(())
+        }
+        fn is_finished(&self) -> bool {
+            false
+        }
+    }
+    let mut plain = Sampler::new(params(0.7, 0.9, 1), &[]);
+    let mut with_logprobs = Sampler::new(
+        SamplingParams {
+            logprobs: Some(2),
+            ..params(0.0, 1.0, 1)
+        },
+        &[],
+    );
+    let mut biased = Sampler::new(
+        SamplingParams {
+            logit_bias: vec![(3, 1.0)],
+            ..params(0.0, 1.0, 1)
+        },
+        &[],
+    );
+    let mut grammar = Any;
+    let mut constrained = Sampler::new(params(0.0, 1.0, 1), &[]);
+    let mut seqs = [
+        SeqSampling {
+            sampler: &mut plain,
+            constraint: None,
+        },
+        SeqSampling {
+            sampler: &mut with_logprobs,
+            constraint: None,
+        },
+        SeqSampling {
+            sampler: &mut biased,
+            constraint: None,
+        },
+        SeqSampling {
+            sampler: &mut constrained,
+            constraint: Some(&mut grammar),
+        },
+    ];
+    let on_device: Vec<bool> = seqs.iter_mut().map(|s| s.device_draw().is_some()).collect();
+    assert_eq!(on_device, vec![true, false, false, false]);
+}
+
+/// A grammar masks the row before the draw and is fed the drawn token; its refusal is that
+/// row's error alone.
+#[test]
+fn host_rows_are_masked_by_their_grammar() {
+    #[derive(Debug)]
+    struct Only(u32, Vec<u32>);
+    impl TokenConstraint for Only {
+        fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
+            for (i, l) in logits.iter_mut().enumerate() {
+                if i as u32 != self.0 {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+            Ok(())
+        }
+        fn consume(&mut self, t: u32) -> Result<(), String> {
+            self.1.push(t);
+            Err(format!("saw {t}"))
+        }
+        fn is_finished(&self) -> bool {
+            false
+        }
+    }
+    let (mut a, mut b) = (
+        Sampler::new(params(0.0, 1.0, 1), &[]),
+        Sampler::new(params(0.0, 1.0, 1), &[]),
+    );
+    let mut g = Only(2, Vec::new());
+    let rows = vec![vec![0.0, 5.0, 1.0], vec![0.0, 5.0, 1.0]];
+    let draws = sample_rows(
+        rows,
+        &mut [
+            SeqSampling {
+                sampler: &mut a,
+                constraint: Some(&mut g),
+            },
+            SeqSampling {
+                sampler: &mut b,
+                constraint: None,
+            },
+        ],
+    );
+    assert_eq!(draws[0], Err("saw 2".to_string()));
+    assert_eq!(draws[1].as_ref().map(|d| d.id), Ok(1));
+    assert_eq!(g.1, vec![2]);
+}
