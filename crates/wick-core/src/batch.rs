@@ -35,6 +35,14 @@ pub struct ScheduledSeq {
     pub adapter: Option<AdapterId>,
 }
 
+impl ScheduledSeq {
+    /// Whether this step draws the sequence's next token (it is scheduled with `sample` and
+    /// computes at least one token): one row of logits, one draw.
+    pub fn samples(&self) -> bool {
+        self.sample && !self.tokens.is_empty()
+    }
+}
+
 /// An adapter loaded beside the base model, by the runner's number for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AdapterId(pub u32);

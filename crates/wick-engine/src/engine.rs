@@ -43,7 +43,7 @@ pub trait StepRunner {
         batch: &ScheduledBatch,
         seqs: &mut [SeqSampling<'_>],
     ) -> Result<Vec<Draw>, RunnerError> {
-        Ok(wick_runner::sample_rows(self.step(batch)?, seqs))
+        wick_runner::draw_on_host(self.step(batch)?, seqs)
     }
 }
 
@@ -450,7 +450,7 @@ impl<R: StepRunner> Engine<R> {
         let ids: Vec<RequestId> = batch
             .seqs
             .iter()
-            .filter(|s| s.sample)
+            .filter(|s| s.samples())
             .map(|s| s.id)
             .collect();
         let order: HashMap<RequestId, usize> =

@@ -6,7 +6,7 @@
 //! is described by one [`ModelConfig`]; the forward, the KV cache and the runner read only
 //! that. Each engine step, [`Runner::step`] packs every scheduled token of a
 //! [`wick_core::ScheduledBatch`] into one `[tokens, hidden]` input, runs each projection once
-//! over it, attends per sequence over that sequence's blocks of the [`KvCache`], and returns
+//! over it, attends per sequence over that sequence's blocks of the KV cache, and returns
 //! logits for the last position of each sequence that samples. [`Sampler`] draws the next
 //! token.
 
@@ -56,7 +56,7 @@ pub use model::Model;
 pub use profile::StepProfile;
 pub use runner::{Runner, StepRow};
 pub use sampling::device::DrawParams;
-pub use sampling::{argmax, logprobs, sample_rows, Draw, Sampled, Sampler, SeqSampling};
+pub use sampling::{argmax, draw_on_host, logprobs, Draw, Sampled, Sampler, SeqSampling};
 pub use tokenizer::{from_gguf as tokenizer_from_gguf, GgufTokenizer};
 
 pub type Result<T> = std::result::Result<T, RunnerError>;

@@ -296,7 +296,7 @@ fn sample_rows(batch: &ScheduledBatch) -> Vec<u32> {
     let mut end = 0;
     for s in &batch.seqs {
         end += s.tokens.len();
-        if s.sample && !s.tokens.is_empty() {
+        if s.samples() {
             rows.push(end as u32 - 1);
         }
     }

@@ -863,3 +863,215 @@ fn the_runner_samples_each_row_with_its_own_state() {
         );
     }
 }
+
+/// One projection's LoRA: A `[R, inputs]` and B `[outputs, R]`, row-major, with inputs and
+/// outputs.
+type LoraPart = (Vec<f32>, Vec<f32>, usize, usize);
+
+/// A rank-2 LoRA on every projection of every layer: `out += k B (A x)` for adapter `k`.
+struct TestLora {
+    parts: HashMap<(usize, Projection), LoraPart>,
+}
+
+const R: usize = 2;
+
+fn proj_shape(p: Projection) -> (usize, usize) {
+    match p {
+        Projection::Qkv => (H, H + 2 * KV_HEADS * HD),
+        Projection::Output => (H, H),
+        Projection::GateUp => (H, 2 * I),
+        Projection::Down => (I, H),
+    }
+}
+
+const PROJECTIONS: [Projection; 4] = [
+    Projection::Qkv,
+    Projection::Output,
+    Projection::GateUp,
+    Projection::Down,
+];
+
+impl TestLora {
+    fn new() -> Self {
+        let mut seed = 7u64;
+        let mut parts = HashMap::new();
+        for layer in 0..LAYERS {
+            for p in PROJECTIONS {
+                let (inputs, outputs) = proj_shape(p);
+                let a = random(&mut seed, R * inputs, 0.3);
+                let b = random(&mut seed, outputs * R, 0.3);
+                parts.insert((layer, p), (a, b, inputs, outputs));
+            }
+        }
+        Self { parts }
+    }
+
+    /// `k B A`, `[outputs, inputs]`.
+    fn merged(&self, layer: usize, p: Projection, k: f32) -> Vec<f32> {
+        let (a, b, inputs, outputs) = &self.parts[&(layer, p)];
+        let mut w = vec![0f32; outputs * inputs];
+        for o in 0..*outputs {
+            for i in 0..*inputs {
+                w[o * inputs + i] = k
+                    * (0..R)
+                        .map(|r| b[o * R + r] * a[r * inputs + i])
+                        .sum::<f32>();
+            }
+        }
+        w
+    }
+}
+
+impl Adapters for TestLora {
+    fn add_host(
+        &self,
+        site: Site,
+        adapter: AdapterId,
+        x: &[f32],
+        out: &mut [f32],
+    ) -> wick_runner::Result<()> {
+        let (a, b, inputs, outputs) = &self.parts[&(site.layer, site.proj)];
+        let k = adapter.0 as f32;
+        for (xr, or) in x.chunks_exact(*inputs).zip(out.chunks_exact_mut(*outputs)) {
+            let ax: Vec<f32> = (0..R)
+                .map(|r| (0..*inputs).map(|i| a[r * inputs + i] * xr[i]).sum())
+                .collect();
+            for (o, v) in or.iter_mut().enumerate() {
+                *v += k * (0..R).map(|r| b[o * R + r] * ax[r]).sum::<f32>();
+            }
+        }
+        Ok(())
+    }
+
+    fn delta_tensor(
+        &self,
+        site: Site,
+        adapter: AdapterId,
+        x: &Tensor,
+    ) -> wick_runner::Result<Option<Tensor>> {
+        let (a, b, inputs, outputs) = &self.parts[&(site.layer, site.proj)];
+        let a = Tensor::from_slice(a, (R, *inputs), x.device())?.to_dtype(x.dtype())?;
+        let b = Tensor::from_slice(b, (*outputs, R), x.device())?.to_dtype(x.dtype())?;
+        let d = x.matmul(&a.t()?)?.matmul(&b.t()?)?;
+        Ok(Some((d * adapter.0 as f64)?))
+    }
+}
+
+/// The tiny model with `k B A` added to every projection, in `dir`.
+fn write_merged(dir: &Path, lora: &TestLora, k: f32) {
+    let mut w = write_model(dir);
+    let hf = |l: usize, p: Projection| -> Vec<(&'static str, usize)> {
+        let _ = l;
+        match p {
+            Projection::Qkv => vec![
+                ("self_attn.q_proj", H),
+                ("self_attn.k_proj", KV_HEADS * HD),
+                ("self_attn.v_proj", KV_HEADS * HD),
+            ],
+            Projection::Output => vec![("self_attn.o_proj", H)],
+            Projection::GateUp => vec![("mlp.gate_proj", I), ("mlp.up_proj", I)],
+            Projection::Down => vec![("mlp.down_proj", H)],
+        }
+    };
+    for layer in 0..LAYERS {
+        for p in PROJECTIONS {
+            let delta = lora.merged(layer, p, k);
+            let inputs = proj_shape(p).0;
+            let mut row = 0;
+            for (name, rows) in hf(layer, p) {
+                let (v, _, _) = w
+                    .get_mut(&format!("model.layers.{layer}.{name}.weight"))
+                    .unwrap();
+                for (x, d) in v
+                    .iter_mut()
+                    .zip(&delta[row * inputs..(row + rows) * inputs])
+                {
+                    *x += d;
+                }
+                row += rows;
+            }
+        }
+    }
+    let tensors: HashMap<String, Tensor> = w
+        .iter()
+        .map(|(name, (v, r, c))| {
+            let t = if *r == 1 {
+                Tensor::from_slice(v, *c, &Device::Cpu)
+            } else {
+                Tensor::from_slice(v, (*r, *c), &Device::Cpu)
+            };
+            (name.clone(), t.unwrap())
+        })
+        .collect();
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+}
+
+/// A prefill of the three prompts (adapters 1, none, 2), then one decode step each; the
+/// logits of both steps.
+fn lora_steps(runner: &mut Runner, adapters: [Option<AdapterId>; 3]) -> Vec<Vec<Vec<f32>>> {
+    let prompts = prompts();
+    let seq = |i: usize, tokens: Vec<u32>, start_pos: usize| ScheduledSeq {
+        id: RequestId(i as u64),
+        block_table: (0..(prompts[i].len() + 1).div_ceil(BLOCK))
+            .map(|b| BlockId((b * 3 + i) as u32))
+            .collect(),
+        tokens,
+        start_pos,
+        sample: true,
+        adapter: adapters[i],
+    };
+    let prefill = ScheduledBatch {
+        seqs: (0..3).map(|i| seq(i, prompts[i].clone(), 0)).collect(),
+    };
+    let decode = ScheduledBatch {
+        seqs: (0..3).map(|i| seq(i, vec![42], prompts[i].len())).collect(),
+    };
+    vec![
+        runner.step(&prefill).unwrap(),
+        runner.step(&decode).unwrap(),
+    ]
+}
+
+/// A real low-rank adapter through the hook equals the model with the adapter merged into
+/// its weights (W + k B A), on both paths, in a prefill and a decode step, for each
+/// sequence on its own adapter, beside a sequence on the base model.
+#[test]
+fn a_lora_through_the_hook_equals_its_merged_weights() {
+    let lora = TestLora::new();
+    let (base, one, two) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    write_model(base.path());
+    write_merged(one.path(), &lora, 1.0);
+    write_merged(two.path(), &lora, 2.0);
+    let cache = CacheConfig {
+        num_blocks: 40,
+        block_size: BLOCK,
+    };
+    for tensor_path in [false, true] {
+        let plain = |dir: &Path| {
+            let mut r = Runner::new(load_tiny(dir, tensor_path), cache).unwrap();
+            lora_steps(&mut r, [None; 3])
+        };
+        let mut runner = Runner::new(load_tiny(base.path(), tensor_path), cache).unwrap();
+        runner.set_adapters(Some(Box::new(TestLora::new())));
+        let got = lora_steps(&mut runner, [Some(AdapterId(1)), None, Some(AdapterId(2))]);
+        let want = [plain(one.path()), plain(base.path()), plain(two.path())];
+        for (step, rows) in got.iter().enumerate() {
+            for (s, row) in rows.iter().enumerate() {
+                let d = max_diff(row, &want[s][step][s]);
+                assert!(
+                    d < 1e-4,
+                    "path {tensor_path}, step {step}, sequence {s}: {d}"
+                );
+                let moved = max_diff(row, &want[1][step][s]);
+                assert!(
+                    s == 1 || moved > 1e-2,
+                    "sequence {s} did not move ({moved})"
+                );
+            }
+        }
+    }
+}

@@ -595,9 +595,9 @@ fn per_request_histograms_are_recorded_at_the_end() {
 
 /// A runner that draws its own way: counts up like `CountingRunner`, but draws every row
 /// itself (plus 100, so the test sees which path gave it) unless the row has a grammar, and
-/// records each row's state as given (its request's grammar or none), in batch order.
+/// records, step by step, each row's state as given (its request's grammar or none).
 struct DrawingRunner {
-    given: std::sync::Arc<std::sync::Mutex<Vec<bool>>>,
+    given: std::sync::Arc<std::sync::Mutex<Vec<Vec<bool>>>>,
 }
 
 impl StepRunner for DrawingRunner {
@@ -612,26 +612,27 @@ impl StepRunner for DrawingRunner {
     ) -> Result<Vec<Draw>, RunnerError> {
         let rows = self.step(batch)?;
         assert_eq!(rows.len(), seqs.len());
-        let mut given = self.given.lock().unwrap();
+        self.given
+            .lock()
+            .unwrap()
+            .push(seqs.iter().map(|s| s.constraint.is_some()).collect());
         Ok(rows
             .into_iter()
             .zip(seqs.iter_mut())
-            .map(|(mut row, s)| {
-                given.push(s.constraint.is_some());
-                match s.constraint {
-                    Some(_) => s.sample_host(&mut row),
-                    None => Ok(wick_runner::Sampled {
-                        id: wick_runner::argmax(&row) % 10 + 100,
-                        logprobs: None,
-                    }),
-                }
+            .map(|(mut row, s)| match s.constraint {
+                Some(_) => s.sample_host(&mut row),
+                None => Ok(wick_runner::Sampled {
+                    id: wick_runner::argmax(&row) % 10 + 100,
+                    logprobs: None,
+                }),
             })
             .collect())
     }
 }
 
-/// The runner draws each row with its request's own state: its draws are the tokens used,
-/// and a request's grammar reaches the runner with its row (masking it there).
+/// The runner draws each row with its request's own state, in the same steps: a plain
+/// request's tokens are the runner's draws, and a request's grammar reaches the runner with
+/// its own row (masking it there).
 #[test]
 fn the_runner_draws_each_row_with_its_requests_state() {
     let given = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -639,20 +640,13 @@ fn the_runner_draws_each_row_with_its_requests_state() {
         given: given.clone(),
     };
     let (h, _m, t) = spawn_runner(cfg(), runner, None);
-    let plain = collect(submit(&h, 1, vec![3], 1));
-    assert_eq!(
-        plain[0],
-        TokenEvent::Token {
-            id: 104,
-            logprobs: None
-        }
-    );
+    let plain = submit(&h, 1, vec![3], 6);
     let (tx, rx) = unbounded_channel();
     h.submit(EngineRequest {
         id: RequestId(2),
         tag: "t2".into(),
         prompt: vec![3],
-        max_tokens: 1,
+        max_tokens: 6,
         stop_token_ids: vec![STOP],
         sampling: SamplingParams::greedy(),
         arrived: Instant::now(),
@@ -660,14 +654,29 @@ fn the_runner_draws_each_row_with_its_requests_state() {
         constraint: Some(Box::new(OnlyNines { seen: 0 })),
     })
     .unwrap();
-    let constrained = collect(rx);
-    match &constrained[0] {
-        TokenEvent::Token { id, .. } => {
-            assert_eq!(*id, 9, "drawn on the host from the row its grammar masked");
-        }
-        e => panic!("{e:?}"),
-    }
-    assert_eq!(*given.lock().unwrap(), vec![false, true]);
+    let ids = |events: Vec<TokenEvent>| -> Vec<u32> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                TokenEvent::Token { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect()
+    };
+    let (plain, constrained) = (ids(collect(plain)), ids(collect(rx)));
+    assert_eq!(plain.len(), 6);
+    assert!(plain.iter().all(|&id| id >= 100), "{plain:?}");
+    assert_eq!(
+        constrained,
+        vec![9, 9, 9],
+        "the grammar's row, masked, ends it"
+    );
+    let given = given.lock().unwrap();
+    assert!(
+        given.iter().any(|step| step == &vec![false, true]),
+        "no step held both rows: {given:?}"
+    );
+    assert!(given.iter().flatten().filter(|&&g| g).count() == 3);
     drop(h);
     t.join().unwrap();
 }

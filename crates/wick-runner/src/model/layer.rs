@@ -7,8 +7,9 @@
 //! picks the backend once, at load (its `Path`); nothing here branches on it.
 //!
 //! A family's differences are [`crate::ModelConfig`] fields and optional parts of a
-//! [`Layer`], read here and only here; a new operation (an attention soft-cap, a new norm) is
-//! one step below and one method per backend.
+//! [`Layer`], read here (and, for the embedding scale and each layer's attention shape, by
+//! the `Model` helpers these steps call); a new operation (a new norm, an activation) is one
+//! step below and one method per backend.
 
 use super::{Layer, Model, Norm};
 use crate::adapter::{Projection, Site};

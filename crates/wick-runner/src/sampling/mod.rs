@@ -234,13 +234,21 @@ impl SeqSampling<'_> {
     }
 }
 
-/// Draws each row on the host with its sequence's state (rows and states in the same order):
-/// what a step that only computes logits gives each sequence.
-pub fn sample_rows(rows: Vec<Vec<f32>>, seqs: &mut [SeqSampling<'_>]) -> Vec<Draw> {
-    rows.into_iter()
+/// Draws each row on the host with its sequence's state (rows and states in the same order,
+/// as many of each): what a step that only computes logits gives each sequence.
+pub fn draw_on_host(rows: Vec<Vec<f32>>, seqs: &mut [SeqSampling<'_>]) -> crate::Result<Vec<Draw>> {
+    if rows.len() != seqs.len() {
+        return Err(crate::RunnerError::Step(format!(
+            "{} rows of logits, {} sampling states",
+            rows.len(),
+            seqs.len()
+        )));
+    }
+    Ok(rows
+        .into_iter()
         .zip(seqs.iter_mut())
         .map(|(mut row, s)| s.sample_host(&mut row))
-        .collect()
+        .collect())
 }
 
 /// The model's log-probabilities (log-softmax of the raw logits) of `id` and of the `n`

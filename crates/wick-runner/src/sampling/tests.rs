@@ -273,7 +273,7 @@ fn host_rows_are_masked_by_their_grammar() {
     );
     let mut g = Only(2, Vec::new());
     let rows = vec![vec![0.0, 5.0, 1.0], vec![0.0, 5.0, 1.0]];
-    let draws = sample_rows(
+    let draws = draw_on_host(
         rows,
         &mut [
             SeqSampling {
@@ -285,7 +285,8 @@ fn host_rows_are_masked_by_their_grammar() {
                 constraint: None,
             },
         ],
-    );
+    )
+    .unwrap();
     assert_eq!(draws[0], Err("saw 2".to_string()));
     assert_eq!(draws[1].as_ref().map(|d| d.id), Ok(1));
     assert_eq!(g.1, vec![2]);
