@@ -111,6 +111,9 @@ pub struct ModelConfig {
     pub layers: Vec<LayerSpec>,
 }
 
+/// The most layers a model may have (no real one comes near).
+pub(crate) const MAX_LAYERS: usize = 4096;
+
 impl ModelConfig {
     /// The arithmetic every family starts from (SiLU, no biases or extra norms, scores scaled
     /// by `1/sqrt(head_dim)`, one RoPE for every layer, no windows); the loaders fill in the
@@ -142,7 +145,9 @@ impl ModelConfig {
             final_logit_softcap: None,
             tied_embeddings: false,
             ropes: vec![rope],
-            layers: (0..layers)
+            // No more specs than a valid model can have: `validate` refuses the count itself,
+            // and a file claiming 10^9 layers must not cost 24 GB first.
+            layers: (0..layers.min(MAX_LAYERS))
                 .map(|_| LayerSpec {
                     sliding_window: None,
                     rope: 0,
@@ -181,7 +186,7 @@ impl ModelConfig {
         let limits = [
             ("hidden size", self.hidden_size, 1 << 17),
             ("MLP width", self.intermediate_size, 1 << 20),
-            ("layer count", self.num_layers, 4096),
+            ("layer count", self.num_layers, MAX_LAYERS),
             ("head count", self.num_heads, 4096),
             ("head size", self.head_dim, 4096),
             ("vocabulary", self.vocab_size, 1 << 24),
