@@ -334,6 +334,10 @@ struct ContextRunner {
 
 impl StepRunner for ContextRunner {
     fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>, RunnerError> {
+        // A step takes a moment, as a real one does: requests submitted together are then
+        // running together (without it, one could finish before the next arrives, and the
+        // preemption test would see no preemption: 3 runs in 20 did).
+        std::thread::sleep(Duration::from_millis(1));
         let bs = self.block_size;
         let slot = |table: &[wick_core::BlockId], p: usize| table[p / bs].index() * bs + p % bs;
         let mut rows = Vec::new();
