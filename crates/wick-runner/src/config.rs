@@ -117,14 +117,19 @@ pub(crate) const MAX_LAYERS: usize = 4096;
 impl ModelConfig {
     /// The arithmetic every family starts from (SiLU, no biases or extra norms, scores scaled
     /// by `1/sqrt(head_dim)`, one RoPE for every layer, no windows); the loaders fill in the
-    /// shape they read and the families change what is their own.
+    /// shape they read and the families change what is their own. A layer count past
+    /// [`MAX_LAYERS`] is refused here, before anything is built per layer (a file claiming
+    /// 10^9 layers must not cost 24 GB first).
     pub(crate) fn plain(
         family: &'static str,
         layers: usize,
         head_dim: usize,
         rope: RopeSpec,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, String> {
+        if layers > MAX_LAYERS {
+            return Err(format!("layer count {layers} is larger than {MAX_LAYERS}"));
+        }
+        Ok(Self {
             family,
             hidden_size: 0,
             intermediate_size: 0,
@@ -145,15 +150,13 @@ impl ModelConfig {
             final_logit_softcap: None,
             tied_embeddings: false,
             ropes: vec![rope],
-            // No more specs than a valid model can have: `validate` refuses the count itself,
-            // and a file claiming 10^9 layers must not cost 24 GB first.
-            layers: (0..layers.min(MAX_LAYERS))
+            layers: (0..layers)
                 .map(|_| LayerSpec {
                     sliding_window: None,
                     rope: 0,
                 })
                 .collect(),
-        }
+        })
     }
 
     pub fn q_dim(&self) -> usize {

@@ -151,7 +151,7 @@ impl Runner {
         batch: &ScheduledBatch,
         seqs: &mut [SeqSampling<'_>],
     ) -> Result<Vec<Draw>> {
-        let sampling = sample_rows(batch).len();
+        let sampling = batch.seqs.iter().filter(|s| s.samples()).count();
         if sampling != seqs.len() {
             return Err(RunnerError::Step(format!(
                 "{sampling} sampling sequences, {} sampling states",
@@ -169,7 +169,8 @@ impl Runner {
             .zip(seqs.iter_mut())
             .map(|(row, s)| match row {
                 StepRow::Logits(mut row) => s.sample_host(&mut row),
-                StepRow::Drawn(id) => s.accept(id),
+                // Only rows without a grammar are drawn on the device.
+                StepRow::Drawn(id) => Ok(s.sampler.accept(id)),
             })
             .collect())
     }

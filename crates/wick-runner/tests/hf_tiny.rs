@@ -41,6 +41,22 @@ fn random(seed: &mut u64, n: usize, scale: f32) -> Vec<f32> {
         .collect()
 }
 
+/// `w` as the checkpoint's `model.safetensors` in `dir`.
+fn save_weights(dir: &Path, w: &Weights) {
+    let tensors: HashMap<String, Tensor> = w
+        .iter()
+        .map(|(k, (v, r, c))| {
+            let t = if *r == 1 {
+                Tensor::from_slice(v, *c, &Device::Cpu)
+            } else {
+                Tensor::from_slice(v, (*r, *c), &Device::Cpu)
+            };
+            (k.clone(), t.unwrap())
+        })
+        .collect();
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+}
+
 fn write_model(dir: &Path) -> Weights {
     let mut seed = 42u64;
     let mut w: Weights = HashMap::new();
@@ -86,18 +102,7 @@ fn write_model(dir: &Path) -> Weights {
     }
     add("model.norm.weight".into(), 1, H, 0.3, &mut seed);
 
-    let tensors: HashMap<String, Tensor> = w
-        .iter()
-        .map(|(k, (v, r, c))| {
-            let t = if *r == 1 {
-                Tensor::from_slice(v, *c, &Device::Cpu)
-            } else {
-                Tensor::from_slice(v, (*r, *c), &Device::Cpu)
-            };
-            (k.clone(), t.unwrap())
-        })
-        .collect();
-    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    save_weights(dir, &w);
 
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -616,6 +621,57 @@ fn a_block_table_past_the_cache_is_a_step_error() {
     }
 }
 
+/// A layer projection's (inputs, outputs).
+fn proj_shape(p: Projection) -> (usize, usize) {
+    match p {
+        Projection::Qkv => (H, H + 2 * KV_HEADS * HD),
+        Projection::Output => (H, H),
+        Projection::GateUp => (H, 2 * I),
+        Projection::Down => (I, H),
+    }
+}
+
+const PROJECTIONS: [Projection; 4] = [
+    Projection::Qkv,
+    Projection::Output,
+    Projection::GateUp,
+    Projection::Down,
+];
+
+/// Sequence `i` of [`prompts`], computing `tokens` from `start_pos` on `adapter`, in blocks
+/// `base + 3 b + i` (room for its prompt and one more token).
+fn prompt_seq(
+    i: usize,
+    tokens: Vec<u32>,
+    start_pos: usize,
+    adapter: Option<AdapterId>,
+    base: usize,
+) -> ScheduledSeq {
+    ScheduledSeq {
+        id: RequestId(i as u64),
+        block_table: (0..(prompts()[i].len() + 1).div_ceil(BLOCK))
+            .map(|b| BlockId((base + b * 3 + i) as u32))
+            .collect(),
+        tokens,
+        start_pos,
+        sample: true,
+        adapter,
+    }
+}
+
+/// The prefill of the first `adapters.len()` prompts in one step, prompt `i` on
+/// `adapters[i]`, in blocks from `base` on.
+fn prompt_batch(adapters: &[Option<AdapterId>], base: usize) -> ScheduledBatch {
+    ScheduledBatch {
+        seqs: prompts()
+            .into_iter()
+            .zip(adapters)
+            .enumerate()
+            .map(|(i, (p, &a))| prompt_seq(i, p, 0, a, base))
+            .collect(),
+    }
+}
+
 /// An adapter set for the tests: records every call, and adds `add` to the outputs of
 /// `proj` (0.0: a no-op adapter whose B is zero).
 struct TestAdapters {
@@ -632,11 +688,11 @@ impl Adapters for TestAdapters {
         x: &[f32],
         out: &mut [f32],
     ) -> wick_runner::Result<()> {
-        let width = if site.proj == Projection::Down { I } else { H };
+        let inputs = proj_shape(site.proj).0;
         self.calls
             .lock()
             .unwrap()
-            .push((site, adapter, x.len() / width));
+            .push((site, adapter, x.len() / inputs));
         if site.proj == self.proj {
             out.iter_mut()
                 .for_each(|v| *v += self.add * adapter.0 as f32);
@@ -657,14 +713,10 @@ impl Adapters for TestAdapters {
         if site.proj != self.proj {
             return Ok(None);
         }
-        let width = match site.proj {
-            Projection::Qkv => H + 2 * KV_HEADS * HD,
-            Projection::Output | Projection::Down => H,
-            Projection::GateUp => 2 * I,
-        };
+        let outputs = proj_shape(site.proj).1;
         let d = Tensor::full(
             self.add * adapter.0 as f32,
-            (x.dim(0).unwrap(), width),
+            (x.dim(0).unwrap(), outputs),
             x.device(),
         );
         Ok(Some(d.unwrap().to_dtype(x.dtype()).unwrap()))
@@ -674,23 +726,10 @@ impl Adapters for TestAdapters {
 /// Three prompts in one prefill step, the first on adapter 1, the second on none, the third
 /// on adapter 2; returns each one's logits.
 fn adapter_step(runner: &mut Runner) -> wick_runner::Result<Vec<Vec<f32>>> {
-    let adapters = [Some(AdapterId(1)), None, Some(AdapterId(2))];
-    let seqs = prompts()
-        .into_iter()
-        .zip(adapters)
-        .enumerate()
-        .map(|(i, (p, adapter))| ScheduledSeq {
-            id: RequestId(i as u64),
-            block_table: (0..p.len().div_ceil(BLOCK))
-                .map(|b| BlockId((b * 3 + i) as u32))
-                .collect(),
-            tokens: p,
-            start_pos: 0,
-            sample: true,
-            adapter,
-        })
-        .collect();
-    runner.step(&ScheduledBatch { seqs })
+    runner.step(&prompt_batch(
+        &[Some(AdapterId(1)), None, Some(AdapterId(2))],
+        0,
+    ))
 }
 
 /// The adapter hook on both paths: every projection of every layer reaches the adapters with
@@ -720,22 +759,7 @@ fn adapters_reach_every_projection_of_their_own_rows() {
                 add: 0.0,
             })));
             // Adapter ids on the rows, but nothing added: the base model without them.
-            let none = r.step(&ScheduledBatch {
-                seqs: prompts()
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, p)| ScheduledSeq {
-                        id: RequestId(i as u64),
-                        block_table: (0..p.len().div_ceil(BLOCK))
-                            .map(|b| BlockId((b * 3 + i + 20) as u32))
-                            .collect(),
-                        tokens: p,
-                        start_pos: 0,
-                        sample: true,
-                        adapter: None,
-                    })
-                    .collect(),
-            });
+            let none = r.step(&prompt_batch(&[None; 3], 20));
             (adapter_step(&mut r).unwrap(), none.unwrap())
         };
         assert_eq!(base.0, base.1, "a no-op adapter changed the logits");
@@ -751,12 +775,7 @@ fn adapters_reach_every_projection_of_their_own_rows() {
         let mut want = Vec::new();
         let lens: Vec<usize> = prompts().iter().map(Vec::len).collect();
         for layer in 0..LAYERS {
-            for proj in [
-                Projection::Qkv,
-                Projection::Output,
-                Projection::GateUp,
-                Projection::Down,
-            ] {
+            for proj in PROJECTIONS {
                 let site = Site { layer, proj };
                 want.push((site, AdapterId(1), lens[0]));
                 want.push((site, AdapterId(2), lens[2]));
@@ -802,23 +821,7 @@ fn the_runner_samples_each_row_with_its_own_state() {
         block_size: BLOCK,
     };
     for tensor_path in [false, true] {
-        let batch = |base: u32| ScheduledBatch {
-            seqs: prompts()
-                .into_iter()
-                .take(2)
-                .enumerate()
-                .map(|(i, p)| ScheduledSeq {
-                    id: RequestId(i as u64),
-                    block_table: (0..p.len().div_ceil(BLOCK))
-                        .map(|b| BlockId(base + (b * 2 + i) as u32))
-                        .collect(),
-                    tokens: p,
-                    start_pos: 0,
-                    sample: true,
-                    adapter: None,
-                })
-                .collect(),
-        };
+        let batch = |base: usize| prompt_batch(&[None; 2], base);
         let mut runner = Runner::new(load_tiny(dir.path(), tensor_path), cache).unwrap();
         let logits = runner.step(&batch(0)).unwrap();
         let greedy = || wick_runner::Sampler::new(wick_core::SamplingParams::greedy(), &[]);
@@ -874,22 +877,6 @@ struct TestLora {
 }
 
 const R: usize = 2;
-
-fn proj_shape(p: Projection) -> (usize, usize) {
-    match p {
-        Projection::Qkv => (H, H + 2 * KV_HEADS * HD),
-        Projection::Output => (H, H),
-        Projection::GateUp => (H, 2 * I),
-        Projection::Down => (I, H),
-    }
-}
-
-const PROJECTIONS: [Projection; 4] = [
-    Projection::Qkv,
-    Projection::Output,
-    Projection::GateUp,
-    Projection::Down,
-];
 
 impl TestLora {
     fn new() -> Self {
@@ -992,42 +979,19 @@ fn write_merged(dir: &Path, lora: &TestLora, k: f32) {
             }
         }
     }
-    let tensors: HashMap<String, Tensor> = w
-        .iter()
-        .map(|(name, (v, r, c))| {
-            let t = if *r == 1 {
-                Tensor::from_slice(v, *c, &Device::Cpu)
-            } else {
-                Tensor::from_slice(v, (*r, *c), &Device::Cpu)
-            };
-            (name.clone(), t.unwrap())
-        })
-        .collect();
-    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    save_weights(dir, &w);
 }
 
 /// A prefill of the three prompts (adapters 1, none, 2), then one decode step each; the
 /// logits of both steps.
 fn lora_steps(runner: &mut Runner, adapters: [Option<AdapterId>; 3]) -> Vec<Vec<Vec<f32>>> {
-    let prompts = prompts();
-    let seq = |i: usize, tokens: Vec<u32>, start_pos: usize| ScheduledSeq {
-        id: RequestId(i as u64),
-        block_table: (0..(prompts[i].len() + 1).div_ceil(BLOCK))
-            .map(|b| BlockId((b * 3 + i) as u32))
-            .collect(),
-        tokens,
-        start_pos,
-        sample: true,
-        adapter: adapters[i],
-    };
-    let prefill = ScheduledBatch {
-        seqs: (0..3).map(|i| seq(i, prompts[i].clone(), 0)).collect(),
-    };
     let decode = ScheduledBatch {
-        seqs: (0..3).map(|i| seq(i, vec![42], prompts[i].len())).collect(),
+        seqs: (0..3)
+            .map(|i| prompt_seq(i, vec![42], prompts()[i].len(), adapters[i], 0))
+            .collect(),
     };
     vec![
-        runner.step(&prefill).unwrap(),
+        runner.step(&prompt_batch(&adapters, 0)).unwrap(),
         runner.step(&decode).unwrap(),
     ]
 }

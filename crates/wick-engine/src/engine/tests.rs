@@ -658,16 +658,7 @@ fn the_runner_draws_each_row_with_its_requests_state() {
         constraint: Some(Box::new(OnlyNines { seen: 0 })),
     })
     .unwrap();
-    let ids = |events: Vec<TokenEvent>| -> Vec<u32> {
-        events
-            .iter()
-            .filter_map(|e| match e {
-                TokenEvent::Token { id, .. } => Some(*id),
-                _ => None,
-            })
-            .collect()
-    };
-    let (plain, constrained) = (ids(collect(plain)), ids(collect(rx)));
+    let (plain, constrained) = (tokens(&collect(plain)), tokens(&collect(rx)));
     assert_eq!(plain.len(), 6);
     assert!(plain.iter().all(|&id| id >= 100), "{plain:?}");
     assert_eq!(

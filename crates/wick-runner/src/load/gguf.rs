@@ -234,6 +234,7 @@ fn config(g: &mut GgufFile, family: &'static models::Family, arch: &str) -> Resu
                 )
             })?,
         ..ModelConfig::plain(family.name, layers, head_dim, rope)
+            .map_err(|m| RunnerError::invalid(g.path(), m))?
     };
     for l in &mut cfg.layers {
         l.sliding_window = window;

@@ -147,6 +147,7 @@ fn config(path: &Path, root: &Json, family: &'static models::Family) -> Result<M
         norm_eps: k.opt_f64("rms_norm_eps").unwrap_or(1e-6) as f32,
         qkv_bias: j.get("attention_bias").and_then(Json::as_bool) == Some(true),
         ..ModelConfig::plain(family.name, layers, head_dim, rope(&k, head_dim, ctx)?)
+            .map_err(|m| RunnerError::invalid(path, m))?
     };
     if let Some(act) = j.get("hidden_act").and_then(Json::as_str) {
         if act != "silu" && !act.starts_with("gelu") {

@@ -227,11 +227,6 @@ impl SeqSampling<'_> {
         }
         Ok(drawn)
     }
-
-    /// Records the token drawn on the device for this row (one without a grammar).
-    pub(crate) fn accept(&mut self, id: u32) -> Draw {
-        Ok(self.sampler.accept(id))
-    }
 }
 
 /// Draws each row on the host with its sequence's state (rows and states in the same order,
