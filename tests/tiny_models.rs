@@ -1,5 +1,5 @@
-//! The families without small real weights (Mistral, Qwen3, Phi-3, Llama 3's RoPE scaling,
-//! YaRN, linear scaling, Gemma 3's sliding windows) on tiny random models written by
+//! The families without small real weights (Mistral, Qwen3, Gemma 2's soft-caps, Phi-3, Llama
+//! 3's RoPE scaling, YaRN, linear scaling, Gemma 3's sliding windows) on tiny random models written by
 //! `wick_runner::testing`, against llama.cpp's numerics on the same files
 //! (`tests/data/tiny/*.llamacpp.json`, made by `tests/data/tiny/make-references.sh`). Each
 //! GGUF runs on the host path and on the tensor (device) path; its Hugging Face twin (the same

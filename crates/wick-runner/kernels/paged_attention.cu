@@ -51,7 +51,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 // One key of the online softmax: `k` and `v` point at this lane's D dimensions.
 template <typename T, int D>
 __device__ __forceinline__ void step(const float *qv, const T *k, const T *v, float scale,
-                                     float &m, float &l, float *acc) {
+                                     float softcap, float &m, float &l, float *acc) {
   float s = 0.f;
 #pragma unroll
   for (int d = 0; d < D; ++d) {
@@ -63,6 +63,10 @@ __device__ __forceinline__ void step(const float *qv, const T *k, const T *v, fl
     s += __shfl_xor_sync(0xffffffffu, s, o);
   }
   s *= scale;
+  // The layer's soft-cap of the scaled score (Gemma 2), where set (0: none).
+  if (softcap > 0.f) {
+    s = softcap * tanhf(s / softcap);
+  }
   const float m_new = fmaxf(m, s);
   const float corr = expf(m - m_new);  // 0 on the first key (m = -inf)
   const float e = expf(s - m_new);
@@ -93,7 +97,8 @@ __device__ void partial(const T *__restrict__ q, const T *__restrict__ k_cache,
                         const uint32_t *__restrict__ token_seq,
                         const uint32_t *__restrict__ positions, float *__restrict__ part_acc,
                         float *__restrict__ part_ml, int num_heads, int num_kv_heads,
-                        int max_blocks, int block_size, int window, int parts, float scale) {
+                        int max_blocks, int block_size, int window, int parts, float scale,
+                        float softcap) {
   const int t = blockIdx.x, g = blockIdx.y, p = blockIdx.z;
   const int hd = D * 32;
   const int group = num_heads / num_kv_heads;
@@ -120,7 +125,7 @@ __device__ void partial(const T *__restrict__ q, const T *__restrict__ k_cache,
     for (int j = begin; j < end; ++j) {
       const size_t slot = (size_t)bt[j / block_size] * block_size + j % block_size;
       const size_t off = slot * kv_row + (size_t)g * hd + lane * D;
-      step<T, D>(qv, k_cache + off, v_cache + off, scale, m, l, acc);
+      step<T, D>(qv, k_cache + off, v_cache + off, scale, softcap, m, l, acc);
     }
     store_partial<D>(part_acc, part_ml, ((size_t)t * num_heads + h) * parts + p, lane, m, l, acc);
   }
@@ -133,7 +138,8 @@ __device__ void prefill(const T *__restrict__ q, const T *__restrict__ k_cache,
                         const uint32_t *__restrict__ positions,
                         const uint32_t *__restrict__ tiles, float *__restrict__ part_acc,
                         float *__restrict__ part_ml, int num_heads, int num_kv_heads,
-                        int max_blocks, int block_size, int window, int parts, float scale) {
+                        int max_blocks, int block_size, int window, int parts, float scale,
+                        float softcap) {
   __shared__ T ks[KCHUNK * D * 32];
   __shared__ T vs[KCHUNK * D * 32];
   const int h = blockIdx.y, p = blockIdx.z;
@@ -181,7 +187,7 @@ __device__ void prefill(const T *__restrict__ q, const T *__restrict__ k_cache,
       const int jb = max(c0, begin), je = min(c0 + KCHUNK, end);
       for (int j = jb; j < je; ++j) {
         const int off = (j - c0) * hd + lane * D;
-        step<T, D>(qv, ks + off, vs + off, scale, m, l, acc);
+        step<T, D>(qv, ks + off, vs + off, scale, softcap, m, l, acc);
       }
     }
     __syncthreads();
@@ -220,10 +226,10 @@ __device__ void combine(const float *__restrict__ part_acc, const float *__restr
       const TYPE *q, const TYPE *k_cache, const TYPE *v_cache, const uint32_t *block_tables,   \
       const uint32_t *token_seq, const uint32_t *positions, float *part_acc, float *part_ml,   \
       int num_heads, int num_kv_heads, int max_blocks, int block_size, int window, int parts,  \
-      float scale) {                                                                           \
+      float scale, float softcap) {                                                            \
     partial<TYPE, D>(q, k_cache, v_cache, block_tables, token_seq, positions, part_acc,        \
                      part_ml, num_heads, num_kv_heads, max_blocks, block_size, window, parts,  \
-                     scale);                                                                   \
+                     scale, softcap);                                                          \
   }
 
 #define PREFILL(TYPE, NAME, D)                                                                 \
@@ -231,10 +237,10 @@ __device__ void combine(const float *__restrict__ part_acc, const float *__restr
       const TYPE *q, const TYPE *k_cache, const TYPE *v_cache, const uint32_t *block_tables,   \
       const uint32_t *token_seq, const uint32_t *positions, const uint32_t *tiles,             \
       float *part_acc, float *part_ml, int num_heads, int num_kv_heads, int max_blocks,        \
-      int block_size, int window, int parts, float scale) {                                    \
+      int block_size, int window, int parts, float scale, float softcap) {                     \
     prefill<TYPE, D>(q, k_cache, v_cache, block_tables, token_seq, positions, tiles, part_acc, \
                      part_ml, num_heads, num_kv_heads, max_blocks, block_size, window, parts,  \
-                     scale);                                                                   \
+                     scale, softcap);                                                          \
   }
 
 #define COMBINE(TYPE, NAME)                                                                    \

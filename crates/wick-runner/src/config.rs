@@ -104,7 +104,10 @@ pub struct ModelConfig {
     pub embed_scale: f32,
     /// Multiplier of the attention scores (`1/sqrt(head_dim)` unless the family says).
     pub attn_scale: f32,
-    /// `cap * tanh(logits / cap)` on the output logits (Gemma 2).
+    /// `cap * tanh(score / cap)` on every scaled attention score, before the mask and the
+    /// softmax (Gemma 2).
+    pub attn_logit_softcap: Option<f32>,
+    /// `cap * tanh(logits / cap)` on the output logits (Gemma 2 and 3).
     pub final_logit_softcap: Option<f32>,
     pub tied_embeddings: bool,
     pub ropes: Vec<RopeSpec>,
@@ -147,6 +150,7 @@ impl ModelConfig {
             post_norms: false,
             embed_scale: 1.0,
             attn_scale: 1.0 / (head_dim.max(1) as f32).sqrt(),
+            attn_logit_softcap: None,
             final_logit_softcap: None,
             tied_embeddings: false,
             ropes: vec![rope],
@@ -236,6 +240,14 @@ impl ModelConfig {
         }
         if !(self.norm_eps.is_finite() && self.norm_eps >= 0.0) {
             return Err(format!("norm epsilon {}", self.norm_eps));
+        }
+        for (what, cap) in [
+            ("attention", self.attn_logit_softcap),
+            ("final", self.final_logit_softcap),
+        ] {
+            if let Some(c) = cap.filter(|c| !(c.is_finite() && *c > 0.0)) {
+                return Err(format!("{what} logit soft-cap {c}"));
+            }
         }
         Ok(())
     }

@@ -35,9 +35,18 @@ pub enum TinyFamily {
     Mistral,
     Qwen2,
     Qwen3,
+    /// Gemma 2's soft-caps are [`GEMMA2_CAPS`].
+    Gemma2,
     Gemma3,
     Phi3,
 }
+
+/// The tiny Gemma 2's attention and final soft-caps, chosen against llama.cpp on this file:
+/// small enough to change its scores (which reach about +-5) and its logits (which reach
+/// 100), so that a missing cap is seen, and large enough to keep the greedy paths stable
+/// (llama.cpp's stable steps: 24, 24, 24, 6). Gemma 2's own 50 would leave these tiny
+/// scores as they are, and a final cap of 15 flattens every step into near-ties.
+pub const GEMMA2_CAPS: (f32, f32) = (2.0, 50.0);
 
 /// One tiny model.
 #[derive(Debug, Clone)]
@@ -151,6 +160,17 @@ pub fn tiny_models() -> Vec<Tiny> {
             )
         },
         Tiny {
+            window: Some(8),
+            ..t(
+                "gemma2-q4_k",
+                TinyFamily::Gemma2,
+                WeightType::Q4K,
+                WeightType::Q6K,
+                true,
+                TinyRope::Plain,
+            )
+        },
+        Tiny {
             rope_dims: Some(48),
             ..t(
                 "phi3-f16",
@@ -240,6 +260,7 @@ fn arch(f: TinyFamily) -> &'static str {
         TinyFamily::Llama | TinyFamily::Mistral => "llama",
         TinyFamily::Qwen2 => "qwen2",
         TinyFamily::Qwen3 => "qwen3",
+        TinyFamily::Gemma2 => "gemma2",
         TinyFamily::Gemma3 => "gemma3",
         TinyFamily::Phi3 => "phi3",
     }
@@ -319,7 +340,7 @@ pub fn write_tiny(t: &Tiny, tokenizer_from: &Path, dir: &Path) -> Result<()> {
     let (h, q_dim, kv_dim) = (HIDDEN, t.heads * HEAD_DIM, KV_HEADS * HEAD_DIM);
     let rot = t.rope_dims.unwrap_or(HEAD_DIM);
     let a = arch(t.family);
-    let gemma = t.family == TinyFamily::Gemma3;
+    let gemma = matches!(t.family, TinyFamily::Gemma2 | TinyFamily::Gemma3);
     let phi = t.family == TinyFamily::Phi3;
 
     let mut g = GgufWriter::new();
@@ -374,6 +395,11 @@ pub fn write_tiny(t: &Tiny, tokenizer_from: &Path, dir: &Path) -> Result<()> {
         if gemma {
             g.meta(&k("attention.sliding_window_pattern"), Value::U32(2));
         }
+    }
+    if t.family == TinyFamily::Gemma2 {
+        let (attn, last) = GEMMA2_CAPS;
+        g.meta(&k("attn_logit_softcapping"), Value::F32(attn));
+        g.meta(&k("final_logit_softcapping"), Value::F32(last));
     }
     for (key, v) in &tok_md {
         g.meta(key, v.clone());
@@ -590,7 +616,7 @@ fn write_hf(
         "hidden_size": HIDDEN, "intermediate_size": INTER, "num_hidden_layers": LAYERS,
         "num_attention_heads": t.heads, "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM,
         "vocab_size": vocab, "max_position_embeddings": CONTEXT,
-        "rms_norm_eps": if t.family == TinyFamily::Gemma3 { 1e-6 } else { 1e-5 },
+        "rms_norm_eps": if matches!(t.family, TinyFamily::Gemma2 | TinyFamily::Gemma3) { 1e-6 } else { 1e-5 },
         "rope_theta": rope_base(t), "tie_word_embeddings": t.tied,
     });
     let (model_type, arch) = match t.family {
@@ -598,6 +624,7 @@ fn write_hf(
         TinyFamily::Mistral => ("mistral", "MistralForCausalLM"),
         TinyFamily::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
         TinyFamily::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
+        TinyFamily::Gemma2 => ("gemma2", "Gemma2ForCausalLM"),
         TinyFamily::Gemma3 => ("gemma3_text", "Gemma3ForCausalLM"),
         TinyFamily::Phi3 => ("phi3", "Phi3ForCausalLM"),
     };
@@ -624,6 +651,14 @@ fn write_hf(
         c["partial_rotary_factor"] = json!(r as f64 / HEAD_DIM as f64);
     }
     match t.family {
+        TinyFamily::Gemma2 => {
+            let (attn, last) = GEMMA2_CAPS;
+            c["sliding_window"] = json!(t.window);
+            c["query_pre_attn_scalar"] = json!(HEAD_DIM);
+            c["hidden_activation"] = json!("gelu_pytorch_tanh");
+            c["attn_logit_softcapping"] = json!(attn);
+            c["final_logit_softcapping"] = json!(last);
+        }
         TinyFamily::Gemma3 => {
             c["sliding_window"] = json!(t.window);
             c["sliding_window_pattern"] = json!(2);

@@ -206,6 +206,40 @@ impl Kernels for Portable {
     }
 }
 
+/// The score of a query-key dot product `dot` in a layer of `heads`: scaled, then soft-capped
+/// where the layer caps. The CPU's attentions (these tiles, the paged op's reference) compute
+/// exactly this; the CUDA kernel and the gathering path the same with their own `tanh`.
+#[inline(always)]
+pub(super) fn logit(heads: &Heads, dot: f32) -> f32 {
+    let s = dot * heads.scale;
+    match heads.softcap {
+        Some(cap) => softcap(s, cap),
+        None => s,
+    }
+}
+
+/// `cap * tanh(s / cap)`, the soft-cap of attention scores, with `tanh(y) = (1 - e) / (1 +
+/// e)` for `e = exp(-2 |y|)` by the canonical [`exp_canonical`] (libm's `tanh` would cost more
+/// than the scores it caps). Its error is a few ulp of `cap`, below a score's own rounding at
+/// the caps models use (50).
+#[inline(always)]
+pub(super) fn softcap(s: f32, cap: f32) -> f32 {
+    let y = s / cap;
+    let e = exp_canonical(-2.0 * y.abs());
+    cap * ((1.0 - e) / (1.0 + e)).copysign(y)
+}
+
+/// `s[i] = softcap(s[i], cap)` (the scaled scores of a tile); returns the largest.
+#[inline(always)]
+fn cap_scores(s: &mut [f32], cap: f32) -> f32 {
+    let mut max = f32::NEG_INFINITY;
+    for s in s.iter_mut() {
+        *s = softcap(*s, cap);
+        max = max.max(*s);
+    }
+    max
+}
+
 /// What [`attend_item`] takes: the item, the step's query rows and their stride, the cache,
 /// the layer's heads.
 pub(super) type ItemArgs<'a> = (&'a Item<'a>, &'a [f32], usize, &'a [f16], &'a [f16], Heads);
@@ -274,7 +308,10 @@ pub(super) unsafe fn attend_item<K: Kernels>(
                 // The key rows after `kb` are read but not used (the SIMD kernels compute
                 // whole groups of 16 keys).
                 K::scores(q, &keys[ka..], s);
-                let max = K::scale_max(s, heads.scale);
+                let mut max = K::scale_max(s, heads.scale);
+                if let Some(cap) = heads.softcap {
+                    max = cap_scores(s, cap);
+                }
                 let r = &mut run[t * per_group + h];
                 let m = r.m.max(max);
                 let mut alpha = [r.m - m];

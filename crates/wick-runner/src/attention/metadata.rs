@@ -132,6 +132,8 @@ pub(crate) struct Heads {
     pub head_dim: usize,
     /// Multiplier of the scores.
     pub scale: f32,
+    /// `cap * tanh(score / cap)` of each scaled score, where set (Gemma 2).
+    pub softcap: Option<f32>,
     pub window: Option<usize>,
 }
 

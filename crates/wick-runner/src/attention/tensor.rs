@@ -150,6 +150,9 @@ pub(super) fn attention_tensor(
                                                                  // Scores, mask and softmax in f32 whatever the activations' dtype.
         let scores = qs.matmul(&kc.t()?.contiguous()?)?.to_dtype(DType::F32)?;
         let mut att = (scores * heads.scale as f64)?;
+        if let Some(cap) = heads.softcap {
+            att = ((att / cap as f64)?.tanh()? * cap as f64)?;
+        }
         if let Some(mask) = &masks[i] {
             att = att.broadcast_add(mask)?;
         }

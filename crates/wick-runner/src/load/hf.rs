@@ -526,6 +526,48 @@ mod tests {
         assert_eq!(w, vec![(Some(8), 1), (None, 0), (Some(8), 1), (None, 0)]);
         assert_eq!((g.ropes[0].base, g.ropes[1].base), (1e6, 1e4));
 
+        let g2 = cfg(
+            json!({"model_type": "gemma2", "sliding_window": 16, "head_dim": 16,
+            "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": null, "hidden_activation": "gelu_pytorch_tanh"}),
+        );
+        assert_eq!(g2.family, "gemma2");
+        assert!(g2.post_norms && !g2.qk_norm && g2.norm_weight_offset == 1.0);
+        assert_eq!(g2.activation, Activation::GeluTanh);
+        assert_eq!(g2.attn_scale, 1.0 / 16.0);
+        assert_eq!(
+            (g2.attn_logit_softcap, g2.final_logit_softcap),
+            (Some(50.0), None)
+        );
+        let w: Vec<_> = g2
+            .layers
+            .iter()
+            .map(|l| (l.sliding_window, l.rope))
+            .collect();
+        assert_eq!(w, vec![(Some(16), 0), (None, 0), (Some(16), 0), (None, 0)]);
+        assert_eq!(
+            g2.ropes.len(),
+            1,
+            "one RoPE base for local and global layers"
+        );
+        // Gemma2Config's defaults where the file says nothing; a null window is none.
+        let g2 = cfg(json!({"model_type": "gemma2", "sliding_window": null}));
+        assert_eq!(
+            (g2.attn_logit_softcap, g2.final_logit_softcap),
+            (Some(50.0), Some(30.0))
+        );
+        assert!(g2.layers.iter().all(|l| l.sliding_window.is_none()));
+        let g2 = cfg(json!({"architectures": ["Gemma2ForCausalLM"]}));
+        assert_eq!(g2.layers[0].sliding_window, Some(4096));
+        let bad = json!({"model_type": "gemma2", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 10,
+            "max_position_embeddings": 64, "attn_logit_softcapping": 0.0});
+        let err = read_config(Path::new("/x"), &bad)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("attention logit soft-cap 0"), "{err}");
+
         let p = cfg(json!({"model_type": "phi3", "partial_rotary_factor": 0.75,
             "original_max_position_embeddings": 1024,
             "rope_scaling": {"type": "longrope", "long_factor": vec![2.0; 6], "short_factor": vec![1.0; 6]}}));

@@ -206,6 +206,7 @@ impl Model {
             num_kv_heads: self.cfg.num_kv_heads,
             head_dim: self.cfg.head_dim,
             scale: self.cfg.attn_scale,
+            softcap: self.cfg.attn_logit_softcap,
             window: self.cfg.layers[i].sliding_window,
         }
     }

@@ -39,7 +39,7 @@ fn common(cfg: &mut ModelConfig) {
 }
 
 /// Marks the local layers (`local[i]`) with the window and the local RoPE (a second spec).
-fn set_local(cfg: &mut ModelConfig, window: usize, local: &[bool], local_base: f32) {
+pub(super) fn set_local(cfg: &mut ModelConfig, window: usize, local: &[bool], local_base: f32) {
     let global = &cfg.ropes[0];
     cfg.ropes
         .push(RopeSpec::plain(global.style, global.dims, local_base));
@@ -47,6 +47,54 @@ fn set_local(cfg: &mut ModelConfig, window: usize, local: &[bool], local_base: f
         l.sliding_window = is_local.then_some(window);
         l.rope = if is_local { 1 } else { 0 };
     }
+}
+
+/// Which layers are local in a GGUF file: `{arch}.attention.sliding_window_pattern` as one
+/// flag per layer, or a period (llama.cpp's), else the family's `default` period.
+pub(super) fn gguf_pattern(
+    g: &GgufFile,
+    arch: &str,
+    layers: usize,
+    default: usize,
+) -> Result<Vec<bool>> {
+    let key = format!("{arch}.attention.sliding_window_pattern");
+    Ok(match g.get(&key) {
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.as_bool())
+            .collect::<Option<Vec<bool>>>()
+            .filter(|v| v.len() == layers)
+            .ok_or_else(|| RunnerError::invalid(g.path(), format!("{key}: one flag per layer")))?,
+        Some(_) => period(g.usize(&key)?, layers),
+        None => period(default, layers),
+    })
+}
+
+/// Which layers are local in a `config.json`: its `layer_types`, else its
+/// `sliding_window_pattern` period, else the family's `default` period.
+pub(super) fn hf_pattern(j: &Json, cfg: &ModelConfig, default: usize) -> Result<Vec<bool>> {
+    let layers = cfg.num_layers;
+    let local: Vec<bool> = match j.get("layer_types").and_then(Json::as_array) {
+        Some(types) => types
+            .iter()
+            .map(|t| t.as_str() == Some("sliding_attention"))
+            .collect(),
+        None => {
+            let n = j
+                .get("sliding_window_pattern")
+                .and_then(Json::as_u64)
+                .unwrap_or(default as u64) as usize;
+            period(n, layers)
+        }
+    };
+    if local.len() != layers {
+        return Err(RunnerError::Unsupported(format!(
+            "{} layer_types has {} entries for {layers} layers",
+            cfg.family,
+            local.len()
+        )));
+    }
+    Ok(local)
 }
 
 /// llama.cpp's period pattern: layer `i` is local unless `i % n == n - 1` (all local for 0).
@@ -72,17 +120,7 @@ fn gguf(g: &mut GgufFile, arch: &str, cfg: &mut ModelConfig) -> Result<()> {
     let Some(window) = window else {
         return Ok(());
     };
-    let key = format!("{arch}.attention.sliding_window_pattern");
-    let local = match g.get(&key) {
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| v.as_bool())
-            .collect::<Option<Vec<bool>>>()
-            .filter(|v| v.len() == cfg.num_layers)
-            .ok_or_else(|| RunnerError::invalid(g.path(), format!("{key}: one flag per layer")))?,
-        Some(_) => period(g.usize(&key)?, cfg.num_layers),
-        None => period(DEFAULT_PATTERN, cfg.num_layers),
-    };
+    let local = gguf_pattern(g, arch, cfg.num_layers, DEFAULT_PATTERN)?;
     let base = g
         .opt_f32(&format!("{arch}.rope.freq_base_swa"))?
         .unwrap_or(LOCAL_BASE);
@@ -112,26 +150,7 @@ fn hf(j: &Json, cfg: &mut ModelConfig) -> Result<()> {
     let Some(window) = j.get("sliding_window").and_then(Json::as_u64) else {
         return Ok(());
     };
-    let local = match j.get("layer_types").and_then(Json::as_array) {
-        Some(types) => types
-            .iter()
-            .map(|t| t.as_str() == Some("sliding_attention"))
-            .collect(),
-        None => {
-            let n = j
-                .get("sliding_window_pattern")
-                .and_then(Json::as_u64)
-                .unwrap_or(DEFAULT_PATTERN as u64) as usize;
-            period(n, cfg.num_layers)
-        }
-    };
-    if local.len() != cfg.num_layers {
-        return Err(RunnerError::Unsupported(format!(
-            "gemma3 layer_types has {} entries for {} layers",
-            local.len(),
-            cfg.num_layers
-        )));
-    }
+    let local = hf_pattern(j, cfg, DEFAULT_PATTERN)?;
     let base = j
         .get("rope_local_base_freq")
         .and_then(Json::as_f64)

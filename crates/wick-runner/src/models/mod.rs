@@ -7,6 +7,7 @@
 //! and reads only [`ModelConfig`]. Adding a family is a module here and one line in
 //! [`FAMILIES`].
 
+mod gemma2;
 mod gemma3;
 mod llama;
 mod mistral;
@@ -63,6 +64,7 @@ pub(crate) const FAMILIES: &[&Family] = &[
     &mistral::FAMILY,
     &qwen2::FAMILY,
     &qwen3::FAMILY,
+    &gemma2::FAMILY,
     &gemma3::FAMILY,
     &phi3::FAMILY,
 ];

@@ -127,7 +127,9 @@ pub(super) fn attention(
     for x in &ints {
         b.arg(x);
     }
-    b.arg(&h.scale);
+    // 0 is the kernels' "no soft-cap" (a set cap is positive: ModelConfig::validate).
+    let softcap = h.softcap.unwrap_or(0.0);
+    b.arg(&h.scale).arg(&softcap);
     // SAFETY: the arguments follow the kernel's signature; every index it computes was
     // checked on the host (BlockTables::new, PagedAttention::check).
     unsafe { b.launch(cfg) }.w()?;

@@ -9,6 +9,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 
+use super::kernels::logit;
 use super::metadata::{AttentionMetadata, Heads};
 use crate::{Result, RunnerError};
 
@@ -372,7 +373,7 @@ fn reference(q: &[f32], k: &[f32], v: &[f32], h: Heads, bt: &BlockTablesView) ->
                                 *s = prev[lane] + prev[lane ^ o];
                             }
                         }
-                        let s = lanes[0] * h.scale;
+                        let s = logit(&h, lanes[0]);
                         let m_new = part.m.max(s);
                         let corr = (part.m - m_new).exp();
                         let e = (s - m_new).exp();
