@@ -7,11 +7,11 @@
 
 use serde_json::Value as Json;
 
-use super::gemma3::{gguf_pattern, hf_pattern, set_local};
-use super::{Family, HfNames};
-use crate::config::{Activation, ModelConfig, RopeStyle};
+use super::gemma3::{gemma_common, gguf_pattern, hf_gelu, hf_pattern, set_local, HF_NAMES};
+use super::Family;
+use crate::config::{ModelConfig, RopeStyle};
 use crate::gguf::GgufFile;
-use crate::{Result, RunnerError};
+use crate::Result;
 
 pub(super) const FAMILY: Family = Family {
     name: "gemma2",
@@ -21,13 +21,7 @@ pub(super) const FAMILY: Family = Family {
     gguf_rope: RopeStyle::Half,
     gguf,
     hf,
-    hf_names: &HfNames {
-        fused_qkv: None,
-        fused_gate_up: None,
-        ffn_norm: "pre_feedforward_layernorm",
-        post_attn_norm: "post_attention_layernorm",
-        post_ffn_norm: "post_feedforward_layernorm",
-    },
+    hf_names: &HF_NAMES,
 };
 
 /// Every other layer is local (llama.cpp's and the checkpoints' pattern).
@@ -39,12 +33,6 @@ const ATTN_CAP: f32 = 50.0;
 const FINAL_CAP: f32 = 30.0;
 /// The 27B model's layer count: its queries are scaled by `hidden / heads`, not the head size.
 const LAYERS_27B: usize = 46;
-
-fn common(cfg: &mut ModelConfig) {
-    cfg.activation = Activation::GeluTanh;
-    cfg.post_norms = true;
-    cfg.embed_scale = (cfg.hidden_size as f32).sqrt();
-}
 
 /// Local layers get the window, and a second RoPE only when their base differs.
 fn local_layers(cfg: &mut ModelConfig, window: usize, local: &[bool], base: Option<f32>) {
@@ -59,7 +47,7 @@ fn local_layers(cfg: &mut ModelConfig, window: usize, local: &[bool], base: Opti
 }
 
 fn gguf(g: &mut GgufFile, arch: &str, cfg: &mut ModelConfig) -> Result<()> {
-    common(cfg);
+    gemma_common(cfg);
     let scale_dim = if cfg.num_layers == LAYERS_27B {
         cfg.hidden_size / cfg.num_heads.max(1)
     } else {
@@ -92,17 +80,9 @@ fn hf_cap(j: &Json, key: &str, default: f32) -> Option<f32> {
 }
 
 fn hf(j: &Json, cfg: &mut ModelConfig) -> Result<()> {
-    common(cfg);
+    gemma_common(cfg);
     cfg.norm_weight_offset = 1.0;
-    let act = j
-        .get("hidden_activation")
-        .or_else(|| j.get("hidden_act"))
-        .and_then(Json::as_str);
-    if let Some(a) = act.filter(|a| !a.starts_with("gelu")) {
-        return Err(RunnerError::Unsupported(format!(
-            "gemma2 hidden_activation {a:?}"
-        )));
-    }
+    hf_gelu(j, "gemma2")?;
     let scalar = j
         .get("query_pre_attn_scalar")
         .and_then(Json::as_f64)

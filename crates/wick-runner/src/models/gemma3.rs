@@ -18,24 +18,42 @@ pub(super) const FAMILY: Family = Family {
     gguf_rope: RopeStyle::Half,
     gguf,
     hf,
-    hf_names: &HfNames {
-        fused_qkv: None,
-        fused_gate_up: None,
-        ffn_norm: "pre_feedforward_layernorm",
-        post_attn_norm: "post_attention_layernorm",
-        post_ffn_norm: "post_feedforward_layernorm",
-    },
+    hf_names: &HF_NAMES,
+};
+
+/// Gemma's Hugging Face layer names (Gemma 2 and 3): a norm before and after the MLP.
+pub(super) const HF_NAMES: HfNames = HfNames {
+    fused_qkv: None,
+    fused_gate_up: None,
+    ffn_norm: "pre_feedforward_layernorm",
+    post_attn_norm: "post_attention_layernorm",
+    post_ffn_norm: "post_feedforward_layernorm",
 };
 
 /// Every layer but every sixth is local, unless the checkpoint says otherwise.
 const DEFAULT_PATTERN: usize = 6;
 const LOCAL_BASE: f32 = 10_000.0;
 
-fn common(cfg: &mut ModelConfig) {
+/// What Gemma 2 and 3 share: GELU-tanh, post-norms, embeddings scaled by `sqrt(hidden)`.
+pub(super) fn gemma_common(cfg: &mut ModelConfig) {
     cfg.activation = Activation::GeluTanh;
     cfg.post_norms = true;
-    cfg.qk_norm = true;
     cfg.embed_scale = (cfg.hidden_size as f32).sqrt();
+}
+
+/// Refuses a Hugging Face `hidden_activation` that is not a GELU.
+pub(super) fn hf_gelu(j: &Json, family: &str) -> Result<()> {
+    match j.get("hidden_activation").and_then(Json::as_str) {
+        Some(a) if !a.starts_with("gelu") => Err(RunnerError::Unsupported(format!(
+            "{family} hidden_activation {a:?}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn common(cfg: &mut ModelConfig) {
+    gemma_common(cfg);
+    cfg.qk_norm = true;
 }
 
 /// Marks the local layers (`local[i]`) with the window and the local RoPE (a second spec).
@@ -131,13 +149,7 @@ fn gguf(g: &mut GgufFile, arch: &str, cfg: &mut ModelConfig) -> Result<()> {
 fn hf(j: &Json, cfg: &mut ModelConfig) -> Result<()> {
     common(cfg);
     cfg.norm_weight_offset = 1.0;
-    if let Some(a) = j.get("hidden_activation").and_then(Json::as_str) {
-        if !a.starts_with("gelu") {
-            return Err(RunnerError::Unsupported(format!(
-                "gemma3 hidden_activation {a:?}"
-            )));
-        }
-    }
+    hf_gelu(j, "gemma3")?;
     let scalar = j
         .get("query_pre_attn_scalar")
         .and_then(Json::as_f64)
