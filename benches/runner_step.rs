@@ -43,6 +43,7 @@ fn decode_batch(n: usize) -> ScheduledBatch {
                 start_pos: CTX,
                 block_table: table(i),
                 sample: true,
+                proposed: 0,
                 adapter: None,
             })
             .collect(),
@@ -57,6 +58,7 @@ fn prefill_batch(n: usize) -> ScheduledBatch {
             start_pos: 0,
             block_table: table(0),
             sample: true,
+            proposed: 0,
             adapter: None,
         }],
     }
@@ -75,6 +77,7 @@ fn long_decode_batch(n: usize) -> ScheduledBatch {
                     .map(|b| BlockId(((b * n + i) * 7 % (n * blocks)) as u32))
                     .collect(),
                 sample: true,
+                proposed: 0,
                 adapter: None,
             })
             .collect(),

@@ -72,6 +72,7 @@ fn k_tokens_in_one_step_give_the_bits_of_k_decode_steps() {
         start_pos,
         block_table: table.clone(),
         sample: true,
+        proposed: 0,
         adapter: None,
     };
     let prefill = |r: &mut Runner| {
@@ -101,6 +102,7 @@ fn k_tokens_in_one_step_give_the_bits_of_k_decode_steps() {
                 start_pos: 0,
                 block_table: vec![BlockId(0), BlockId(2)],
                 sample: true,
+                proposed: 0,
                 adapter: None,
             },
             seq(&fed, 39),

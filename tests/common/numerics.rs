@@ -40,6 +40,7 @@ fn step(
                     .map(|b| BlockId((i * BLOCKS + b) as u32))
                     .collect(),
                 sample: true,
+                proposed: 0,
                 adapter: None,
             });
             starts[i] += tokens.len();

@@ -30,6 +30,10 @@ pub struct ScheduledSeq {
     pub block_table: Vec<BlockId>,
     /// Whether this step completes the sequence's known tokens, so a next token is sampled.
     pub sample: bool,
+    /// Of `tokens`, how many at the end are proposed (speculative decoding's draft tokens,
+    /// unverified): a verification step scores the token before each of them and the last,
+    /// `1 + proposed` rows (`Runner::step_scoring`). 0 for every other step.
+    pub proposed: usize,
     /// The adapter (LoRA) whose low-rank products this sequence's projections add; `None`:
     /// the base model alone.
     pub adapter: Option<AdapterId>,

@@ -123,6 +123,7 @@ mod tests {
             start_pos: 0,
             block_table: vec![],
             sample: true,
+            proposed: 0,
             adapter: adapter.map(AdapterId),
         };
         let batch = ScheduledBatch {

@@ -151,6 +151,12 @@ impl Runner {
         batch: &ScheduledBatch,
         seqs: &mut [SeqSampling<'_>],
     ) -> Result<Vec<Draw>> {
+        if let Some(s) = batch.seqs.iter().find(|s| s.proposed > 0) {
+            return Err(RunnerError::Step(format!(
+                "sequence {} has {} proposed tokens: a verification step is scored with step_scoring",
+                s.id, s.proposed
+            )));
+        }
         let sampling = batch.seqs.iter().filter(|s| s.samples()).count();
         if sampling != seqs.len() {
             return Err(RunnerError::Step(format!(

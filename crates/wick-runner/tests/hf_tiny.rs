@@ -283,6 +283,7 @@ fn run_batched(runner: &mut Runner, extra: &[[u32; 2]]) -> Vec<Vec<Vec<f32>>> {
                     start_pos: done[s],
                     block_table: tables[s].clone(),
                     sample: end == prompts[s].len(),
+                    proposed: 0,
                     adapter: None,
                 }
             })
@@ -308,6 +309,7 @@ fn run_batched(runner: &mut Runner, extra: &[[u32; 2]]) -> Vec<Vec<Vec<f32>>> {
                 start_pos: prompts[s].len() + step,
                 block_table: tables[s].clone(),
                 sample: true,
+                proposed: 0,
                 adapter: None,
             })
             .collect();
@@ -468,6 +470,7 @@ fn the_tensor_path_draws_greedy_tokens_where_the_logits_are() {
                 start_pos: 0,
                 block_table: (0..10).map(|b| BlockId((b * 3 + s) as u32 + 1)).collect(),
                 sample: true,
+                proposed: 0,
                 adapter: None,
             })
             .collect(),
@@ -533,6 +536,7 @@ fn score_both_ways(load: impl Fn() -> wick_runner::Model) -> (Vec<Vec<f32>>, Vec
         start_pos,
         block_table: table.clone(),
         sample,
+        proposed: 0,
         adapter: None,
     };
     let mut one = Runner::new(load(), cache).unwrap();
@@ -563,6 +567,7 @@ fn score_both_ways(load: impl Fn() -> wick_runner::Model) -> (Vec<Vec<f32>>, Vec
                 start_pos: 0,
                 block_table: other,
                 sample: true,
+                proposed: 0,
                 adapter: None,
             },
             seq(&fed, n - 1, true),
@@ -600,6 +605,7 @@ fn a_block_table_past_the_cache_is_a_step_error() {
                         start_pos: 0,
                         block_table: table,
                         sample: true,
+                        proposed: 0,
                         adapter: None,
                     }],
                 })
@@ -655,6 +661,7 @@ fn prompt_seq(
         tokens,
         start_pos,
         sample: true,
+        proposed: 0,
         adapter,
     }
 }
@@ -792,7 +799,8 @@ fn adapters_reach_every_projection_of_their_own_rows() {
 
 /// The runner draws each sampling sequence's token with its own state: a greedy row gets the
 /// argmax of the step's logits, a row with a grammar the token its grammar leaves, and the
-/// grammar is fed it; a state missing for a row is a step error.
+/// grammar is fed it; a state missing for a row, or a sequence with proposed tokens, is a step
+/// error.
 #[test]
 fn the_runner_samples_each_row_with_its_own_state() {
     #[derive(Debug)]
@@ -864,6 +872,27 @@ fn the_runner_samples_each_row_with_its_own_state() {
             err.contains("2 sampling sequences, 1 sampling states"),
             "{err}"
         );
+        // A verification step (proposed tokens) needs every row: step_scoring, not a draw.
+        let mut proposing = batch(0);
+        proposing.seqs[1].proposed = 2;
+        let (mut d, mut e) = (greedy(), greedy());
+        let err = runner
+            .step_sampling(
+                &proposing,
+                &mut [
+                    SeqSampling {
+                        sampler: &mut d,
+                        constraint: None,
+                    },
+                    SeqSampling {
+                        sampler: &mut e,
+                        constraint: None,
+                    },
+                ],
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("has 2 proposed tokens"), "{err}");
     }
 }
 

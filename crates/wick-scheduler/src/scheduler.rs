@@ -53,13 +53,15 @@ pub enum AddError {
     ExceedsCache { needed: usize, capacity: usize },
 }
 
-/// Why [`Scheduler::rollback`] refused.
+/// Why [`Scheduler::rollback`] or [`Scheduler::propose`] refused (and changed nothing).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RollbackError {
+pub enum EditError {
     #[error("request {0} is not running")]
     NotRunning(RequestId),
     #[error("request {0} is in the step being computed")]
     InFlight(RequestId),
+    #[error("request {0} is not decoding (its prompt is still being computed, or it has proposed tokens already)")]
+    NotDecoding(RequestId),
     #[error("request {id} has {available} tokens that can be taken back, not {n}")]
     TooMany {
         id: RequestId,
@@ -213,45 +215,67 @@ impl Scheduler {
 
     /// The running sequence `id`, unless it is in the step being computed (between
     /// [`Scheduler::schedule`] and [`Scheduler::postprocess`]).
-    fn settled(&mut self, id: RequestId) -> Result<&mut Sequence, RollbackError> {
+    fn settled(&mut self, id: RequestId) -> Result<&mut Sequence, EditError> {
         if self.planned.iter().any(|p| p.id == id) {
-            return Err(RollbackError::InFlight(id));
+            return Err(EditError::InFlight(id));
         }
         self.running
             .iter_mut()
             .find(|s| s.id == id)
-            .ok_or(RollbackError::NotRunning(id))
+            .ok_or(EditError::NotRunning(id))
     }
 
-    /// Shortens a running sequence by its last `n` generated tokens (speculative decoding's
-    /// rejected ones; never the prompt), freeing the whole blocks past its new end. Its new
-    /// last token is computed again by the next step (its slot simply overwritten), to sample
-    /// from, so it must not lie in a block shared through the prefix cache: a block is
-    /// registered only once computed, and a caller takes back only tokens it has not let be
-    /// registered (unverified ones).
-    pub fn rollback(&mut self, id: RequestId, n: usize) -> Result<(), RollbackError> {
+    /// Shortens a running sequence by its last `n` generated tokens (never the prompt),
+    /// freeing the whole blocks past its new end; tokens it has proposed are withdrawn first.
+    /// Its new last token is computed again by the next step (its slot simply overwritten),
+    /// to sample from, so it must not lie in a block shared through the prefix cache: a block
+    /// is registered only once computed and verified. (A verification step needs no rollback:
+    /// `postprocess` keeps the proposed tokens that were accepted and drops the others.)
+    pub fn rollback(&mut self, id: RequestId, n: usize) -> Result<(), EditError> {
         let bs = self.cfg.block_size;
         let seq = self.settled(id)?;
         if n == 0 {
             return Ok(());
         }
-        let available = seq.num_generated();
+        let available = seq.num_generated() - seq.num_proposed;
         if n > available {
-            return Err(RollbackError::TooMany { id, n, available });
+            return Err(EditError::TooMany { id, n, available });
         }
-        let len = seq.tokens.len() - n;
+        let len = seq.tokens.len() - seq.num_proposed - n;
         if seq.num_registered * bs >= len {
-            return Err(RollbackError::Shared { id, n });
+            return Err(EditError::Shared { id, n });
         }
+        seq.num_proposed = 0;
         seq.tokens.truncate(len);
         seq.num_computed = seq.num_computed.min(len - 1);
         seq.block_hashes.truncate(len / bs);
-        let keep = len.div_ceil(bs);
-        if seq.block_table.len() > keep {
-            let mut tail = seq.block_table.split_off(keep);
-            self.blocks.release(&mut tail);
-        }
+        let mut past = seq.blocks_past(len, bs);
+        self.blocks.release(&mut past);
         Ok(())
+    }
+
+    /// Proposes `draft` tokens to follow a decoding sequence's last token (speculative
+    /// decoding): they join its tokens unverified, and its next step computes its last token
+    /// and them, sampling after each (`ScheduledSeq::proposed`, `1 + proposed` rows).
+    /// [`Scheduler::postprocess`] then takes the tokens the sequence emits: the proposed ones
+    /// accepted, then the one sampled after them; the rest are dropped (their slots are
+    /// overwritten later), and no block holding a proposed token is registered in the prefix
+    /// cache before it is accepted. Takes at most as many as leave room, within `max_tokens`
+    /// and the context limit, for the token sampled after them (and fewer if the step's token
+    /// budget is short); returns how many it took.
+    pub fn propose(&mut self, id: RequestId, draft: &[u32]) -> Result<usize, EditError> {
+        let max_model_len = self.cfg.max_model_len;
+        let seq = self.settled(id)?;
+        if !seq.is_decoding() || seq.num_proposed > 0 {
+            return Err(EditError::NotDecoding(id));
+        }
+        let room = (seq.max_tokens.saturating_sub(seq.num_generated()))
+            .min(max_model_len.saturating_sub(seq.tokens.len()))
+            .saturating_sub(1);
+        let n = draft.len().min(room);
+        seq.tokens.extend_from_slice(&draft[..n]);
+        seq.num_proposed = n;
+        Ok(n)
     }
 
     /// Chooses the work of the next step: running decodes first, then running prompt chunks,
@@ -270,13 +294,17 @@ impl Scheduler {
             if budget == 0 {
                 break;
             }
-            match self.schedule_running(id, 1) {
+            // A decode is scheduled whole: its last token and the proposed tokens that fit.
+            if let Some(s) = self.running.iter_mut().find(|s| s.id == id) {
+                s.withdraw((1 + s.num_proposed).saturating_sub(budget));
+            }
+            match self.schedule_running(id, budget) {
                 Some(0) => {}
-                Some(_) => {
+                Some(n) => {
                     num_decodes += 1;
-                    budget -= 1;
+                    budget -= n;
                     if let Some(s) = self.running.iter().find(|s| s.id == id) {
-                        decode_attended += attended(s.num_computed, 1);
+                        decode_attended += attended(s.num_computed, n);
                     }
                 }
                 None => preempted = true,
@@ -392,6 +420,7 @@ impl Scheduler {
         self.blocks.release(&mut seq.block_table);
         seq.num_computed = 0;
         seq.num_registered = 0;
+        seq.withdraw(seq.num_proposed);
         self.waiting.push_front(seq);
         self.num_preemptions += 1;
     }
@@ -450,6 +479,7 @@ impl Scheduler {
                     start_pos: start,
                     block_table: seq.block_table.clone(),
                     sample: p.sample,
+                    proposed: seq.num_proposed,
                     adapter: None,
                 })
             })
@@ -457,10 +487,16 @@ impl Scheduler {
         ScheduledBatch { seqs }
     }
 
-    /// Applies the step's results: advances what the cache holds, appends the sampled tokens
-    /// (`sampled` has one entry per sequence scheduled with `sample`), finishes sequences on a
-    /// stop token, `max_tokens` or the context limit, and frees their blocks at once.
+    /// Applies the step's results: advances what the cache holds, appends the sampled tokens,
+    /// finishes sequences on a stop token, `max_tokens` or the context limit, and frees their
+    /// blocks at once. `sampled` has one entry per sequence scheduled with `sample`, or, for
+    /// one that had proposed tokens, one per token it emits, in order: the proposed tokens
+    /// accepted, then the token sampled after them. Each emitted token gets an outcome, in
+    /// order; the proposed tokens not accepted are dropped, with the whole blocks past the
+    /// sequence's new end. Blocks are registered in the prefix cache only up to its verified
+    /// tokens.
     pub fn postprocess(&mut self, sampled: &[(RequestId, u32)]) -> Vec<SeqOutcome> {
+        let max_model_len = self.cfg.max_model_len;
         let mut outcomes = Vec::new();
         for p in std::mem::take(&mut self.planned) {
             let Some(idx) = self.running.iter().position(|s| s.id == p.id) else {
@@ -468,31 +504,47 @@ impl Scheduler {
             };
             let seq = &mut self.running[idx];
             seq.num_computed += p.chunk;
-            register_full_blocks(&mut self.blocks, seq);
-            if !p.sample {
-                continue;
+            let verified = seq.tokens.len() - std::mem::take(&mut seq.num_proposed);
+            // Tokens kept, and of them those whose keys and values this step left in the cache.
+            let (mut end, mut valid) = (verified, verified);
+            let mut finish = None;
+            let emitted = sampled.iter().filter(|(id, _)| p.sample && *id == p.id);
+            let mut emitted = emitted.map(|&(_, t)| t).peekable();
+            while let Some(token) = emitted.next() {
+                let at = end;
+                let accepted =
+                    at < seq.tokens.len() && seq.tokens[at] == token && emitted.peek().is_some();
+                if !accepted {
+                    seq.tokens.truncate(at);
+                    seq.tokens.push(token);
+                }
+                end = at + 1;
+                valid = if accepted { end } else { at };
+                let is_stop = seq.stop_token_ids.contains(&token);
+                let completion_tokens = end - seq.prompt_len;
+                finish = if is_stop {
+                    Some(FinishReason::Stop)
+                } else if completion_tokens >= seq.max_tokens || end >= max_model_len {
+                    Some(FinishReason::Length)
+                } else {
+                    None
+                };
+                outcomes.push(SeqOutcome {
+                    id: p.id,
+                    token: (!is_stop).then_some(token),
+                    finish,
+                    prompt_tokens: seq.prompt_len,
+                    completion_tokens,
+                });
+                if finish.is_some() || !accepted {
+                    break;
+                }
             }
-            let Some(&(_, token)) = sampled.iter().find(|(id, _)| *id == p.id) else {
-                continue;
-            };
-            seq.tokens.push(token);
-            let is_stop = seq.stop_token_ids.contains(&token);
-            let finish = if is_stop {
-                Some(FinishReason::Stop)
-            } else if seq.num_generated() >= seq.max_tokens
-                || seq.tokens.len() >= self.cfg.max_model_len
-            {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
-            outcomes.push(SeqOutcome {
-                id: p.id,
-                token: (!is_stop).then_some(token),
-                finish,
-                prompt_tokens: seq.prompt_len,
-                completion_tokens: seq.num_generated(),
-            });
+            seq.tokens.truncate(end);
+            seq.num_computed = seq.num_computed.min(valid);
+            let mut past = seq.blocks_past(end, self.cfg.block_size);
+            self.blocks.release(&mut past);
+            register_full_blocks(&mut self.blocks, seq);
             if finish.is_some() {
                 let mut seq = self.running.remove(idx);
                 self.blocks.release(&mut seq.block_table);

@@ -17,6 +17,9 @@ pub struct Sequence {
     pub block_hashes: Vec<u64>,
     /// Leading blocks of `block_table` already registered in the prefix cache.
     pub num_registered: usize,
+    /// Of `tokens`, how many at the end are proposed (speculative decoding's draft tokens),
+    /// not yet verified: never hashed or registered in the prefix cache.
+    pub num_proposed: usize,
 }
 
 impl Sequence {
@@ -36,6 +39,7 @@ impl Sequence {
             block_table: Vec::new(),
             block_hashes: Vec::new(),
             num_registered: 0,
+            num_proposed: 0,
         }
     }
 
@@ -59,8 +63,22 @@ impl Sequence {
         }
     }
 
-    /// Whether the next step is a single decode token (not a prompt chunk).
+    /// Whether the next step is a decode: its last token (and the tokens proposed after it,
+    /// if any), not a prompt chunk.
     pub fn is_decoding(&self) -> bool {
-        self.num_pending() == 1 && self.num_computed >= self.prompt_len
+        self.num_pending() == 1 + self.num_proposed && self.num_computed >= self.prompt_len
+    }
+
+    /// Takes the whole blocks past the first `len` positions out of the block table.
+    pub(crate) fn blocks_past(&mut self, len: usize, block_size: usize) -> Vec<BlockId> {
+        let keep = len.div_ceil(block_size).min(self.block_table.len());
+        self.block_table.split_off(keep)
+    }
+
+    /// Takes back the last `n` proposed tokens (at most all of them), before they are computed.
+    pub(crate) fn withdraw(&mut self, n: usize) {
+        let n = n.min(self.num_proposed);
+        self.tokens.truncate(self.tokens.len() - n);
+        self.num_proposed -= n;
     }
 }

@@ -132,6 +132,7 @@ fn run(
                 start_pos: pos[s],
                 block_table: tables[s].clone(),
                 sample: true,
+                proposed: 0,
                 adapter: None,
             })
             .collect();
@@ -325,6 +326,7 @@ pub fn step_profile(args: StepProfileArgs) -> anyhow::Result<()> {
                         start_pos: start,
                         block_table: table(s),
                         sample: end == args.context,
+                        proposed: 0,
                         adapter: None,
                     }],
                 })?;
@@ -342,6 +344,7 @@ pub fn step_profile(args: StepProfileArgs) -> anyhow::Result<()> {
                         start_pos: pos,
                         block_table: table(s),
                         sample: true,
+                        proposed: 0,
                         adapter: None,
                     })
                     .collect();

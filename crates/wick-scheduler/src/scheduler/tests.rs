@@ -184,6 +184,11 @@ enum Op {
     Step {
         eos_every: u32,
     },
+    /// Proposes `k` tokens for the running sequence `id`, if it decodes.
+    Propose {
+        id: u64,
+        k: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -194,6 +199,7 @@ fn op() -> impl Strategy<Value = Op> {
             family
         }),
         (0u64..20).prop_map(Op::Abort),
+        (0u64..20, 1usize..6).prop_map(|(id, k)| Op::Propose { id, k }),
         (0u32..7).prop_map(|eos_every| Op::Step { eos_every }),
         (0u32..7).prop_map(|eos_every| Op::Step { eos_every }),
     ]
@@ -238,10 +244,17 @@ proptest! {
                 let covered = q.block_table.len() * 4;
                 prop_assert!(covered >= q.start_pos + q.tokens.len());
             }
-            let sampled: Vec<_> = b.seqs.iter().filter(|q| q.sample).map(|q| {
+            let mut sampled = Vec::new();
+            for q in b.seqs.iter().filter(|q| q.sample) {
+                prop_assert!(q.proposed < q.tokens.len());
+                // A verifying sequence accepts some of its proposed tokens (a different
+                // number each step), then samples one.
+                let accepted = step_no as usize % (q.proposed + 1);
+                let drafts = &q.tokens[q.tokens.len() - q.proposed..];
+                sampled.extend(drafts[..accepted].iter().map(|&t| (q.id, t)));
                 let tok = if eos_every > 0 && step_no.is_multiple_of(eos_every) { EOS } else { 5 };
-                (q.id, tok)
-            }).collect();
+                sampled.push((q.id, tok));
+            }
             for o in s.postprocess(&sampled) {
                 if o.finish.is_some() {
                     prop_assert!(live.remove(&o.id.0));
@@ -268,6 +281,14 @@ proptest! {
                     prop_assert_eq!(blocks_held(&s), s.blocks().total_refs());
                 }
                 Op::Step { eos_every } => check(&mut s, &mut live, eos_every)?,
+                Op::Propose { id, k } => {
+                    let decoding = s
+                        .sequences()
+                        .any(|q| q.id.0 == id && q.is_decoding() && q.num_proposed == 0);
+                    let taken = s.propose(RequestId(id), &vec![9; k]);
+                    prop_assert_eq!(taken.is_ok(), decoding);
+                    prop_assert!(taken.unwrap_or(0) <= k);
+                }
             }
         }
         // No starvation: with no more arrivals, everything drains in bounded steps.
@@ -521,14 +542,14 @@ fn rollback_frees_whole_blocks_past_the_new_end_and_recomputes_the_last_token() 
     // Not while the step is being computed.
     assert_eq!(
         s.rollback(RequestId(1), 1),
-        Err(RollbackError::InFlight(RequestId(1)))
+        Err(EditError::InFlight(RequestId(1)))
     );
     let out = s.postprocess(&sample_all(&b));
     assert_eq!(out[0].completion_tokens, 3);
     // Never into the prompt, never an unknown request; nothing changes on a refusal.
     assert_eq!(
         s.rollback(RequestId(1), 4),
-        Err(RollbackError::TooMany {
+        Err(EditError::TooMany {
             id: RequestId(1),
             n: 4,
             available: 3
@@ -536,7 +557,7 @@ fn rollback_frees_whole_blocks_past_the_new_end_and_recomputes_the_last_token() 
     );
     assert_eq!(
         s.rollback(RequestId(9), 1),
-        Err(RollbackError::NotRunning(RequestId(9)))
+        Err(EditError::NotRunning(RequestId(9)))
     );
     assert_eq!(s.sequences().next().unwrap().tokens.len(), 9);
     s.rollback(RequestId(1), 3).unwrap();
@@ -555,7 +576,7 @@ fn rollback_never_rewrites_a_block_shared_through_the_prefix_cache() {
     // Back to 8 tokens: the 8th, to recompute, is in registered block 1.
     assert_eq!(
         s.rollback(RequestId(1), 2),
-        Err(RollbackError::Shared {
+        Err(EditError::Shared {
             id: RequestId(1),
             n: 2
         })
@@ -570,4 +591,181 @@ fn rollback_never_rewrites_a_block_shared_through_the_prefix_cache() {
     assert_eq!(blocks_held(&s), 3);
     decode_steps(&mut s, 1);
     assert_eq!(s.sequences().next().unwrap().num_computed, 9);
+}
+
+/// Proposes `draft` for sequence 1 and runs its verification step, emitting `emitted`.
+fn verify(s: &mut Scheduler, draft: &[u32], emitted: &[u32]) -> (ScheduledSeq, Vec<SeqOutcome>) {
+    assert_eq!(s.propose(RequestId(1), draft), Ok(draft.len()));
+    let b = s.schedule();
+    assert_eq!(b.seqs.len(), 1);
+    let sampled: Vec<_> = emitted.iter().map(|&t| (RequestId(1), t)).collect();
+    let out = s.postprocess(&sampled);
+    (b.seqs[0].clone(), out)
+}
+
+fn only(s: &Scheduler) -> &Sequence {
+    s.sequences().next().unwrap()
+}
+
+#[test]
+fn a_verification_step_keeps_the_accepted_proposals_and_the_token_after_them() {
+    let mut s = Scheduler::new(cfg(32));
+    s.add(seq(1, 6, 20)).unwrap();
+    // The prefill: 7 tokens (6 of prompt, a 5), 6 computed.
+    decode_steps(&mut s, 1);
+    let (q, out) = verify(&mut s, &[10, 11, 12], &[10, 11, 30]);
+    // The last token and the three proposed ones in one step, each sampled after.
+    assert_eq!(
+        (q.tokens, q.start_pos, q.proposed),
+        (vec![5, 10, 11, 12], 6, 3)
+    );
+    assert!(q.sample);
+    assert_eq!(q.block_table.len(), 3);
+    // 10 and 11 accepted, 12 dropped for the 30 sampled after 11: an outcome for each.
+    let emitted: Vec<_> = out.iter().map(|o| (o.token, o.completion_tokens)).collect();
+    assert_eq!(emitted, vec![(Some(10), 2), (Some(11), 3), (Some(30), 4)]);
+    assert!(out.iter().all(|o| o.finish.is_none()));
+    let sq = only(&s);
+    assert_eq!(&sq.tokens[6..], &[5, 10, 11, 30]);
+    assert_eq!((sq.num_computed, sq.num_proposed), (9, 0));
+    // The next step decodes the 30 at position 9, over the same blocks.
+    let b = s.schedule();
+    assert_eq!(
+        (b.seqs[0].tokens.clone(), b.seqs[0].start_pos),
+        (vec![30], 9)
+    );
+    assert_eq!(b.seqs[0].proposed, 0);
+    assert_eq!(b.seqs[0].block_table, q.block_table);
+    s.postprocess(&sample_all(&b));
+    assert_eq!(blocks_held(&s), 3);
+}
+
+#[test]
+fn no_block_holding_a_rejected_proposal_is_registered_and_its_blocks_are_freed() {
+    let mut s = Scheduler::new(cfg(32));
+    s.add(seq(1, 6, 20)).unwrap();
+    decode_steps(&mut s, 1);
+    // Block 0 (4 prompt tokens) is registered.
+    assert_eq!(s.blocks().num_cached(), 1);
+    // Five proposed tokens fill positions 7-11: blocks 1 and 2 are full once computed.
+    let (q, out) = verify(&mut s, &[10, 11, 12, 13, 14], &[40]);
+    assert_eq!(q.block_table.len(), 3);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].token, Some(40));
+    // All rejected: 8 tokens, the 40 to compute; block 2 freed, nothing more registered.
+    let sq = only(&s);
+    assert_eq!((sq.tokens.len(), sq.num_computed), (8, 7));
+    assert_eq!(sq.block_table, q.block_table[..2]);
+    assert_eq!(s.blocks().num_cached(), 1);
+    assert_eq!(blocks_held(&s), 2);
+    // All accepted, and a token sampled after them: the full blocks are registered.
+    let (_, out) = verify(&mut s, &[10, 11, 12, 13, 14], &[10, 11, 12, 13, 14, 50]);
+    assert_eq!(out.len(), 6);
+    let sq = only(&s);
+    assert_eq!((sq.tokens.len(), sq.num_computed), (14, 13));
+    assert_eq!(s.blocks().num_cached(), 3);
+    // A prompt of 13 of those tokens shares the three blocks.
+    let tokens = sq.tokens[..13].to_vec();
+    s.add(Sequence::new(RequestId(2), tokens, 4, vec![EOS]))
+        .unwrap();
+    let b = s.schedule();
+    let two = b.seqs.iter().find(|q| q.id == RequestId(2)).unwrap();
+    assert_eq!(two.start_pos, 12);
+}
+
+#[test]
+fn an_accepted_stop_token_finishes_the_sequence_there() {
+    let mut s = Scheduler::new(cfg(32));
+    s.add(seq(1, 6, 20)).unwrap();
+    decode_steps(&mut s, 1);
+    let (_, out) = verify(&mut s, &[10, EOS, 12], &[10, EOS, 12, 13]);
+    let emitted: Vec<_> = out.iter().map(|o| (o.token, o.finish)).collect();
+    assert_eq!(
+        emitted,
+        vec![(Some(10), None), (None, Some(FinishReason::Stop))]
+    );
+    assert_eq!(out[1].completion_tokens, 3);
+    assert_eq!(s.num_running(), 0);
+    assert_eq!(blocks_held(&s), 0);
+    // Its verified full blocks (the prompt's 4, then 2, 5 and 10) stay cached.
+    assert_eq!(s.blocks().num_cached(), 2);
+}
+
+#[test]
+fn proposals_fit_max_tokens_the_context_and_the_step_budget() {
+    let mut c = cfg(32);
+    c.max_num_batched_tokens = 3;
+    let mut s = Scheduler::new(c);
+    // A prompt is not decoding; nor is a sequence in the step being computed.
+    s.add(seq(1, 6, 5)).unwrap();
+    assert_eq!(
+        s.propose(RequestId(1), &[9]),
+        Err(EditError::NotRunning(RequestId(1)))
+    );
+    let b = s.schedule();
+    assert_eq!(
+        s.propose(RequestId(1), &[9]),
+        Err(EditError::InFlight(RequestId(1)))
+    );
+    s.postprocess(&sample_all(&b));
+    assert_eq!(
+        s.propose(RequestId(1), &[9]),
+        Err(EditError::NotDecoding(RequestId(1)))
+    );
+    decode_steps(&mut s, 1);
+    // 1 of 5 generated: room for 3 more beside the token sampled after them.
+    assert_eq!(s.propose(RequestId(1), &[9; 8]), Ok(3));
+    assert_eq!(
+        s.propose(RequestId(1), &[9]),
+        Err(EditError::NotDecoding(RequestId(1)))
+    );
+    // The step's budget (3 tokens) takes the last token and 2 of them; the third is withdrawn.
+    let b = s.schedule();
+    assert_eq!((b.seqs[0].tokens.len(), b.seqs[0].proposed), (3, 2));
+    let out = s.postprocess(&[(RequestId(1), 9), (RequestId(1), 9), (RequestId(1), 5)]);
+    assert_eq!(out.len(), 3);
+    assert_eq!((out[2].completion_tokens, out[2].finish), (4, None));
+    assert_eq!(only(&s).tokens.len(), 10);
+    // The fifth token ends it.
+    let b = s.schedule();
+    let out = s.postprocess(&sample_all(&b));
+    assert_eq!(
+        (out[0].completion_tokens, out[0].finish),
+        (5, Some(FinishReason::Length))
+    );
+}
+
+#[test]
+fn rollback_withdraws_proposals_and_preemption_drops_them() {
+    let mut s = Scheduler::new(cfg(32));
+    s.add(seq(1, 6, 20)).unwrap();
+    decode_steps(&mut s, 4);
+    assert_eq!(only(&s).tokens.len(), 10);
+    assert_eq!(s.propose(RequestId(1), &[9, 9]), Ok(2));
+    // 4 generated, 2 proposed: at most the 4 can be taken back, the proposals with them.
+    assert_eq!(
+        s.rollback(RequestId(1), 5),
+        Err(EditError::TooMany {
+            id: RequestId(1),
+            n: 5,
+            available: 4
+        })
+    );
+    assert_eq!(only(&s).num_proposed, 2);
+    s.rollback(RequestId(1), 1).unwrap();
+    let sq = only(&s);
+    assert_eq!(
+        (sq.tokens.len(), sq.num_proposed, sq.num_computed),
+        (9, 0, 8)
+    );
+    // A preempted sequence is recomputed from its verified tokens only.
+    let mut c = cfg(3);
+    c.enable_prefix_caching = false;
+    let mut s = Scheduler::new(c);
+    s.add(seq(1, 4, 8)).unwrap();
+    decode_steps(&mut s, 1);
+    assert_eq!(s.propose(RequestId(1), &[9, 9, 9]), Ok(3));
+    s.preempt(0);
+    let sq = s.waiting.front().unwrap();
+    assert_eq!((sq.tokens.len(), sq.num_proposed), (5, 0));
 }
