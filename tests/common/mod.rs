@@ -67,17 +67,14 @@ pub fn fetch_model(key: &str) -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// llama.cpp's outputs on the default model (`../shared/reference`, or `$WICK_SHARED/reference`).
+/// llama.cpp's outputs on the default model (`tests/data/reference`).
 pub fn reference() -> serde_json::Value {
     reference_named("smollm2-135m-q4_1.llamacpp.json")
 }
 
-/// A reference file of `../shared/reference` (or `$WICK_SHARED/reference`).
+/// A file of llama.cpp's outputs in `tests/data/reference` (its README says how each was made).
 pub fn reference_named(name: &str) -> serde_json::Value {
-    let shared = std::env::var("WICK_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| repo_root().join("../shared"));
-    let path = shared.join("reference").join(name);
+    let path = repo_root().join("tests/data/reference").join(name);
     let text =
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     serde_json::from_str(&text).expect("reference JSON")

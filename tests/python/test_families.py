@@ -1,19 +1,18 @@
 """The other model families through the official openai client, against the real binary:
 Qwen2.5-Coder (qwen2, byte-level BPE, ChatML) chats, streaming and not; Gemma 3 (gemma3,
 SentencePiece, a base model without a chat template) completes, and refuses chat clearly.
-Greedy outputs are checked against llama.cpp's on the same files (../shared/reference)."""
+Greedy outputs are checked against llama.cpp's on the same files (tests/data/reference)."""
 import json
-import os
 import pathlib
 
 import openai
 import pytest
 
-SHARED = pathlib.Path(os.environ.get("WICK_SHARED", pathlib.Path(__file__).parents[3] / "shared"))
+REFERENCE = pathlib.Path(__file__).parents[1] / "data" / "reference"
 
 
 def reference(name):
-    data = json.loads((SHARED / "reference" / name).read_text())
+    data = json.loads((REFERENCE / name).read_text())
     return {c["id"]: c for c in data["cases"]}
 
 
