@@ -101,7 +101,7 @@ impl Runner {
     /// Computes every scheduled token and returns one row of logits for each sequence
     /// scheduled with `sample`, in batch order.
     pub fn step(&mut self, batch: &ScheduledBatch) -> Result<Vec<Vec<f32>>> {
-        self.forward(batch, &sample_rows(batch))?.into_host()
+        self.forward(batch, &sample_rows(batch)?)?.into_host()
     }
 
     /// Computes every scheduled token and returns, for each sequence in batch order, the
@@ -151,12 +151,6 @@ impl Runner {
         batch: &ScheduledBatch,
         seqs: &mut [SeqSampling<'_>],
     ) -> Result<Vec<Draw>> {
-        if let Some(s) = batch.seqs.iter().find(|s| s.proposed > 0) {
-            return Err(RunnerError::Step(format!(
-                "sequence {} has {} proposed tokens: a verification step is scored with step_scoring",
-                s.id, s.proposed
-            )));
-        }
         let sampling = batch.seqs.iter().filter(|s| s.samples()).count();
         if sampling != seqs.len() {
             return Err(RunnerError::Step(format!(
@@ -195,7 +189,7 @@ impl Runner {
         batch: &ScheduledBatch,
         draws: &[Option<DrawParams>],
     ) -> Result<Vec<StepRow>> {
-        let logits = match self.forward(batch, &sample_rows(batch))? {
+        let logits = match self.forward(batch, &sample_rows(batch)?)? {
             Logits::Host(rows) => return Ok(rows.into_iter().map(StepRow::Logits).collect()),
             Logits::Device(t) => t,
         };
@@ -297,17 +291,24 @@ impl Runner {
     }
 }
 
-/// The packed rows of the sequences scheduled with `sample`: each one's last token.
-fn sample_rows(batch: &ScheduledBatch) -> Vec<u32> {
+/// The packed rows of the sequences scheduled with `sample`: each one's last token. A
+/// sequence with proposed tokens needs a row per token: [`Runner::step_scoring`].
+fn sample_rows(batch: &ScheduledBatch) -> Result<Vec<u32>> {
     let mut rows = Vec::new();
     let mut end = 0;
     for s in &batch.seqs {
+        if s.proposed > 0 {
+            return Err(RunnerError::Step(format!(
+                "sequence {} has {} proposed tokens: a verification step is scored with step_scoring",
+                s.id, s.proposed
+            )));
+        }
         end += s.tokens.len();
         if s.samples() {
             rows.push(end as u32 - 1);
         }
     }
-    rows
+    Ok(rows)
 }
 
 /// A step's logits: rows on the host (the host path), or a `[rows, vocab]` tensor on the

@@ -212,6 +212,13 @@ impl BlockManager {
         Ok(())
     }
 
+    /// The tokens block `b` is registered with in the prefix cache, if it is (tests).
+    #[cfg(test)]
+    pub(crate) fn registered(&self, b: BlockId) -> Option<&[u32]> {
+        let hash = self.hashes[b.index()]?;
+        self.cached.get(&hash).map(|c| c.tokens.as_slice())
+    }
+
     /// Sum of every block's reference count (tests compare it with the block tables).
     pub fn total_refs(&self) -> usize {
         self.ref_counts.iter().map(|&r| r as usize).sum()

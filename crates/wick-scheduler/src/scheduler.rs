@@ -226,7 +226,8 @@ impl Scheduler {
     }
 
     /// Shortens a running sequence by its last `n` generated tokens (never the prompt),
-    /// freeing the whole blocks past its new end; tokens it has proposed are withdrawn first.
+    /// freeing the whole blocks past its new end; tokens it has proposed are withdrawn first
+    /// (with `n` = 0, only they are).
     /// Its new last token is computed again by the next step (its slot simply overwritten),
     /// to sample from, so it must not lie in a block shared through the prefix cache: a block
     /// is registered only once computed and verified. (A verification step needs no rollback:
@@ -234,9 +235,6 @@ impl Scheduler {
     pub fn rollback(&mut self, id: RequestId, n: usize) -> Result<(), EditError> {
         let bs = self.cfg.block_size;
         let seq = self.settled(id)?;
-        if n == 0 {
-            return Ok(());
-        }
         let available = seq.num_generated() - seq.num_proposed;
         if n > available {
             return Err(EditError::TooMany { id, n, available });
@@ -261,8 +259,9 @@ impl Scheduler {
     /// accepted, then the one sampled after them; the rest are dropped (their slots are
     /// overwritten later), and no block holding a proposed token is registered in the prefix
     /// cache before it is accepted. Takes at most as many as leave room, within `max_tokens`
-    /// and the context limit, for the token sampled after them (and fewer if the step's token
-    /// budget is short); returns how many it took.
+    /// and the context limit, for the token sampled after them; returns how many it took. The
+    /// next step verifies those that fit what its token budget and the free blocks leave
+    /// after every decode's own token, and withdraws the rest.
     pub fn propose(&mut self, id: RequestId, draft: &[u32]) -> Result<usize, EditError> {
         let max_model_len = self.cfg.max_model_len;
         let seq = self.settled(id)?;
@@ -289,25 +288,48 @@ impl Scheduler {
         let decodes: Vec<RequestId> = decodes.iter().map(|s| s.id).collect();
         let chunks: Vec<RequestId> = chunks.iter().map(|s| s.id).collect();
         let mut num_decodes = 0;
+        let mut decode_tokens = 0;
         let mut decode_attended = 0.0;
         for id in decodes {
             if budget == 0 {
                 break;
             }
-            // A decode is scheduled whole: its last token and the proposed tokens that fit.
-            if let Some(s) = self.running.iter_mut().find(|s| s.id == id) {
-                s.withdraw((1 + s.num_proposed).saturating_sub(budget));
-            }
-            match self.schedule_running(id, budget) {
+            match self.schedule_running(id, 1) {
                 Some(0) => {}
-                Some(n) => {
+                Some(_) => {
                     num_decodes += 1;
-                    budget -= n;
-                    if let Some(s) = self.running.iter().find(|s| s.id == id) {
-                        decode_attended += attended(s.num_computed, n);
-                    }
+                    budget -= 1;
                 }
                 None => preempted = true,
+            }
+        }
+        // Then the proposed tokens of the decodes, in what the budget and the free blocks
+        // leave: speculation never takes a decode's token or another sequence's block.
+        for p in self.planned.iter_mut() {
+            let Some(seq) = self.running.iter_mut().find(|s| s.id == p.id) else {
+                continue;
+            };
+            let room = (seq.block_table.len() + self.blocks.num_free()) * self.cfg.block_size
+                - (seq.num_computed + 1);
+            let mut k = seq.num_proposed.min(budget).min(room);
+            if k > 0
+                && !self
+                    .blocks
+                    .grow(&mut seq.block_table, seq.num_computed + 1 + k)
+            {
+                k = 0;
+            }
+            seq.withdraw(seq.num_proposed - k);
+            p.chunk += k;
+            budget -= k;
+            p.sample = seq.num_computed + p.chunk == seq.tokens.len();
+            decode_tokens += p.chunk;
+            decode_attended += attended(seq.num_computed, p.chunk);
+        }
+        // A decode left out of the step keeps no proposals.
+        for seq in self.running.iter_mut().filter(|s| s.num_proposed > 0) {
+            if !self.planned.iter().any(|p| p.id == seq.id) {
+                seq.withdraw(seq.num_proposed);
             }
         }
         let free_slots = self.cfg.max_num_seqs.saturating_sub(self.running.len());
@@ -322,7 +344,7 @@ impl Scheduler {
             match self.cost {
                 // While streams are decoding, prompts get a share of the step's time ...
                 Some(cost) => {
-                    let decode_s = cost.fixed + cost.variable(num_decodes, decode_attended);
+                    let decode_s = cost.fixed + cost.variable(decode_tokens, decode_attended);
                     let weight = if waiting >= num_decodes {
                         BACKLOG_WEIGHT
                     } else {

@@ -44,6 +44,20 @@ impl Scheduler {
         self.blocks.check().unwrap();
         let held: usize = self.sequences().map(|q| q.block_table.len()).sum();
         assert_eq!(held, self.blocks.total_refs());
+        // A block registered in the prefix cache holds computed tokens of every sequence
+        // that has it, as they are now.
+        let bs = self.cfg.block_size;
+        for q in self.sequences() {
+            for (i, &b) in q.block_table.iter().enumerate() {
+                if let Some(tokens) = self.blocks.registered(b) {
+                    assert!(
+                        (i + 1) * bs <= q.num_computed,
+                        "{q:?}: block {i} registered"
+                    );
+                    assert_eq!(tokens, &q.tokens[i * bs..(i + 1) * bs], "{q:?}: block {i}");
+                }
+            }
+        }
     }
 }
 
@@ -184,10 +198,11 @@ enum Op {
     Step {
         eos_every: u32,
     },
-    /// Proposes `k` tokens for the running sequence `id`, if it decodes.
+    /// Proposes `k` tokens (all `token`) for the running sequence `id`, if it decodes.
     Propose {
         id: u64,
         k: usize,
+        token: u32,
     },
 }
 
@@ -199,7 +214,8 @@ fn op() -> impl Strategy<Value = Op> {
             family
         }),
         (0u64..20).prop_map(Op::Abort),
-        (0u64..20, 1usize..6).prop_map(|(id, k)| Op::Propose { id, k }),
+        (0u64..20, 1usize..6, prop::sample::select(vec![5, 9, EOS]))
+            .prop_map(|(id, k, token)| Op::Propose { id, k, token }),
         (0u32..7).prop_map(|eos_every| Op::Step { eos_every }),
         (0u32..7).prop_map(|eos_every| Op::Step { eos_every }),
     ]
@@ -262,6 +278,10 @@ proptest! {
             }
             prop_assert_eq!(blocks_held(s), s.blocks().total_refs());
             prop_assert!(s.num_blocks_used() <= num_blocks);
+            // Every running sequence has its next token to compute, and no proposal left.
+            for q in s.sequences() {
+                prop_assert!(q.num_pending() >= 1 && q.num_proposed == 0, "{:?}", q);
+            }
             Ok(())
         };
         for op in ops {
@@ -281,13 +301,17 @@ proptest! {
                     prop_assert_eq!(blocks_held(&s), s.blocks().total_refs());
                 }
                 Op::Step { eos_every } => check(&mut s, &mut live, eos_every)?,
-                Op::Propose { id, k } => {
-                    let decoding = s
-                        .sequences()
-                        .any(|q| q.id.0 == id && q.is_decoding() && q.num_proposed == 0);
-                    let taken = s.propose(RequestId(id), &vec![9; k]);
-                    prop_assert_eq!(taken.is_ok(), decoding);
-                    prop_assert!(taken.unwrap_or(0) <= k);
+                Op::Propose { id, k, token } => {
+                    let room = s.sequences().find(|q| q.id.0 == id).map(|q| {
+                        (q.max_tokens - q.num_generated()).min(64 - q.tokens.len()) - 1
+                    });
+                    match s.propose(RequestId(id), &vec![token; k]) {
+                        Ok(n) => prop_assert_eq!(Some(n), room.map(|r| r.min(k))),
+                        Err(_) => prop_assert!(!s
+                            .sequences()
+                            .any(|q| q.id.0 == id && q.num_computed + 1 == q.tokens.len()
+                                && q.num_computed >= q.prompt_len && q.num_proposed == 0)),
+                    }
                 }
             }
         }
@@ -678,6 +702,19 @@ fn an_accepted_stop_token_finishes_the_sequence_there() {
     let mut s = Scheduler::new(cfg(32));
     s.add(seq(1, 6, 20)).unwrap();
     decode_steps(&mut s, 1);
+    // 7 tokens, 6 computed; the stop token is accepted at position 7, and the step also
+    // computed the proposed 12 at position 8.
+    let (_, out) = verify(&mut s, &[EOS, 12, 13], &[EOS, 12, 13]);
+    let emitted: Vec<_> = out.iter().map(|o| (o.token, o.finish)).collect();
+    assert_eq!(emitted, vec![(None, Some(FinishReason::Stop))]);
+    assert_eq!(out[0].completion_tokens, 2);
+    assert_eq!(s.num_running(), 0);
+    assert_eq!(blocks_held(&s), 0);
+    // Its verified full blocks (positions 0-7) stay cached; not the one the 12 began.
+    assert_eq!(s.blocks().num_cached(), 2);
+    // A stop token after accepted proposals: each gets its outcome, the stop ends it.
+    s.add(seq(1, 6, 20)).unwrap();
+    decode_steps(&mut s, 1);
     let (_, out) = verify(&mut s, &[10, EOS, 12], &[10, EOS, 12, 13]);
     let emitted: Vec<_> = out.iter().map(|o| (o.token, o.finish)).collect();
     assert_eq!(
@@ -685,10 +722,7 @@ fn an_accepted_stop_token_finishes_the_sequence_there() {
         vec![(Some(10), None), (None, Some(FinishReason::Stop))]
     );
     assert_eq!(out[1].completion_tokens, 3);
-    assert_eq!(s.num_running(), 0);
     assert_eq!(blocks_held(&s), 0);
-    // Its verified full blocks (the prompt's 4, then 2, 5 and 10) stay cached.
-    assert_eq!(s.blocks().num_cached(), 2);
 }
 
 #[test]
@@ -768,4 +802,67 @@ fn rollback_withdraws_proposals_and_preemption_drops_them() {
     s.preempt(0);
     let sq = s.waiting.front().unwrap();
     assert_eq!((sq.tokens.len(), sq.num_proposed), (5, 0));
+}
+
+#[test]
+fn proposals_leave_each_other_decode_its_token_and_never_preempt() {
+    let mut c = cfg(32);
+    c.max_num_batched_tokens = 4;
+    let mut s = Scheduler::new(c);
+    for id in 1..=3 {
+        s.add(seq(id, 2, 30)).unwrap();
+    }
+    // The three prompts (2 tokens each) over two steps, then all three decode.
+    decode_steps(&mut s, 2);
+    assert!(s.sequences().all(|q| q.is_decoding()));
+    // Sequence 1 proposes 5: of a step's 4 tokens, each decode gets one and the proposals
+    // the one left.
+    assert_eq!(s.propose(RequestId(1), &[9; 5]), Ok(5));
+    let b = s.schedule();
+    let sizes: Vec<_> = b
+        .seqs
+        .iter()
+        .map(|q| (q.id.0, q.tokens.len(), q.proposed))
+        .collect();
+    assert_eq!(sizes, vec![(1, 2, 1), (2, 1, 0), (3, 1, 0)]);
+    s.postprocess(&sample_all(&b));
+    // Proposals get only the blocks nobody else needs, and are cut to them.
+    let mut c = cfg(3);
+    c.enable_prefix_caching = false;
+    let mut s = Scheduler::new(c);
+    s.add(seq(1, 3, 9)).unwrap();
+    s.add(seq(2, 3, 9)).unwrap();
+    // 4 tokens each, 3 computed, one block each; one block free.
+    decode_steps(&mut s, 1);
+    assert_eq!(s.num_blocks_used(), 2);
+    assert_eq!(s.propose(RequestId(1), &[9; 6]), Ok(6));
+    let b = s.schedule();
+    assert_eq!(s.num_preemptions(), 0);
+    let sizes: Vec<_> = b
+        .seqs
+        .iter()
+        .map(|q| (q.id.0, q.tokens.len(), q.proposed))
+        .collect();
+    // Positions 3-7 fit the free block: the last token and 4 of the 6.
+    assert_eq!(sizes, vec![(1, 5, 4), (2, 1, 0)]);
+    assert!(b.seqs.iter().all(|q| q.sample));
+    assert_eq!(s.num_blocks_used(), 3);
+    s.postprocess(&sample_all(&b));
+    assert_eq!(blocks_held(&s), 3);
+}
+
+#[test]
+fn proposals_fit_the_context() {
+    let mut c = cfg(32);
+    c.max_model_len = 10;
+    let mut s = Scheduler::new(c);
+    s.add(seq(1, 6, 20)).unwrap();
+    decode_steps(&mut s, 1);
+    // 7 tokens of 10: room for 2 proposals and the token after them.
+    assert_eq!(s.propose(RequestId(1), &[9; 5]), Ok(2));
+    let b = s.schedule();
+    let out = s.postprocess(&[(RequestId(1), 9), (RequestId(1), 9), (RequestId(1), 5)]);
+    assert_eq!(b.seqs[0].proposed, 2);
+    assert_eq!(out.last().unwrap().finish, Some(FinishReason::Length));
+    assert_eq!(s.num_running(), 0);
 }
