@@ -31,8 +31,10 @@ test: lint
 	# numerics again, each forced.
 	WICK_NO_AVX512=1 WICK_MODEL="$$(scripts/fetch-model.sh)" cargo test --release -p wick --features dev --test numerics default_model
 	WICK_NO_SIMD=1 WICK_MODEL="$$(scripts/fetch-model.sh)" cargo test --release -p wick --features dev --test numerics default_model
-	# The kernel benchmark's code on a tiny load (one call per case; no figure is checked).
-	WICK_BENCH_QUICK=1 cargo test --release -p wick-runner --features testing --bench kernels
+	# The kernel benchmark's code on a tiny load (one call per case; no figure is checked),
+	# built with the workspace's features as above, so nothing is compiled again (with
+	# `-p wick-runner` alone, 58 crates were: 3 minutes of CI).
+	WICK_BENCH_QUICK=1 cargo test --release --workspace --features wick/dev --bench kernels
 	scripts/python-tests.sh
 	# The soak test at a small count (a full run: `make soak`, 10,000 requests).
 	REQUESTS=600 scripts/soak.sh
