@@ -95,7 +95,7 @@ cuda-check:
 ## under the 64 MiB a call carries): the CUDA binary with the developer tools (`cuda,dev`;
 ## stripped and gzipped: 67 MB -> 19 MB),
 ## the default model's tokenizer files, and a tiny random Llama quantized to Q4_K_M by
-## llama.cpp's llama-quantize (../shared/peers/build-llama-server.sh, cached). Carry
+## llama.cpp's llama-quantize (scripts/build-llama.sh, cached). Carry
 ## target/gpu-check.
 gpu-check-bundle: build-dev
 	source scripts/cuda-env.sh && cargo build --release --features cuda,dev --bin wick --target-dir target/cuda
@@ -104,14 +104,14 @@ gpu-check-bundle: build-dev
 	gzip -9 target/gpu-check/wick
 	./target/release/wick export-tokenizer --model "$$(scripts/fetch-model.sh)" --out target/gpu-check/tokenizer
 	./target/release/wick tiny-models --kquant-source --tokenizer target/gpu-check/tokenizer/tokenizer.gguf --out target/kquant-source
-	server="$${LLAMA_SERVER:-$$(bash ../shared/peers/build-llama-server.sh | tail -1)}" && \
-	  "$$(dirname "$$server")/llama-quantize" target/kquant-source/kquant-source.gguf target/gpu-check/kquant-q4_k_m.gguf Q4_K_M
+	llama="$${LLAMA_SERVER:+$$(dirname "$$LLAMA_SERVER")}" && llama="$${llama:-$$(scripts/build-llama.sh | tail -1)}" && \
+	  "$$llama/llama-quantize" target/kquant-source/kquant-source.gguf target/gpu-check/kquant-q4_k_m.gguf Q4_K_M
 	du -sh target/gpu-check
 
 clean:
 	cargo clean
 
 ## The default model re-quantized by llama.cpp to every weight type, each against llama.cpp
-## on the same file (needs llama.cpp: ../shared/peers/build-llama-server.sh; not in CI).
+## on the same file (needs llama.cpp: scripts/build-llama.sh builds it; not in CI).
 requant-check:
 	REFERENCES=0 scripts/requant-check.sh

@@ -13,8 +13,8 @@
 #   MODEL=gemma ENDPOINT=completions benches/...       # a base model: plain completions
 #   MODEL=/path/to/file.gguf benches/compare-llamacpp.sh
 #
-# llama-server comes from ../shared/peers/build-llama-server.sh (built once, ~10 min), or
-# from $LLAMA_SERVER when set (for example a build without AMX where AMX tiles fault).
+# llama-server comes from scripts/build-llama.sh (built once, ~10 min; AMX off), or from
+# $LLAMA_SERVER when set.
 #
 # Before/after a change: BASELINE_WICK=/path/to/old/wick puts an older Wick build (served
 # the same way as Wick) in llama-server's place, and WICK_BIN a prebuilt Wick in place of
@@ -31,7 +31,6 @@ SLOT_CONTEXT=${SLOT_CONTEXT:-4096}
 LONG_CLIENTS=${LONG_CLIENTS:-16}
 LONG_TOKENS=${LONG_TOKENS:-128}
 LONG_WORDS=${LONG_WORDS:-1800}
-SHARED=${WICK_SHARED:-../shared}
 OUT=${OUT:-target/compare}
 mkdir -p "$OUT"
 
@@ -49,7 +48,7 @@ PEER=llama.cpp
 if [ -n "${BASELINE_WICK:-}" ]; then
   PEER=baseline
 else
-  LLAMA=${LLAMA_SERVER:-$(bash "$SHARED/peers/build-llama-server.sh" | tail -n 1)}
+  LLAMA=${LLAMA_SERVER:-$(scripts/build-llama.sh | tail -n 1)/llama-server}
 fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
