@@ -245,6 +245,15 @@ def test_models_lists_the_served_model(client):
     assert [m.id for m in client.models.list()] == [MODEL]
 
 
+def test_models_retrieve_gives_the_served_models_card(client):
+    card = client.models.retrieve(MODEL)
+    assert (card.id, card.object, card.owned_by) == (MODEL, "model", "wick")
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("no-such-model")
+    assert e.value.body["code"] == "model_not_found"
+    assert e.value.body["param"] == "model"
+
+
 def _post(client, path, body):
     base = str(client.base_url).rstrip("/").removesuffix("/v1")
     req = urllib.request.Request(

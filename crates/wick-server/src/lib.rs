@@ -166,6 +166,15 @@ enum ReadyModel {
     Embed(embeddings::EmbeddingModelInfo),
 }
 
+impl ReadyModel {
+    fn name(&self) -> &str {
+        match self {
+            ReadyModel::Generate(m) => &m.name,
+            ReadyModel::Embed(m) => &m.name,
+        }
+    }
+}
+
 struct Slot {
     name: String,
     backend: Backend,
@@ -406,6 +415,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/messages/count_tokens", post(messages::count_tokens))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(routes::models))
+        .route("/v1/models/{*model}", get(routes::model))
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
         .route_layer(axum::middleware::from_fn_with_state(

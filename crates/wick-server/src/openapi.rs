@@ -17,6 +17,7 @@ use utoipa::OpenApi;
         crate::messages::count_tokens,
         crate::embeddings::embeddings,
         crate::routes::models,
+        crate::routes::model,
         crate::routes::tokenize,
         crate::routes::detokenize,
         crate::routes::health,

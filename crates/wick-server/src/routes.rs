@@ -3,7 +3,7 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode, Uri};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -101,33 +101,54 @@ pub(crate) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 pub(crate) async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
     state.ready()?;
     let created = unix_now();
-    let data = state
-        .loaded()
-        .map(|m| match m {
-            ReadyModel::Generate(m) => ModelCard {
-                id: m.name.clone(),
-                object: "model",
-                created,
-                owned_by: "wick",
-                kind: "generate",
-                max_model_len: m.max_model_len,
-                context_length: m.context_length,
-            },
-            ReadyModel::Embed(m) => ModelCard {
-                id: m.name.clone(),
-                object: "model",
-                created,
-                owned_by: "wick",
-                kind: "embed",
-                max_model_len: m.max_input_tokens,
-                context_length: m.max_input_tokens,
-            },
-        })
-        .collect();
+    let data = state.loaded().map(|m| card(m, created)).collect();
     Ok(Json(ModelList {
         object: "list",
         data,
     }))
+}
+
+/// `GET /v1/models/{model}`: one served model's card (the openai client's `models.retrieve`);
+/// a name that is not served is a 404 `model_not_found`. Names may hold `/`.
+#[utoipa::path(
+    get,
+    path = "/v1/models/{model}",
+    params(("model" = String, Path, description = "A served model's name")),
+    responses((status = 200, body = ModelCard), (status = 404, body = crate::error::ErrorBody))
+)]
+pub(crate) async fn model(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<ModelCard>, ApiError> {
+    state.ready()?;
+    state
+        .loaded()
+        .find(|m| m.name() == name)
+        .map(|m| Json(card(m, unix_now())))
+        .ok_or(ApiError::ModelNotFound(name))
+}
+
+fn card(m: &ReadyModel, created: u64) -> ModelCard {
+    match m {
+        ReadyModel::Generate(m) => ModelCard {
+            id: m.name.clone(),
+            object: "model",
+            created,
+            owned_by: "wick",
+            kind: "generate",
+            max_model_len: m.max_model_len,
+            context_length: m.context_length,
+        },
+        ReadyModel::Embed(m) => ModelCard {
+            id: m.name.clone(),
+            object: "model",
+            created,
+            owned_by: "wick",
+            kind: "embed",
+            max_model_len: m.max_input_tokens,
+            context_length: m.max_input_tokens,
+        },
+    }
 }
 
 /// `POST /tokenize`: a `prompt`, or chat `messages` rendered with the model's template.
