@@ -309,8 +309,7 @@ proptest! {
                         Ok(n) => prop_assert_eq!(Some(n), room.map(|r| r.min(k))),
                         Err(_) => prop_assert!(!s
                             .sequences()
-                            .any(|q| q.id.0 == id && q.num_computed + 1 == q.tokens.len()
-                                && q.num_computed >= q.prompt_len && q.num_proposed == 0)),
+                            .any(|q| q.id.0 == id && q.is_decoding() && q.num_proposed == 0)),
                     }
                 }
             }
@@ -793,15 +792,20 @@ fn rollback_withdraws_proposals_and_preemption_drops_them() {
         (9, 0, 8)
     );
     // A preempted sequence is recomputed from its verified tokens only.
-    let mut c = cfg(3);
-    c.enable_prefix_caching = false;
-    let mut s = Scheduler::new(c);
+    let mut s = three_blocks_uncached();
     s.add(seq(1, 4, 8)).unwrap();
     decode_steps(&mut s, 1);
     assert_eq!(s.propose(RequestId(1), &[9, 9, 9]), Ok(3));
     s.preempt(0);
     let sq = s.waiting.front().unwrap();
     assert_eq!((sq.tokens.len(), sq.num_proposed), (5, 0));
+}
+
+/// A scheduler with 3 blocks of 4 tokens and no prefix cache.
+fn three_blocks_uncached() -> Scheduler {
+    let mut c = cfg(3);
+    c.enable_prefix_caching = false;
+    Scheduler::new(c)
 }
 
 #[test]
@@ -827,9 +831,7 @@ fn proposals_leave_each_other_decode_its_token_and_never_preempt() {
     assert_eq!(sizes, vec![(1, 2, 1), (2, 1, 0), (3, 1, 0)]);
     s.postprocess(&sample_all(&b));
     // Proposals get only the blocks nobody else needs, and are cut to them.
-    let mut c = cfg(3);
-    c.enable_prefix_caching = false;
-    let mut s = Scheduler::new(c);
+    let mut s = three_blocks_uncached();
     s.add(seq(1, 3, 9)).unwrap();
     s.add(seq(2, 3, 9)).unwrap();
     // 4 tokens each, 3 computed, one block each; one block free.
