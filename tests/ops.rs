@@ -1,5 +1,6 @@
 //! Operations, end to end on the real binary: graceful drain on SIGTERM, configuration
-//! precedence, x-request-id, the metrics port, and a model from an offline Hugging Face cache.
+//! precedence, x-request-id, the metrics port, a model from an offline Hugging Face cache, and
+//! what web pages may do (Origin, Host, CORS).
 
 mod common;
 
@@ -389,4 +390,134 @@ async fn spans_are_exported_to_an_otlp_endpoint() {
         "request id not in the exported spans"
     );
     assert!(request.contains("wick"), "service name missing");
+}
+
+/// `POST path` with `body` as `text/plain` (a "simple" request a page can send without a
+/// preflight) and these headers; the status and the JSON body.
+async fn post_from_page(
+    s: &Server,
+    path: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> (u16, Value) {
+    let mut req = s
+        .client
+        .post(s.url(path))
+        .header("content-type", "text/plain")
+        .body(body.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let r = req.send().await.expect("POST");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_web_page_cannot_drive_a_loopback_server_and_allowed_origins_get_cors() {
+    let s = Server::start(&["--allowed-origins", "https://app.example.com"]).await;
+    let body = json!({"model": "smollm2", "prompt": "Hi", "max_tokens": 1});
+    let generated = || async { s.metric("wick_generation_tokens_total").await };
+    let before = generated().await;
+    // A drive-by POST from another site: refused before the body is read, in the API's shape.
+    let evil = [("origin", "https://evil.example")];
+    let (status, err) = post_from_page(&s, "/v1/completions", &body, &evil).await;
+    assert_eq!(status, 403, "{err}");
+    assert_eq!(err["error"]["code"], "origin_not_allowed");
+    assert_eq!(err["error"]["type"], "permission_error");
+    let (status, err) = post_from_page(&s, "/v1/messages", &body, &evil).await;
+    assert_eq!((status, &err["type"]), (403, &json!("error")), "{err}");
+    assert_eq!(err["error"]["type"], "permission_error");
+    // DNS rebinding: the page's own name, same-origin with itself, resolving to 127.0.0.1.
+    let rebound = [
+        ("host", "attacker.example:8080"),
+        ("origin", "http://attacker.example:8080"),
+    ];
+    let (status, err) = post_from_page(&s, "/v1/completions", &body, &rebound).await;
+    assert_eq!(status, 403, "{err}");
+    assert_eq!(err["error"]["code"], "host_not_allowed");
+    assert_eq!(generated().await, before, "a refused request generated");
+    // Probes and scrapers are never refused.
+    for path in ["/health", "/health/live", "/metrics"] {
+        let r = s
+            .client
+            .get(s.url(path))
+            .header("host", "attacker.example")
+            .send()
+            .await;
+        assert_eq!(r.unwrap().status(), 200, "{path}");
+    }
+    // curl -d (no Origin, form content type) and the server's own page keep working.
+    let (status, _) = post_from_page(&s, "/v1/completions", &body, &[]).await;
+    assert_eq!(status, 200);
+    let own = s.base.replace("http://", "");
+    let own_origin = s.base.clone();
+    let same = [("origin", own_origin.as_str()), ("host", own.as_str())];
+    let (status, _) = post_from_page(&s, "/v1/completions", &body, &same).await;
+    assert_eq!(status, 200);
+    // An allowed origin: its preflight is answered, its answers carry CORS headers.
+    let pre = s
+        .client
+        .request(reqwest::Method::OPTIONS, s.url("/v1/chat/completions"))
+        .header("origin", "https://app.example.com")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization, content-type",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pre.status(), 204);
+    let h = pre.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://app.example.com");
+    assert_eq!(
+        h["access-control-allow-headers"],
+        "authorization, content-type"
+    );
+    assert!(h["access-control-allow-methods"]
+        .to_str()
+        .unwrap()
+        .contains("POST"));
+    let r = s
+        .client
+        .post(s.url("/v1/completions"))
+        .header("origin", "https://app.example.com")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    // Without an allowed origin, OPTIONS is not a CORS answer (no route takes it).
+    let r = s
+        .client
+        .request(reqwest::Method::OPTIONS, s.url("/v1/chat/completions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+
+    // Listening on every address (the Dockerfile's), Host is not checked unless listed.
+    let open = Server::start(&["--host", "0.0.0.0"]).await;
+    let rebound_host = [("host", "wick.example.com:8080")];
+    let (status, _) = post_from_page(&open, "/v1/completions", &body, &rebound_host).await;
+    assert_eq!(status, 200);
+    let (status, _) = post_from_page(&open, "/v1/completions", &body, &evil).await;
+    assert_eq!(status, 403);
+    drop(open);
+    let listed = Server::start(&["--host", "0.0.0.0", "--allowed-hosts", "wick.example.com"]).await;
+    let (status, _) = post_from_page(&listed, "/v1/completions", &body, &rebound_host).await;
+    assert_eq!(status, 200);
+    let (status, _) = post_from_page(
+        &listed,
+        "/v1/completions",
+        &body,
+        &[("host", "other.example")],
+    )
+    .await;
+    assert_eq!(status, 403);
 }

@@ -46,6 +46,9 @@ pub enum ApiError {
         "Incorrect or missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`."
     )]
     Unauthorized,
+    /// Refused by the browser policy (an `Origin` or `Host` not allowed).
+    #[error("{message}")]
+    Forbidden { message: String, code: &'static str },
 }
 
 impl ApiError {
@@ -70,6 +73,7 @@ impl ApiError {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -98,6 +102,7 @@ impl ApiError {
                 ("invalid_request_error", None, Some("method_not_allowed"))
             }
             ApiError::Unauthorized => ("invalid_request_error", None, Some("invalid_api_key")),
+            ApiError::Forbidden { code, .. } => ("permission_error", None, Some(*code)),
             ApiError::PayloadTooLarge(_) => {
                 ("invalid_request_error", None, Some("payload_too_large"))
             }

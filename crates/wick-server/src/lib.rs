@@ -11,6 +11,7 @@
 //! drops the channel, and the engine frees the sequence.
 
 mod auth;
+mod browser;
 mod chat;
 mod completions;
 mod detok;
@@ -39,6 +40,7 @@ use axum::Router;
 use tokenizers::Tokenizer;
 use wick_core::{EmbedHandle, EngineHandle, Metrics, RequestId};
 
+pub use browser::{is_loopback_host, BrowserPolicy};
 pub use detok::{token_bytes, Detokenizer, StopBuffer};
 pub use embeddings::EmbeddingModelInfo;
 pub use error::ApiError;
@@ -166,15 +168,6 @@ enum ReadyModel {
     Embed(embeddings::EmbeddingModelInfo),
 }
 
-impl ReadyModel {
-    fn name(&self) -> &str {
-        match self {
-            ReadyModel::Generate(m) => &m.name,
-            ReadyModel::Embed(m) => &m.name,
-        }
-    }
-}
-
 struct Slot {
     name: String,
     backend: Backend,
@@ -197,9 +190,29 @@ pub(crate) fn check_vocabulary(
     Ok(ids)
 }
 
+/// Who may call the API: the key, and what web pages may do.
+#[derive(Debug, Clone)]
+pub struct Access {
+    /// With a key, every API route but `/`, `/health` and `/metrics` requires
+    /// `Authorization: Bearer <key>` (or `x-api-key`).
+    pub api_key: Option<String>,
+    pub browser: BrowserPolicy,
+}
+
+impl Default for Access {
+    /// No key; a loopback server's browser policy.
+    fn default() -> Self {
+        Access {
+            api_key: None,
+            browser: BrowserPolicy::loopback(),
+        }
+    }
+}
+
 struct Inner {
     slots: Vec<Slot>,
     api_key: Option<String>,
+    browser: BrowserPolicy,
     next_id: AtomicU64,
     drain: Arc<ops::Drain>,
 }
@@ -229,12 +242,15 @@ impl AppState {
                 backend: Backend::Generate(engine),
                 metrics,
             }],
-            api_key,
+            Access {
+                api_key,
+                ..Access::default()
+            },
         )
     }
 
     /// Several models, routed by the requests' `model` field.
-    pub fn with_models(models: Vec<ModelEntry>, api_key: Option<String>) -> Self {
+    pub fn with_models(models: Vec<ModelEntry>, access: Access) -> Self {
         let slots = models
             .into_iter()
             .map(|m| Slot {
@@ -247,7 +263,8 @@ impl AppState {
         Self {
             inner: Arc::new(Inner {
                 slots,
-                api_key,
+                api_key: access.api_key,
+                browser: access.browser,
                 next_id: AtomicU64::new(1),
                 drain: Arc::default(),
             }),
@@ -350,6 +367,10 @@ impl AppState {
         self.inner.api_key.as_deref()
     }
 
+    pub(crate) fn browser(&self) -> &BrowserPolicy {
+        &self.inner.browser
+    }
+
     /// The selected generation model's engine.
     pub(crate) fn engine(&self) -> Result<&EngineHandle, ApiError> {
         match &self.slot().backend {
@@ -400,6 +421,11 @@ impl AppState {
         self.inner.slots.iter().filter_map(|s| s.loaded.get())
     }
 
+    /// The selected model, once loaded.
+    fn selected(&self) -> Option<&ReadyModel> {
+        self.slot().loaded.get()
+    }
+
     pub(crate) fn next_id(&self) -> RequestId {
         RequestId(self.inner.next_id.fetch_add(1, Ordering::Relaxed))
     }
@@ -437,6 +463,10 @@ pub fn app(state: AppState) -> Router {
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(ops::refuse_large_bodies))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            browser::guard,
+        ))
         .layer(axum::middleware::from_fn(messages::anthropic_errors))
         .layer(axum::middleware::from_fn(ops::tag_requests))
         .with_state(state)

@@ -121,11 +121,9 @@ pub(crate) async fn model(
     Path(name): Path<String>,
 ) -> Result<Json<ModelCard>, ApiError> {
     state.ready()?;
-    state
-        .loaded()
-        .find(|m| m.name() == name)
-        .map(|m| Json(card(m, unix_now())))
-        .ok_or(ApiError::ModelNotFound(name))
+    let state = state.select(&name)?;
+    let m = state.selected().ok_or(ApiError::NotReady)?;
+    Ok(Json(card(m, unix_now())))
 }
 
 fn card(m: &ReadyModel, created: u64) -> ModelCard {

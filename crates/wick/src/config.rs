@@ -49,6 +49,12 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer <key>` (or `x-api-key: <key>`) on the API (not on /health and /metrics). [key: server.api_key]
     #[arg(long, env = "WICK_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Web origins (scheme://host[:port]) whose pages may call the API, with CORS; comma-separated or repeated; * allows any. Requests from other origins get 403. [key: server.allowed_origins]
+    #[arg(long, env = "WICK_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// Host names (any port) or host:port accepted in the Host header beside loopback ones; comma-separated or repeated; * accepts any. Checked when listening on a loopback address, or on any address once given. [key: server.allowed_hosts]
+    #[arg(long, env = "WICK_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
     /// Address to listen on. [key: server.host]
     #[arg(long, env = "WICK_HOST")]
     pub host: Option<String>,
@@ -146,6 +152,8 @@ struct FileLogging {
 #[serde(deny_unknown_fields)]
 struct FileServer {
     api_key: Option<String>,
+    allowed_origins: Option<Vec<String>>,
+    allowed_hosts: Option<Vec<String>>,
     host: Option<String>,
     port: Option<u16>,
     metrics_port: Option<u16>,
@@ -256,6 +264,10 @@ pub struct Config {
     /// Every model served, at least one.
     pub models: Vec<ModelSettings>,
     pub api_key: Option<String>,
+    /// Web origins whose pages may call the API.
+    pub allowed_origins: Vec<String>,
+    /// Host header names accepted beside the loopback ones.
+    pub allowed_hosts: Vec<String>,
     pub host: String,
     pub port: u16,
     /// None: /metrics only on the main port.
@@ -402,6 +414,8 @@ impl Config {
                 .api_key
                 .or(file.server.api_key)
                 .filter(|k| !k.is_empty()),
+            allowed_origins: list(args.allowed_origins, file.server.allowed_origins),
+            allowed_hosts: list(args.allowed_hosts, file.server.allowed_hosts),
             host: args
                 .host
                 .or(file.server.host)
@@ -524,6 +538,19 @@ impl Config {
         if !(self.drain_timeout >= 0.0 && self.drain_timeout.is_finite()) {
             bail!("server.drain_timeout must be a number of seconds, 0 or more");
         }
+        for o in &self.allowed_origins {
+            let scheme = o.split_once("://").map(|(s, _)| s);
+            if o != "*" && !matches!(scheme, Some("http" | "https")) {
+                bail!("server.allowed_origins: {o:?} is not an origin (http://host[:port], https://host[:port] or *)");
+            }
+        }
+        if let Some(h) = self
+            .allowed_hosts
+            .iter()
+            .find(|h| h.is_empty() || h.contains('/'))
+        {
+            bail!("server.allowed_hosts: {h:?} is not a host name (name, name:port or *)");
+        }
         if let Some(e) = &self.otlp_endpoint {
             if !(e.starts_with("http://") || e.starts_with("https://")) {
                 bail!("logging.otlp_endpoint must be an http:// or https:// URL, not {e:?}");
@@ -563,6 +590,20 @@ impl std::str::FromStr for LogFormat {
             other => bail!("logging.format must be human or json, not {other:?}"),
         }
     }
+}
+
+/// A list from the flags (or their variable), else the file's; blanks dropped.
+fn list(flags: Vec<String>, file: Option<Vec<String>>) -> Vec<String> {
+    let items = if flags.is_empty() {
+        file.unwrap_or_default()
+    } else {
+        flags
+    };
+    items
+        .into_iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 /// `"512MiB"`, `"2GiB"`, `"1.5GB"` or a plain number of bytes.
@@ -701,6 +742,36 @@ mod tests {
             ..Default::default()
         })
         .is_err());
+    }
+
+    #[test]
+    fn browser_lists_from_flags_or_the_file_and_bad_origins_are_named() {
+        let f = file(
+            "[server]\nallowed_origins = [\"https://a.example\"]\nallowed_hosts = [\"wick.lan\"]\n",
+        );
+        let from_file = Config::resolve(ServeArgs {
+            config: Some(f.path().into()),
+            model: vec!["m.gguf".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(from_file.allowed_origins, ["https://a.example"]);
+        assert_eq!(from_file.allowed_hosts, ["wick.lan"]);
+        let flags = Config::resolve(ServeArgs {
+            config: Some(f.path().into()),
+            model: vec!["m.gguf".into()],
+            allowed_origins: vec!["http://b.example:3000".into(), " ".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(flags.allowed_origins, ["http://b.example:3000"]);
+        let err = Config::resolve(ServeArgs {
+            model: vec!["m.gguf".into()],
+            allowed_origins: vec!["b.example".into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("server.allowed_origins"), "{err}");
     }
 
     #[test]

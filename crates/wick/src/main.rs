@@ -26,7 +26,8 @@ use wick_engine::{EmbedConfig, EngineConfig, Loaded, Ready, StepRunner};
 use wick_runner::{CacheConfig, KvCache, LoadOptions, Runner};
 use wick_scheduler::SchedulerConfig;
 use wick_server::{
-    AppState, Backend, ChatTemplate, EmbeddingModelInfo, Grammars, ModelEntry, ServedModel,
+    Access, AppState, Backend, BrowserPolicy, ChatTemplate, EmbeddingModelInfo, Grammars,
+    ModelEntry, ServedModel,
 };
 
 use crate::config::{Config, ModelSettings, ServeArgs};
@@ -166,7 +167,23 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             metrics,
         });
     }
-    let state = AppState::with_models(entries, cfg.api_key.clone());
+    let bound = listener.local_addr().context("the listener's address")?;
+    let browser = BrowserPolicy::for_listener(
+        &bound.ip().to_string(),
+        cfg.allowed_origins.clone(),
+        cfg.allowed_hosts.clone(),
+    );
+    if !browser.check_host {
+        tracing::info!(
+            %addr,
+            "not a loopback address: the Host header is not checked (--allowed-hosts turns the check on)"
+        );
+    }
+    let access = Access {
+        api_key: cfg.api_key.clone(),
+        browser,
+    };
+    let state = AppState::with_models(entries, access);
     let names: Vec<String> = cfg.models.iter().map(ModelSettings::served_name).collect();
     tracing::info!(%addr, models = ?names, "listening; loading the models");
 
