@@ -150,6 +150,70 @@ async fn a_panicking_step_fails_its_request_and_a_dead_engine_exits_non_zero() {
     assert_eq!(status.code(), Some(1));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_step_turns_health_503_until_it_ends() {
+    let model = common::model_path();
+    let model = model.to_str().unwrap();
+    let args = [
+        "--model",
+        model,
+        "--served-model-name",
+        "smollm2",
+        "--kv-cache-blocks",
+        "256",
+        "--step-timeout",
+        "1",
+        "--log-format",
+        "json",
+    ];
+    let log = tempfile::NamedTempFile::new().unwrap();
+    // Step 2 (the second decode) takes 4 s longer than it should.
+    let stall = [("WICK_TEST_STALL_STEPS", "2:4")];
+    let s = Server::start_logging(&args, &stall, log.reopen().unwrap()).await;
+    let client = s.client.clone();
+    let url = s.url("/v1/chat/completions");
+    let request = tokio::spawn(async move {
+        let r = client.post(url).json(&chat("Hi", 6)).send().await.unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    });
+    let started = Instant::now();
+    let get = |path: &'static str| {
+        let (client, url) = (s.client.clone(), s.url(path));
+        async move {
+            let r = client.get(url).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    // Within the stall, past the timeout: readiness and liveness say why.
+    let (health, live) = loop {
+        let (health, live) = (get("/health").await, get("/health/live").await);
+        if health.0 == 503 || started.elapsed() > Duration::from_secs(4) {
+            break (health, live);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(health.0, 503, "{:?}", health.1);
+    assert_eq!(health.1["error"]["code"], "engine_stalled");
+    let message = health.1["error"]["message"].as_str().unwrap();
+    assert!(message.contains("step 2 has not finished"), "{message}");
+    assert_eq!(live.0, 503, "{:?}", live.1);
+    // The step ends: the request is answered in full and both probes recover.
+    let (status, body) = request.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get("/health").await.0, 200);
+    assert_eq!(get("/health/live").await.0, 200);
+    assert_eq!(s.metric("wick_engine_stalls_total").await, 1.0);
+    let text = std::fs::read_to_string(log.path()).unwrap();
+    let line = text.lines().find(|l| l.contains("engine stalled"));
+    let line = line.unwrap_or_else(|| panic!("no stall logged: {text}"));
+    let line: Value = serde_json::from_str(line).unwrap();
+    assert_eq!(line["fields"]["step"], 2, "{line}");
+    assert_eq!(line["fields"]["model"], "smollm2", "{line}");
+    assert!(text.contains("engine moving again"), "{text}");
+}
+
 async fn served_name(s: &Server) -> String {
     let v = s.get_json("/v1/models").await;
     v["data"][0]["id"].as_str().unwrap().to_string()

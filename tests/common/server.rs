@@ -37,6 +37,15 @@ impl Server {
     /// Starts `wick serve` with exactly `args` (and a free `--port`) and extra environment
     /// variables; waits for `/health`.
     pub async fn start_with(args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::start_logging(args, env, Stdio::inherit()).await
+    }
+
+    /// As [`Server::start_with`], its log (stderr) going to `log`.
+    pub async fn start_logging(
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: impl Into<Stdio>,
+    ) -> Server {
         let port = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_wick"))
             .arg("serve")
@@ -45,7 +54,7 @@ impl Server {
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .spawn()
             .expect("spawn wick");
         let mut server = Server {

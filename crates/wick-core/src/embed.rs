@@ -63,6 +63,11 @@ impl EmbedHandle {
     pub fn has_failed(&self) -> bool {
         self.admission.failed.load(Ordering::Acquire)
     }
+
+    /// As [`crate::EngineHandle::busy`]: the round being computed and how long it has run.
+    pub fn busy(&self) -> Option<crate::Busy> {
+        self.admission.pulse.busy()
+    }
 }
 
 /// The embedding engine's receiving side.
@@ -94,6 +99,16 @@ impl EmbedReceiver {
     /// Requests accepted and not yet taken.
     pub fn num_waiting(&self) -> usize {
         self.admission.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Round `round` of requests begins.
+    pub fn beat(&self, round: u64) {
+        self.admission.pulse.beat(round);
+    }
+
+    /// No request in hand.
+    pub fn rest(&self) {
+        self.admission.pulse.rest();
     }
 
     /// The engine cannot go on: new requests are refused.

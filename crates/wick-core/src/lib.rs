@@ -19,7 +19,7 @@ pub use embed::{embed_queue, EmbedHandle, EmbedReceiver, EmbedReply, EmbedReques
 pub use ids::{BlockId, RequestId};
 pub use metrics::Metrics;
 pub use queue::{
-    request_queue, EngineCommand, EngineHandle, QueueLimits, QueueReceiver, Recv, SubmitError,
+    request_queue, Busy, EngineCommand, EngineHandle, QueueLimits, QueueReceiver, Recv, SubmitError,
 };
 pub use request::{
     EngineRequest, ErrorKind, FinishReason, SamplingParams, TokenConstraint, TokenEvent,

@@ -54,6 +54,7 @@ pub struct Metrics {
     pub request_success: IntCounterVec,
     pub request_failure: IntCounterVec,
     pub preemptions: IntCounter,
+    pub engine_stalls: IntCounter,
     pub prefix_cache_queries: IntCounter,
     pub prefix_cache_hits: IntCounter,
     pub time_to_first_token: Histogram,
@@ -157,6 +158,11 @@ impl Metrics {
                 &r,
                 "wick_preemptions_total",
                 "Sequences preempted (KV blocks freed, to be recomputed).",
+            ),
+            engine_stalls: counter(
+                &r,
+                "wick_engine_stalls_total",
+                "Times the engine had work and did not move (no step began or ended) for --step-timeout.",
             ),
             prefix_cache_queries: counter(
                 &r,

@@ -1,7 +1,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::{EngineRequest, RequestId};
 
@@ -47,6 +47,63 @@ pub(crate) struct Admission {
     end_all: AtomicBool,
     /// Set by the engine when it cannot go on (see [`QueueReceiver::mark_failed`]).
     pub(crate) failed: AtomicBool,
+    /// When the engine last moved while it had work, for the watchdog.
+    pub(crate) pulse: Pulse,
+}
+
+/// The engine's pulse: while it has work it beats at least once a step; a watchdog that sees
+/// no beat for too long knows a step (or the loop) is stuck.
+#[derive(Debug)]
+pub(crate) struct Pulse {
+    epoch: Instant,
+    /// Milliseconds from `epoch` to the last beat; [`Pulse::IDLE`] while there is no work.
+    last_ms: AtomicU64,
+    /// The step the engine is in, or is about to start, at the last beat (from 0).
+    step: AtomicU64,
+}
+
+impl Pulse {
+    const IDLE: u64 = u64::MAX;
+
+    fn new() -> Self {
+        Pulse {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(Self::IDLE),
+            step: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn beat(&self, step: u64) {
+        self.step.store(step, Ordering::Relaxed);
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_ms
+            .store(ms.min(Self::IDLE - 1), Ordering::Release);
+    }
+
+    pub(crate) fn rest(&self) {
+        self.last_ms.store(Self::IDLE, Ordering::Release);
+    }
+
+    pub(crate) fn busy(&self) -> Option<Busy> {
+        let last = self.last_ms.load(Ordering::Acquire);
+        if last == Self::IDLE {
+            return None;
+        }
+        let now = self.epoch.elapsed().as_millis() as u64;
+        Some(Busy {
+            step: self.step.load(Ordering::Relaxed),
+            unmoved: Duration::from_millis(now.saturating_sub(last)),
+        })
+    }
+}
+
+/// An engine with work: the step it is in and how long since it last moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Busy {
+    /// The step being computed (or about to be), counted from 0.
+    pub step: u64,
+    /// Time since the last step began or ended.
+    pub unmoved: Duration,
 }
 
 impl Admission {
@@ -58,6 +115,7 @@ impl Admission {
             completion_rate: AtomicU64::new(0f64.to_bits()),
             end_all: AtomicBool::new(false),
             failed: AtomicBool::new(false),
+            pulse: Pulse::new(),
         })
     }
 
@@ -149,6 +207,12 @@ impl EngineHandle {
     pub fn has_failed(&self) -> bool {
         self.admission.failed.load(Ordering::Acquire)
     }
+
+    /// `None` while the engine has no work; else the step it is in and how long since it
+    /// last moved (a step began or ended).
+    pub fn busy(&self) -> Option<Busy> {
+        self.admission.pulse.busy()
+    }
 }
 
 /// The engine's receiving side.
@@ -186,6 +250,16 @@ impl QueueReceiver {
     /// [`EngineHandle::has_failed`] and new requests are refused.
     pub fn mark_failed(&self) {
         self.admission.failed.store(true, Ordering::Release);
+    }
+
+    /// The engine has work and is moving: step `step` begins (or the one before ended).
+    pub fn beat(&self, step: u64) {
+        self.admission.pulse.beat(step);
+    }
+
+    /// The engine has no work: nothing to watch.
+    pub fn rest(&self) {
+        self.admission.pulse.rest();
     }
 
     /// A request with `prompt_tokens` left the waiting queue (started, or ended unstarted).
@@ -274,5 +348,23 @@ mod tests {
         rx.release(60);
         h.submit(req(5, 1)).unwrap();
         assert_eq!(h.num_waiting(), 2);
+    }
+
+    #[test]
+    fn the_pulse_says_how_long_the_engine_has_not_moved() {
+        let (h, rx) = request_queue(QueueLimits {
+            max_waiting_requests: 2,
+            max_waiting_prompt_tokens: 0,
+        });
+        assert_eq!(h.busy(), None);
+        rx.beat(7);
+        std::thread::sleep(Duration::from_millis(30));
+        let busy = h.busy().unwrap();
+        assert_eq!(busy.step, 7);
+        assert!(busy.unmoved >= Duration::from_millis(30), "{busy:?}");
+        rx.beat(8);
+        assert!(h.busy().unwrap().unmoved < Duration::from_millis(30));
+        rx.rest();
+        assert_eq!(h.busy(), None);
     }
 }

@@ -78,7 +78,10 @@ where
 fn run<E: Embedder>(mut model: E, queue: &EmbedReceiver, cfg: &EmbedConfig, metrics: &Metrics) {
     let mut started = Instant::now();
     let mut done = 0usize;
+    let mut rounds = 0u64;
     while let Some(first) = queue.recv() {
+        queue.beat(rounds);
+        rounds += 1;
         let mut requests = vec![first];
         while let Some(r) = queue.try_recv() {
             requests.push(r);
@@ -113,6 +116,7 @@ fn run<E: Embedder>(mut model: E, queue: &EmbedReceiver, cfg: &EmbedConfig, metr
             let _ = r.reply.send(answer);
             done += 1;
         }
+        queue.rest();
         metrics.requests_running.set(0);
         // Completions per second over the last while, for Retry-After.
         let secs = started.elapsed().as_secs_f64();

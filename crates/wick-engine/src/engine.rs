@@ -169,6 +169,8 @@ pub(crate) struct Engine<R> {
     prefix_seen: (u64, u64),
     /// Steps in a row whose runner or sampler panicked.
     panicked_steps: u32,
+    /// Steps computed (batches run), for the watchdog's messages.
+    steps: u64,
 }
 
 impl<R: StepRunner> Engine<R> {
@@ -192,6 +194,7 @@ impl<R: StepRunner> Engine<R> {
             preemptions_seen: 0,
             prefix_seen: (0, 0),
             panicked_steps: 0,
+            steps: 0,
         }
     }
 
@@ -222,18 +225,25 @@ impl<R: StepRunner> Engine<R> {
         self.reap_closed();
         self.expire_waiting();
         if self.sched.has_work() {
+            // The watchdog sees how long since the engine last moved while it has work.
+            self.queue.beat(self.steps);
             self.step();
+            self.queue.beat(self.steps);
             if self.panicked_steps >= MAX_PANICKED_STEPS {
                 return Turn::Fail(format!("{MAX_PANICKED_STEPS} steps in a row panicked"));
             }
         }
         self.update_gauges();
+        if !self.sched.has_work() {
+            self.queue.rest();
+        }
         Turn::Go
     }
 
     fn fail_for_good(mut self, message: String) {
         tracing::error!(error = %message, "the engine cannot go on; readiness turns 503");
         self.queue.mark_failed();
+        self.queue.rest();
         let message = format!("the engine failed and is restarting: {message}");
         // The scheduler may be what panicked: tell the clients directly.
         for (_, live) in self.live.drain() {
@@ -377,6 +387,7 @@ impl<R: StepRunner> Engine<R> {
         if batch.is_empty() {
             return;
         }
+        self.steps += 1;
         let started = Instant::now();
         let _span =
             tracing::debug_span!("step", seqs = batch.seqs.len(), tokens = batch.num_tokens())

@@ -36,6 +36,9 @@ pub enum ApiError {
     Drained(String),
     #[error("{0}")]
     Internal(String),
+    /// An engine's step has run past `--step-timeout`.
+    #[error("{0}")]
+    Stalled(String),
     #[error("Not found: {0}")]
     RouteNotFound(String),
     #[error("Method {method} is not allowed on {path}.")]
@@ -81,7 +84,8 @@ impl ApiError {
             | ApiError::EngineStopped
             | ApiError::QueueTimeout(_)
             | ApiError::ShuttingDown
-            | ApiError::Drained(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::Drained(_)
+            | ApiError::Stalled(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -117,6 +121,7 @@ impl ApiError {
                 ("service_unavailable_error", None, Some("shutting_down"))
             }
             ApiError::Internal(_) => ("server_error", None, Some("internal_error")),
+            ApiError::Stalled(_) => ("service_unavailable_error", None, Some("engine_stalled")),
         };
         ErrorBody {
             error: ErrorObject {

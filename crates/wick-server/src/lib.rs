@@ -151,6 +151,13 @@ impl Backend {
             Backend::Embed(h) => h.has_failed(),
         }
     }
+
+    fn busy(&self) -> Option<wick_core::Busy> {
+        match self {
+            Backend::Generate(h) => h.busy(),
+            Backend::Embed(h) => h.busy(),
+        }
+    }
 }
 
 /// One model to serve, before it is loaded.
@@ -190,21 +197,26 @@ pub(crate) fn check_vocabulary(
     Ok(ids)
 }
 
-/// Who may call the API: the key, and what web pages may do.
+/// The server's own settings (beside the models).
 #[derive(Debug, Clone)]
-pub struct Access {
+pub struct ServerOptions {
     /// With a key, every API route but `/`, `/health` and `/metrics` requires
     /// `Authorization: Bearer <key>` (or `x-api-key`).
     pub api_key: Option<String>,
+    /// What web pages may do.
     pub browser: BrowserPolicy,
+    /// An engine with work that has not moved for this long is stalled: `/health` and
+    /// `/health/live` turn 503 until it moves again. `None`: not watched.
+    pub step_timeout: Option<std::time::Duration>,
 }
 
-impl Default for Access {
-    /// No key; a loopback server's browser policy.
+impl Default for ServerOptions {
+    /// No key; a loopback server's browser policy; steps watched with a 60 s timeout.
     fn default() -> Self {
-        Access {
+        ServerOptions {
             api_key: None,
             browser: BrowserPolicy::loopback(),
+            step_timeout: Some(std::time::Duration::from_secs(60)),
         }
     }
 }
@@ -213,6 +225,7 @@ struct Inner {
     slots: Vec<Slot>,
     api_key: Option<String>,
     browser: BrowserPolicy,
+    step_timeout: Option<std::time::Duration>,
     next_id: AtomicU64,
     drain: Arc<ops::Drain>,
 }
@@ -242,15 +255,15 @@ impl AppState {
                 backend: Backend::Generate(engine),
                 metrics,
             }],
-            Access {
+            ServerOptions {
                 api_key,
-                ..Access::default()
+                ..ServerOptions::default()
             },
         )
     }
 
     /// Several models, routed by the requests' `model` field.
-    pub fn with_models(models: Vec<ModelEntry>, access: Access) -> Self {
+    pub fn with_models(models: Vec<ModelEntry>, options: ServerOptions) -> Self {
         let slots = models
             .into_iter()
             .map(|m| Slot {
@@ -263,8 +276,9 @@ impl AppState {
         Self {
             inner: Arc::new(Inner {
                 slots,
-                api_key: access.api_key,
-                browser: access.browser,
+                api_key: options.api_key,
+                browser: options.browser,
+                step_timeout: options.step_timeout,
                 next_id: AtomicU64::new(1),
                 drain: Arc::default(),
             }),
@@ -369,6 +383,74 @@ impl AppState {
 
     pub(crate) fn browser(&self) -> &BrowserPolicy {
         &self.inner.browser
+    }
+
+    /// Each model whose engine has work and has not moved for `--step-timeout`: its name
+    /// and what the engine is in.
+    fn stalls(&self) -> impl Iterator<Item = (&Slot, wick_core::Busy)> {
+        let timeout = self.inner.step_timeout;
+        self.inner.slots.iter().filter_map(move |slot| {
+            let busy = slot.backend.busy()?;
+            (busy.unmoved >= timeout?).then_some((slot, busy))
+        })
+    }
+
+    /// A 503 naming the first stalled engine, if one is.
+    pub(crate) fn check_stalls(&self) -> Result<(), ApiError> {
+        match self.stalls().next() {
+            Some((slot, busy)) => Err(ApiError::Stalled(format!(
+                "The engine of model `{}` is stalled: step {} has not finished after {:.0} s \
+                 (--step-timeout {:.0} s).",
+                slot.name,
+                busy.step,
+                busy.unmoved.as_secs_f64(),
+                self.inner.step_timeout.unwrap_or_default().as_secs_f64()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Watches the engines (with `--step-timeout`): a stall is logged with its step and
+    /// counted in `wick_engine_stalls_total` once when it begins, and logged when it ends.
+    /// Needs a tokio runtime.
+    pub fn spawn_watchdog(&self) {
+        let Some(timeout) = self.inner.step_timeout else {
+            return;
+        };
+        let state = self.clone();
+        let period = (timeout / 4).clamp(
+            std::time::Duration::from_millis(50),
+            std::time::Duration::from_secs(1),
+        );
+        tokio::spawn(async move {
+            // Per slot: the step of the stall being reported, if one is.
+            let mut stalled: Vec<Option<u64>> = vec![None; state.inner.slots.len()];
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                for (i, slot) in state.inner.slots.iter().enumerate() {
+                    let busy = slot.backend.busy();
+                    let now = busy.filter(|b| b.unmoved >= timeout);
+                    match (stalled[i], now) {
+                        (None, Some(b)) => {
+                            slot.metrics.engine_stalls.inc();
+                            tracing::error!(
+                                model = %slot.name,
+                                step = b.step,
+                                seconds = b.unmoved.as_secs_f64(),
+                                "engine stalled: the step has not finished within --step-timeout; /health and /health/live turn 503"
+                            );
+                            stalled[i] = Some(b.step);
+                        }
+                        (Some(step), None) => {
+                            tracing::warn!(model = %slot.name, step, "engine moving again after a stall");
+                            stalled[i] = None;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        });
     }
 
     /// The selected generation model's engine.

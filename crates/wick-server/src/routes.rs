@@ -235,10 +235,14 @@ pub(crate) async fn chat_page() -> Response {
         .into_response()
 }
 
-/// Liveness: 200 while the process serves HTTP at all, loaded or not.
-#[utoipa::path(get, path = "/health/live", responses((status = 200)))]
-pub(crate) async fn live() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "alive"}))
+/// Liveness: 200 while the process serves HTTP, loaded or not, unless an engine with work
+/// has not moved for `--step-timeout` (a hung step: 503 until it moves again).
+#[utoipa::path(get, path = "/health/live", responses((status = 200), (status = 503, body = crate::error::ErrorBody)))]
+pub(crate) async fn live(State(state): State<AppState>) -> Response {
+    match state.check_stalls() {
+        Ok(()) => Json(serde_json::json!({"status": "alive"})).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 /// Readiness: 503 until the model is loaded, 200 after, 503 again once shutdown begins or
@@ -248,7 +252,7 @@ pub(crate) async fn health(State(state): State<AppState>) -> Response {
     if state.is_draining() {
         return ApiError::ShuttingDown.into_response();
     }
-    match state.ready() {
+    match state.ready().and_then(|()| state.check_stalls()) {
         Ok(()) => (StatusCode::OK, Json(serde_json::json!({"status": "ok"}))).into_response(),
         Err(e) => e.into_response(),
     }

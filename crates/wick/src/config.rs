@@ -68,6 +68,9 @@ pub struct ServeArgs {
     /// ended with an error. [key: server.drain_timeout]
     #[arg(long, env = "WICK_DRAIN_TIMEOUT")]
     pub drain_timeout: Option<f64>,
+    /// Seconds an engine with work may go without a step beginning or ending before /health and /health/live turn 503 (a hung step), logged and counted; 0 means not watched. [key: server.step_timeout]
+    #[arg(long, env = "WICK_STEP_TIMEOUT")]
+    pub step_timeout: Option<f64>,
     /// Log format: human or json. [key: logging.format]
     #[arg(long, env = "WICK_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -158,6 +161,7 @@ struct FileServer {
     port: Option<u16>,
     metrics_port: Option<u16>,
     drain_timeout: Option<f64>,
+    step_timeout: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -274,6 +278,8 @@ pub struct Config {
     pub metrics_port: Option<u16>,
     /// Seconds.
     pub drain_timeout: f64,
+    /// Seconds; 0: engines are not watched.
+    pub step_timeout: f64,
     pub log_format: LogFormat,
     pub log_level: String,
     pub otlp_endpoint: Option<String>,
@@ -429,6 +435,10 @@ impl Config {
                 .drain_timeout
                 .or(file.server.drain_timeout)
                 .unwrap_or(30.0),
+            step_timeout: args
+                .step_timeout
+                .or(file.server.step_timeout)
+                .unwrap_or(60.0),
             log_format: args
                 .log_format
                 .or(file.logging.format)
@@ -550,6 +560,9 @@ impl Config {
             .find(|h| h.is_empty() || h.contains('/'))
         {
             bail!("server.allowed_hosts: {h:?} is not a host name (name, name:port or *)");
+        }
+        if !(self.step_timeout >= 0.0 && self.step_timeout.is_finite()) {
+            bail!("server.step_timeout must be a number of seconds, 0 or more");
         }
         if let Some(e) = &self.otlp_endpoint {
             if !(e.starts_with("http://") || e.starts_with("https://")) {

@@ -26,8 +26,8 @@ use wick_engine::{EmbedConfig, EngineConfig, Loaded, Ready, StepRunner};
 use wick_runner::{CacheConfig, KvCache, LoadOptions, Runner};
 use wick_scheduler::SchedulerConfig;
 use wick_server::{
-    Access, AppState, Backend, BrowserPolicy, ChatTemplate, EmbeddingModelInfo, Grammars,
-    ModelEntry, ServedModel,
+    AppState, Backend, BrowserPolicy, ChatTemplate, EmbeddingModelInfo, Grammars, ModelEntry,
+    ServedModel, ServerOptions,
 };
 
 use crate::config::{Config, ModelSettings, ServeArgs};
@@ -179,11 +179,13 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             "not a loopback address: the Host header is not checked (--allowed-hosts turns the check on)"
         );
     }
-    let access = Access {
+    let options = ServerOptions {
         api_key: cfg.api_key.clone(),
         browser,
+        step_timeout: (cfg.step_timeout > 0.0).then(|| Duration::from_secs_f64(cfg.step_timeout)),
     };
-    let state = AppState::with_models(entries, access);
+    let state = AppState::with_models(entries, options);
+    state.spawn_watchdog();
     let names: Vec<String> = cfg.models.iter().map(ModelSettings::served_name).collect();
     tracing::info!(%addr, models = ?names, "listening; loading the models");
 
@@ -443,12 +445,15 @@ fn start_generation(
     .context("cannot start the engine thread")
 }
 
-/// The runner, with a test hook: `WICK_TEST_PANIC_STEPS` (`all`, or step numbers from 0
+/// The runner, with test hooks: `WICK_TEST_PANIC_STEPS` (`all`, or step numbers from 0
 /// separated by commas) makes those steps panic, so that the end-to-end tests can drive the
-/// engine's panic containment through the real binary. Unset, it costs one branch a step.
+/// engine's panic containment through the real binary; `WICK_TEST_STALL_STEPS` (`N:SECS`,
+/// comma-separated) makes step N take SECS seconds longer, for the watchdog. Unset, they
+/// cost two branches a step.
 struct FaultInjection {
     runner: Runner,
     panic_on: Option<Option<Vec<u64>>>,
+    stall_on: Vec<(u64, Duration)>,
     steps: u64,
 }
 
@@ -464,19 +469,38 @@ impl FaultInjection {
                     .map_err(|e| format!("WICK_TEST_PANIC_STEPS={v}: {e}"))?,
             )),
         };
+        let stall_on = match std::env::var("WICK_TEST_STALL_STEPS") {
+            Err(_) => Vec::new(),
+            Ok(v) => v
+                .split(',')
+                .map(|item| {
+                    let (n, secs) = item.trim().split_once(':')?;
+                    let secs = secs
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|s| s.is_finite() && *s >= 0.0)?;
+                    Some((n.parse::<u64>().ok()?, Duration::from_secs_f64(secs)))
+                })
+                .collect::<Option<_>>()
+                .ok_or_else(|| format!("WICK_TEST_STALL_STEPS={v}: expected STEP:SECONDS[,...]"))?,
+        };
         Ok(Self {
             runner,
             panic_on,
+            stall_on,
             steps: 0,
         })
     }
 }
 
 impl FaultInjection {
-    fn maybe_panic(&mut self) {
+    fn before_step(&mut self) {
+        let n = self.steps;
+        self.steps += 1;
+        if let Some(&(_, pause)) = self.stall_on.iter().find(|(step, _)| *step == n) {
+            std::thread::sleep(pause);
+        }
         if let Some(on) = &self.panic_on {
-            let n = self.steps;
-            self.steps += 1;
             if on.as_ref().is_none_or(|steps| steps.contains(&n)) {
                 panic!("WICK_TEST_PANIC_STEPS: step {n}");
             }
@@ -489,7 +513,7 @@ impl StepRunner for FaultInjection {
         &mut self,
         batch: &wick_core::ScheduledBatch,
     ) -> Result<Vec<Vec<f32>>, wick_runner::RunnerError> {
-        self.maybe_panic();
+        self.before_step();
         StepRunner::step(&mut self.runner, batch)
     }
 
@@ -502,7 +526,7 @@ impl StepRunner for FaultInjection {
         batch: &wick_core::ScheduledBatch,
         seqs: &mut [wick_runner::SeqSampling<'_>],
     ) -> Result<Vec<wick_runner::Draw>, wick_runner::RunnerError> {
-        self.maybe_panic();
+        self.before_step();
         StepRunner::step_sampling(&mut self.runner, batch, seqs)
     }
 }
