@@ -286,6 +286,65 @@ async fn the_kv_cache_is_sized_from_memory_by_default() {
     assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
 }
 
+/// A memory cgroup of its own with `limit` bytes, where this machine lets a test make one
+/// (root, a writable cgroup v1 memory hierarchy or v2 with the memory controller): its
+/// directory and version.
+fn make_memory_cgroup(limit: u64) -> Option<(std::path::PathBuf, u8)> {
+    let name = format!("wick-test-{}", std::process::id());
+    let v2 = std::path::Path::new("/sys/fs/cgroup");
+    let controllers = std::fs::read_to_string(v2.join("cgroup.controllers")).unwrap_or_default();
+    let (dir, version, limit_file) = if controllers.split_whitespace().any(|c| c == "memory") {
+        (v2.join(&name), 2, "memory.max")
+    } else {
+        (v2.join("memory").join(&name), 1, "memory.limit_in_bytes")
+    };
+    std::fs::create_dir(&dir).ok()?;
+    if std::fs::write(dir.join(limit_file), limit.to_string()).is_err() {
+        let _ = std::fs::remove_dir(&dir);
+        return None;
+    }
+    Some((dir, version))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_kv_cache_fits_a_memory_cgroup() {
+    const LIMIT_MIB: u64 = 1024;
+    let Some((dir, version)) = make_memory_cgroup(LIMIT_MIB << 20) else {
+        eprintln!("skipped: this machine does not let a test make a memory cgroup (the cgroup reading is tested on fixture files in wick-runner)");
+        return;
+    };
+    let model = common::model_path();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let before = format!("echo $$ > {}", dir.join("cgroup.procs").display());
+    let args = ["--model", model.to_str().unwrap(), "--log-format", "json"];
+    let s = Server::start_after(
+        &before,
+        &args,
+        &[("RUST_LOG", "info")],
+        log.reopen().unwrap(),
+    )
+    .await;
+    let blocks = s.metric("wick_kv_cache_blocks").await;
+    drop(s);
+    let _ = std::fs::remove_dir(&dir);
+    let text = std::fs::read_to_string(log.path()).unwrap();
+    let loaded: Value = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["fields"]["message"] == "model loaded")
+        .unwrap_or_else(|| panic!("no start-up line: {text}"));
+    let f = &loaded["fields"];
+    let by = f["kv_cache_sized_by"].as_str().unwrap();
+    assert!(
+        by.contains(&format!("cgroup v{version} limit {LIMIT_MIB} MiB")),
+        "{by}"
+    );
+    // Half of what the 1 GiB limit leaves: not a share of the machine's memory.
+    let mib = f["kv_cache_mib"].as_u64().unwrap();
+    assert!((32..=LIMIT_MIB / 2).contains(&mib), "{mib} MiB");
+    assert_eq!(f["kv_cache_blocks"].as_f64(), Some(blocks));
+}
+
 #[test]
 fn bad_configuration_values_exit_2_naming_the_key() {
     for (env, needle) in [
@@ -456,6 +515,17 @@ async fn spans_are_exported_to_an_otlp_endpoint() {
     assert!(request.contains("wick"), "service name missing");
 }
 
+/// Writes `request` on a new connection and reads the answer's first 4 KiB (within 5 s).
+fn raw_exchange(s: &Server, request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(s.base.trim_start_matches("http://")).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    conn.write_all(request).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = conn.read(&mut buf).expect("an answer before the body");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
 /// `POST path` with `body` as `text/plain` (a "simple" request a page can send without a
 /// preflight) and these headers; the status and the JSON body.
 async fn post_from_page(
@@ -500,6 +570,19 @@ async fn a_web_page_cannot_drive_a_loopback_server_and_allowed_origins_get_cors(
     let (status, err) = post_from_page(&s, "/v1/completions", &body, &rebound).await;
     assert_eq!(status, 403, "{err}");
     assert_eq!(err["error"]["code"], "host_not_allowed");
+    // Refused before the body is read: headers announcing 5 MB, and no body sent, get the
+    // 403 at once (reading the body would wait, or give a 413).
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: {}\r\nOrigin: https://evil.example\r\n\
+         Content-Type: text/plain\r\nContent-Length: 5000000\r\n\r\n",
+        s.base.trim_start_matches("http://")
+    );
+    let answer = raw_exchange(&s, head.as_bytes());
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("origin_not_allowed"), "{answer}");
+    let null = [("origin", "null")];
+    let (status, _) = post_from_page(&s, "/v1/chat/completions", &body, &null).await;
+    assert_eq!(status, 403);
     assert_eq!(generated().await, before, "a refused request generated");
     // Probes and scrapers are never refused.
     for path in ["/health", "/health/live", "/metrics"] {
@@ -507,6 +590,13 @@ async fn a_web_page_cannot_drive_a_loopback_server_and_allowed_origins_get_cors(
             .client
             .get(s.url(path))
             .header("host", "attacker.example")
+            .send()
+            .await;
+        assert_eq!(r.unwrap().status(), 200, "{path}");
+        let r = s
+            .client
+            .get(s.url(path))
+            .header("origin", "https://evil.example")
             .send()
             .await;
         assert_eq!(r.unwrap().status(), 200, "{path}");
@@ -519,6 +609,17 @@ async fn a_web_page_cannot_drive_a_loopback_server_and_allowed_origins_get_cors(
     let same = [("origin", own_origin.as_str()), ("host", own.as_str())];
     let (status, _) = post_from_page(&s, "/v1/completions", &body, &same).await;
     assert_eq!(status, 200);
+    // A disallowed origin's preflight is refused too.
+    let pre = s
+        .client
+        .request(reqwest::Method::OPTIONS, s.url("/v1/chat/completions"))
+        .header("origin", "https://evil.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pre.status(), 403);
+    assert!(pre.headers().get("access-control-allow-origin").is_none());
     // An allowed origin: its preflight is answered, its answers carry CORS headers.
     let pre = s
         .client
@@ -556,6 +657,7 @@ async fn a_web_page_cannot_drive_a_loopback_server_and_allowed_origins_get_cors(
         r.headers()["access-control-allow-origin"],
         "https://app.example.com"
     );
+    assert_eq!(r.headers()["vary"], "Origin");
     // Without an allowed origin, OPTIONS is not a CORS answer (no route takes it).
     let r = s
         .client

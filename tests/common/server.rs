@@ -46,8 +46,21 @@ impl Server {
         env: &[(&str, &str)],
         log: impl Into<Stdio>,
     ) -> Server {
+        Server::start_after("", args, env, log).await
+    }
+
+    /// As [`Server::start_logging`], run by `sh` after the shell command `before` (which
+    /// may, say, move the shell into a cgroup that `wick` then inherits).
+    pub async fn start_after(
+        before: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: impl Into<Stdio>,
+    ) -> Server {
         let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_wick"))
+        let script = format!("{before}\nexec \"$0\" \"$@\"");
+        let child = Command::new("sh")
+            .args(["-c", &script, env!("CARGO_BIN_EXE_wick")])
             .arg("serve")
             .args(["--port", &port.to_string()])
             .args(args)

@@ -52,19 +52,6 @@ fn device_available_bytes(device: &Device) -> Option<u64> {
     }
 }
 
-/// `MemAvailable` of `/proc/meminfo`: memory the kernel can give without swapping.
-fn host_available_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    parse_mem_available(&text)
-}
-
-fn parse_mem_available(meminfo: &str) -> Option<u64> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let mut words = line.split_whitespace().skip(1);
-    let kib: u64 = words.next()?.parse().ok()?;
-    (words.next() == Some("kB")).then_some(kib * 1024)
-}
-
 /// Elements of one layer's keys (or values) for the whole cache.
 fn layer_len(model: &ModelConfig, cfg: CacheConfig) -> Result<usize> {
     cfg.num_blocks
@@ -124,20 +111,25 @@ impl KvCache {
     }
 
     /// Bytes to give the cache by default: `fraction` of the memory available now (after the
-    /// weights are loaded: the host's when `host`, else the GPU's), shared by `num_models`
-    /// models in one process. `None` where the platform does not say how much is available.
+    /// weights are loaded: the host's when `host`, the smaller of `MemAvailable` and the
+    /// memory cgroup's room; else the GPU's), shared by `num_models` models in one process;
+    /// with what bounded it. `None` where the platform does not say how much is available.
     pub fn default_bytes(
         host: bool,
         device: &Device,
         fraction: f64,
         num_models: usize,
-    ) -> Option<u64> {
-        let available = if host {
-            host_available_bytes()?
+    ) -> Option<(u64, String)> {
+        let (available, bound) = if host {
+            let m = crate::memory::host_memory()?;
+            (m.available, m.bound.to_string())
         } else {
-            device_available_bytes(device)?
+            (
+                device_available_bytes(device)?,
+                "the device's free memory".to_string(),
+            )
         };
-        Some(share(available, fraction, num_models))
+        Some((share(available, fraction, num_models), bound))
     }
 }
 
@@ -146,16 +138,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn available_memory_is_read_from_meminfo() {
-        let text = "MemTotal:       24576000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n";
-        assert_eq!(parse_mem_available(text), Some(20_000_000 * 1024));
-        assert_eq!(parse_mem_available("MemTotal: 1 kB\n"), None);
-        assert_eq!(parse_mem_available("MemAvailable: many kB\n"), None);
+    fn available_memory_is_shared() {
         assert_eq!(share(1000, 0.5, 1), 500);
         assert_eq!(share(1000, 0.5, 2), 250);
         assert_eq!(share(1000, 7.0, 1), 1000);
         if cfg!(target_os = "linux") {
-            assert!(KvCache::default_bytes(true, &Device::Cpu, 0.5, 1).unwrap() > 0);
+            assert!(
+                KvCache::default_bytes(true, &Device::Cpu, 0.5, 1)
+                    .unwrap()
+                    .0
+                    > 0
+            );
         }
     }
 }

@@ -23,6 +23,7 @@ mod gguf;
 mod kv_cache;
 mod linear;
 mod load;
+mod memory;
 mod model;
 mod models;
 mod profile;
@@ -52,6 +53,7 @@ pub use load::{
     load, load_assets, parse_device, parse_dtype, LoadOptions, LoadedModel, ModelAssets,
     WeightFormat,
 };
+pub use memory::{host_memory, host_memory_under, HostMemory, MemoryBound};
 pub use model::Model;
 pub use profile::StepProfile;
 pub use runner::{Runner, StepRow};

@@ -54,7 +54,8 @@ impl BrowserPolicy {
         Self::for_listener("127.0.0.1", Vec::new(), Vec::new())
     }
 
-    fn host_allowed(&self, host: &str) -> bool {
+    /// Whether `host` passes the host check (always, when the check is off).
+    fn host_passes(&self, host: &str) -> bool {
         if !self.check_host || is_loopback_host(host) {
             return true;
         }
@@ -65,9 +66,10 @@ impl BrowserPolicy {
     }
 
     fn origin_allowed(&self, origin: &str) -> bool {
+        let origin = normal_origin(origin);
         self.allowed_origins
             .iter()
-            .any(|o| o == "*" || o.trim_end_matches('/').eq_ignore_ascii_case(origin))
+            .any(|o| o == "*" || normal_origin(o) == origin)
     }
 }
 
@@ -107,34 +109,63 @@ pub fn is_loopback_host(host: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// The authority (`host[:port]`) of an origin `scheme://host[:port]`.
+/// The authority (`host[:port]`) of an origin `scheme://host[:port]` (any scheme: desktop
+/// apps and extensions send `tauri://localhost`, `chrome-extension://id`).
 fn origin_authority(origin: &str) -> Option<&str> {
     let (scheme, rest) = origin.split_once("://")?;
-    matches!(scheme, "http" | "https").then_some(rest.trim_end_matches('/'))
+    let rest = rest.trim_end_matches('/');
+    (!scheme.is_empty() && !rest.is_empty() && !rest.contains('/')).then_some(rest)
+}
+
+/// An origin compared as browsers write it: lower case, no trailing `/`, no default port.
+fn normal_origin(origin: &str) -> String {
+    let o = origin.trim().trim_end_matches('/').to_ascii_lowercase();
+    for (scheme, port) in [("http://", ":80"), ("https://", ":443")] {
+        if o.starts_with(scheme) && o.ends_with(port) {
+            return o[..o.len() - port.len()].to_string();
+        }
+    }
+    o
+}
+
+/// Whether `origin` can be an `--allowed-origins` entry: `*`, `null`, or
+/// `scheme://host[:port]`.
+pub fn is_origin(origin: &str) -> bool {
+    origin == "*" || origin == "null" || origin_authority(origin).is_some()
 }
 
 fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+fn forbidden(code: &'static str, message: String) -> Response {
+    ApiError::Forbidden { message, code }.into_response()
+}
+
 /// The middleware: refuses what the policy does not allow, answers allowed preflights and
-/// adds CORS headers for allowed origins.
+/// adds CORS headers for allowed origins. Every answer varies on `Origin`.
 pub(crate) async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let policy = state.browser();
+    let mut res = check(state.browser(), req, next).await;
+    res.headers_mut()
+        .append(header::VARY, HeaderValue::from_static("Origin"));
+    res
+}
+
+async fn check(policy: &BrowserPolicy, req: Request, next: Next) -> Response {
     let path_exempt = exempt(req.uri().path());
     let headers = req.headers();
+    // A request without Host is HTTP/1.0 from a program, never a browser's.
     let host = header_str(headers, header::HOST).unwrap_or("");
-    if !path_exempt && !host.is_empty() && !policy.host_allowed(host) {
-        return ApiError::Forbidden {
-            message: format!(
+    if !path_exempt && !host.is_empty() && !policy.host_passes(host) {
+        return forbidden(
+            "host_not_allowed",
+            format!(
                 "The Host header {host:?} is not a name this server answers to: against DNS \
                  rebinding it accepts loopback names (localhost, 127.0.0.1, [::1]) and those \
                  given with --allowed-hosts; start it with --allowed-hosts {} to accept this one.",
                 host_name(host)
             ),
-            code: "host_not_allowed",
-        }
-        .into_response();
+        );
     }
     let Some(origin) = headers.get(header::ORIGIN).cloned() else {
         return next.run(req).await;
@@ -149,45 +180,54 @@ pub(crate) async fn guard(State(state): State<AppState>, req: Request, next: Nex
         if path_exempt {
             return next.run(req).await;
         }
-        return ApiError::Forbidden {
-            message: format!(
+        return forbidden(
+            "origin_not_allowed",
+            format!(
                 "Requests from the web origin {origin_text:?} are not allowed: a page there \
                  cannot drive this server. To let it, start the server with --allowed-origins \
                  {origin_text}."
             ),
-            code: "origin_not_allowed",
-        }
-        .into_response();
+        );
     }
     let preflight = req.method() == Method::OPTIONS
         && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
-    if preflight {
-        let mut res = StatusCode::NO_CONTENT.into_response();
-        let h = res.headers_mut();
-        h.insert(
-            header::ACCESS_CONTROL_ALLOW_METHODS,
-            HeaderValue::from_static("GET, POST, OPTIONS"),
-        );
-        // Whatever headers the page asks to send (authorization, content-type, the SDKs'
-        // x-stainless-* and anthropic-version): the API key, not CORS, guards the API.
-        if let Some(asked) = req.headers().get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
-            h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, asked.clone());
-        }
-        h.insert(
-            header::ACCESS_CONTROL_MAX_AGE,
-            HeaderValue::from_static("600"),
-        );
-        cors_headers(h, origin);
+    if !preflight {
+        let mut res = next.run(req).await;
+        cors_headers(res.headers_mut(), origin);
         return res;
     }
-    let mut res = next.run(req).await;
-    cors_headers(res.headers_mut(), origin);
+    let mut res = StatusCode::NO_CONTENT.into_response();
+    let h = res.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, OPTIONS"),
+    );
+    // Whatever headers the page asks to send (authorization, content-type, the SDKs'
+    // x-stainless-* and anthropic-version): the API key, not CORS, guards the API.
+    if let Some(asked) = headers.get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, asked.clone());
+    }
+    // Chrome's Private Network Access: a public page reaching a loopback or private address.
+    if headers.contains_key("access-control-request-private-network") {
+        h.insert(
+            "access-control-allow-private-network",
+            HeaderValue::from_static("true"),
+        );
+    }
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    h.append(
+        header::VARY,
+        HeaderValue::from_static("Access-Control-Request-Method, Access-Control-Request-Headers"),
+    );
+    cors_headers(h, origin);
     res
 }
 
 fn cors_headers(h: &mut HeaderMap, origin: HeaderValue) {
     h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-    h.append(header::VARY, HeaderValue::from_static("Origin"));
     h.insert(
         header::ACCESS_CONTROL_EXPOSE_HEADERS,
         HeaderValue::from_static("x-request-id, retry-after"),
@@ -228,21 +268,21 @@ mod tests {
     #[test]
     fn hosts_are_checked_when_bound_to_loopback_or_listed() {
         let p = BrowserPolicy::loopback();
-        assert!(p.host_allowed("127.0.0.1:8080"));
-        assert!(!p.host_allowed("attacker.example:8080"));
+        assert!(p.host_passes("127.0.0.1:8080"));
+        assert!(!p.host_passes("attacker.example:8080"));
         let p = BrowserPolicy::for_listener("127.0.0.1", vec![], vec!["wick.lan".into()]);
-        assert!(p.host_allowed("wick.lan:8080"));
-        assert!(p.host_allowed("WICK.LAN"));
-        assert!(!p.host_allowed("other.lan"));
+        assert!(p.host_passes("wick.lan:8080"));
+        assert!(p.host_passes("WICK.LAN"));
+        assert!(!p.host_passes("other.lan"));
         // Bound to every address: unchecked unless hosts are listed.
         let p = BrowserPolicy::for_listener("0.0.0.0", vec![], vec![]);
-        assert!(p.host_allowed("attacker.example:8080"));
+        assert!(p.host_passes("attacker.example:8080"));
         let p = BrowserPolicy::for_listener("0.0.0.0", vec![], vec!["wick.example.com:443".into()]);
-        assert!(p.host_allowed("wick.example.com:443"));
-        assert!(!p.host_allowed("wick.example.com:8443"));
-        assert!(p.host_allowed("localhost:8080"));
+        assert!(p.host_passes("wick.example.com:443"));
+        assert!(!p.host_passes("wick.example.com:8443"));
+        assert!(p.host_passes("localhost:8080"));
         let p = BrowserPolicy::for_listener("127.0.0.1", vec![], vec!["*".into()]);
-        assert!(p.host_allowed("anything:1"));
+        assert!(p.host_passes("anything:1"));
     }
 
     #[test]

@@ -40,7 +40,7 @@ use axum::Router;
 use tokenizers::Tokenizer;
 use wick_core::{EmbedHandle, EngineHandle, Metrics, RequestId};
 
-pub use browser::{is_loopback_host, BrowserPolicy};
+pub use browser::{is_loopback_host, is_origin, BrowserPolicy};
 pub use detok::{token_bytes, Detokenizer, StopBuffer};
 pub use embeddings::EmbeddingModelInfo;
 pub use error::ApiError;
@@ -242,7 +242,8 @@ pub struct AppState {
 
 impl AppState {
     /// One generation model served as `name`. With `api_key`, every API route but `/`,
-    /// `/health` and `/metrics` requires `Authorization: Bearer <api_key>`.
+    /// `/health` and `/metrics` requires `Authorization: Bearer <api_key>`. The other
+    /// options are [`ServerOptions::default`]'s (a loopback listener's browser policy).
     pub fn new(
         name: &str,
         engine: EngineHandle,

@@ -548,11 +548,12 @@ impl Config {
         if !(self.drain_timeout >= 0.0 && self.drain_timeout.is_finite()) {
             bail!("server.drain_timeout must be a number of seconds, 0 or more");
         }
-        for o in &self.allowed_origins {
-            let scheme = o.split_once("://").map(|(s, _)| s);
-            if o != "*" && !matches!(scheme, Some("http" | "https")) {
-                bail!("server.allowed_origins: {o:?} is not an origin (http://host[:port], https://host[:port] or *)");
-            }
+        if let Some(o) = self
+            .allowed_origins
+            .iter()
+            .find(|o| !wick_server::is_origin(o))
+        {
+            bail!("server.allowed_origins: {o:?} is not an origin (scheme://host[:port] as browsers send it, with no path; null; or *)");
         }
         if let Some(h) = self
             .allowed_hosts

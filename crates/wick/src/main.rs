@@ -418,10 +418,14 @@ fn start_generation(
             },
         )
         .map_err(|e| e.to_string())?;
-        let num_blocks = sizing.blocks_for(&loaded.model, &device)?;
+        let (num_blocks, sized_by) = sizing.blocks_for(&loaded.model, &device)?;
         let m = &loaded.model;
         let c = m.config();
+        let per_block = KvCache::bytes_per_block(c, sizing.block_size, m.runs_on_host(), m.dtype());
         tracing::info!(
+            kv_cache_blocks = num_blocks,
+            kv_cache_mib = (num_blocks * per_block) >> 20,
+            kv_cache_sized_by = %sized_by,
             family = c.family,
             parameters_m = c.parameters() / 1_000_000,
             weights = %m.weight_types(),
@@ -547,24 +551,24 @@ impl KvSizing {
         &self,
         model: &wick_runner::Model,
         device: &wick_runner::Device,
-    ) -> Result<usize, String> {
+    ) -> Result<(usize, String), String> {
         let c = model.config();
         let per_block =
             KvCache::bytes_per_block(c, self.block_size, model.runs_on_host(), model.dtype())
                 as u64;
         if let (None, Some(blocks)) = (self.memory, self.blocks) {
-            return Ok(blocks);
+            return Ok((blocks, "scheduler.kv_cache_blocks".into()));
         }
         let (bytes, what) = match self.memory {
-            Some(bytes) => (bytes, "scheduler.kv_cache_memory"),
+            Some(bytes) => (bytes, "scheduler.kv_cache_memory".to_string()),
             None => {
-                let Some(bytes) =
+                let Some((bytes, bound)) =
                     KvCache::default_bytes(model.runs_on_host(), device, self.fraction, 1)
                 else {
                     tracing::warn!(
                         "available memory unknown here: 1024 KV blocks (set --kv-cache-memory)"
                     );
-                    return Ok(1024);
+                    return Ok((1024, "a fixed default (memory unknown)".into()));
                 };
                 // No more than the running sequences could ever fill.
                 let len = match self.max_model_len {
@@ -572,14 +576,21 @@ impl KvSizing {
                     n => n.min(c.max_position_embeddings),
                 };
                 let useful = (self.max_num_seqs * len.div_ceil(self.block_size)) as u64 * per_block;
-                (bytes.min(useful), "the memory available")
+                if useful < bytes {
+                    (
+                        useful,
+                        format!("max_num_seqs full-length sequences (under {bound})"),
+                    )
+                } else {
+                    (bytes, format!("{} of {bound}", self.fraction))
+                }
             }
         };
         match (bytes / per_block) as usize {
             0 => Err(format!(
                 "{what} is smaller than one KV block ({per_block} bytes)"
             )),
-            n => Ok(n),
+            n => Ok((n, what)),
         }
     }
 }
