@@ -123,7 +123,12 @@ fn every_malformed_model_file_exits_1_naming_the_problem() {
         (
             "a block count of 10^9",
             Box::new(move |p: &mut Parts| p.set(&k("block_count"), V::U32(1_000_000_000))),
-            "layer count",
+            "block_count is 1000000000",
+        ),
+        (
+            "a block count past the blocks the file holds",
+            Box::new(move |p: &mut Parts| p.set(&k("block_count"), V::U32(31))),
+            "holds tensors of 30 blocks",
         ),
         (
             "alignment 0",

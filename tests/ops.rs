@@ -286,6 +286,61 @@ async fn the_kv_cache_is_sized_from_memory_by_default() {
     assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_loading_exits_within_2_s() {
+    // A model file that never finishes reading (a named pipe nobody writes: a stand-in for a
+    // slow disk, network storage or download): the load never ends by itself.
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("slow.gguf");
+    let made = std::process::Command::new("mkfifo").arg(&model).status();
+    assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wick"))
+        .args(["serve", "--port", &port.to_string(), "--model"])
+        .arg(&model)
+        .env("RUST_LOG", "warn")
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.get(url("/health/live")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "wick did not listen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let health = client.get(url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 503, "still loading");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(kill.is_ok_and(|s| s.success()));
+    let sent = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if sent.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("still running 10 s after SIGTERM while loading");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let took = sent.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "exited {took:?} after SIGTERM"
+    );
+    assert_eq!(status.code(), Some(0));
+    let text = std::fs::read_to_string(log.path()).unwrap();
+    assert!(text.contains("shutdown while loading"), "{text}");
+}
+
 /// A memory cgroup of its own with `limit` bytes, where this machine lets a test make one
 /// (root, a writable cgroup v1 memory hierarchy or v2 with the memory controller): its
 /// directory and version.

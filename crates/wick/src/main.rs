@@ -93,7 +93,13 @@ fn main() -> ExitCode {
                         return ExitCode::from(2);
                     }
                 };
-                let r = runtime().and_then(|rt| rt.block_on(serve(cfg)));
+                let r = runtime().and_then(|rt| {
+                    let r = rt.block_on(serve(cfg));
+                    // Not waiting for blocking tasks: one may still wait on a load that a
+                    // shutdown abandoned (the engine threads end with the process).
+                    rt.shutdown_background();
+                    r
+                });
                 drop(telemetry);
                 r
             }
@@ -225,7 +231,12 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     };
     tokio::select! {
         r = all_loaded => r?,
-        res = &mut server => return res.context("server failed"),
+        res = &mut server => {
+            // SIGTERM while loading (a rollout, a slow disk or download): nothing was
+            // served, so there is nothing to drain; the load is abandoned.
+            tracing::warn!("shutdown while loading: the load is abandoned; exiting");
+            return res.context("server failed");
+        }
     };
     // An engine thread ends while serving only if it failed for good: then readiness is
     // already 503; the clients in flight get their errors, and the process exits non-zero

@@ -197,6 +197,29 @@ fn config(g: &mut GgufFile, family: &'static models::Family, arch: &str) -> Resu
         }
     }
     let layers = g.usize(&k("block_count"))?;
+    // Against what the file holds, before anything is built per layer: blocks are numbered
+    // from 0, so the count is one past the highest `blk.N` present.
+    let blocks_present = g
+        .order
+        .iter()
+        .filter_map(|name| {
+            name.strip_prefix("blk.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |n| n + 1);
+    if layers > blocks_present {
+        return Err(RunnerError::invalid(
+            g.path(),
+            format!(
+                "metadata {arch}.block_count is {layers} but the file holds tensors of {blocks_present} blocks (blk.0 to blk.{})",
+                blocks_present.saturating_sub(1)
+            ),
+        ));
+    }
     let ctx = g.usize(&k("context_length"))?;
     let embed = g.info("token_embd.weight")?;
     let vocab = *embed
