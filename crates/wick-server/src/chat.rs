@@ -169,8 +169,8 @@ fn stream(reply: Reply, started: Submitted) -> impl IntoResponse {
                     let delta = Delta { reasoning_content: Some(text.clone()), reasoning: Some(text), ..Delta::default() };
                     (delta, None, None)
                 }
-                Piece::Call { call, id, name } => (call_delta(call, Some(id), Some(name), String::new()), None, None),
-                Piece::Args { call, args } => (call_delta(call, None, None, args), None, None),
+                Piece::Call { call, id, name, tokens } => (call_delta(call, Some(id), Some(name), String::new()), reply.logprobs(&tokens), None),
+                Piece::Args { call, args, tokens } => (call_delta(call, None, None, args), reply.logprobs(&tokens), None),
                 Piece::Finish { reason, usage, .. } => {
                     usages.push(usage);
                     (Delta::default(), None, Some(reason))

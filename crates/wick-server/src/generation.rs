@@ -37,15 +37,18 @@ pub(crate) enum Piece {
         tokens: Vec<GenToken>,
     },
     Reasoning(String),
-    /// A tool call begins; its arguments follow in `Args` pieces.
+    /// A tool call begins; its arguments follow in `Args` pieces. `tokens`: those that
+    /// wrote it (for their log-probabilities).
     Call {
         call: usize,
         id: String,
         name: String,
+        tokens: Vec<GenToken>,
     },
     Args {
         call: usize,
         args: String,
+        tokens: Vec<GenToken>,
     },
     /// `reason` is OpenAI's finish reason; `stop_sequence` the stop string that ended it.
     Finish {
@@ -235,8 +238,8 @@ impl Run {
     }
 
     /// Parsed pieces, ready to go. Tokens (for their log-probabilities) go with the next
-    /// content, held while the parser holds their text; those that became reasoning or a
-    /// call are not reported.
+    /// content or call piece, held while the parser holds their text; those that became
+    /// reasoning are not reported.
     fn queue(&mut self, outs: Vec<Out>, tokens: Vec<GenToken>) {
         self.tokens.extend(tokens);
         for o in outs {
@@ -249,18 +252,17 @@ impl Run {
                     self.tokens.clear();
                     Piece::Reasoning(t)
                 }
-                Out::Call { index, id, name } => {
-                    self.tokens.clear();
-                    Piece::Call {
-                        call: index,
-                        id,
-                        name,
-                    }
-                }
-                Out::Args { index, args } => {
-                    self.tokens.clear();
-                    Piece::Args { call: index, args }
-                }
+                Out::Call { index, id, name } => Piece::Call {
+                    call: index,
+                    id,
+                    name,
+                    tokens: std::mem::take(&mut self.tokens),
+                },
+                Out::Args { index, args } => Piece::Args {
+                    call: index,
+                    args,
+                    tokens: std::mem::take(&mut self.tokens),
+                },
             });
         }
     }
@@ -414,7 +416,10 @@ pub(crate) async fn start(
                     prompt.len(),
                     visible.clone(),
                 ),
-                parser: parse.then(|| OutputParser::new(thinking, tool_format.map(|f| f.syntax))),
+                parser: parse.then(|| {
+                    let names = req.tools.tools.iter().map(|t| t.name.clone()).collect();
+                    OutputParser::new(thinking, tool_format.map(|f| f.syntax), names)
+                }),
                 ready: VecDeque::new(),
                 tokens: Vec::new(),
             });
@@ -573,7 +578,7 @@ pub(crate) struct Finished {
     pub text: String,
     pub reasoning: String,
     pub calls: Vec<CallOut>,
-    /// Every content token with its log-probabilities, in order.
+    /// Every content and tool-call token with its log-probabilities, in order.
     pub tokens: Vec<GenToken>,
     pub reason: &'static str,
     pub stop_sequence: Option<String>,
@@ -589,12 +594,18 @@ impl Finished {
                 self.text.push_str(&text);
             }
             Piece::Reasoning(t) => self.reasoning.push_str(&t),
-            Piece::Call { id, name, .. } => self.calls.push(CallOut {
-                id,
-                name,
-                arguments: String::new(),
-            }),
-            Piece::Args { call, args } => {
+            Piece::Call {
+                id, name, tokens, ..
+            } => {
+                self.tokens.extend(tokens);
+                self.calls.push(CallOut {
+                    id,
+                    name,
+                    arguments: String::new(),
+                })
+            }
+            Piece::Args { call, args, tokens } => {
+                self.tokens.extend(tokens);
                 if let Some(c) = self.calls.get_mut(call) {
                     c.arguments.push_str(&args);
                 }

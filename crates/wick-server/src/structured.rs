@@ -73,6 +73,10 @@ impl ResponseFormat {
     }
 }
 
+/// What may stand between two tokens of constrained JSON (a regex): one space, or a line
+/// break and up to 20 spaces or tabs (llama.cpp's `ws` rule).
+const JSON_WHITESPACE: &str = r"( |\r?\n[ \t]{0,20})";
+
 /// The tokenizer as llguidance sees it: each token's bytes (special tokens behind the
 /// 0xFF marker, so text can never produce them).
 struct WickTokEnv {
@@ -131,10 +135,14 @@ impl Grammars {
             ResponseFormat::JsonSchema(s) => s.clone(),
         };
         let mut schema = schema;
-        // Compact JSON: a small model may otherwise spend its tokens on whitespace.
+        // The whitespace models write (`{\n  "city": "Paris",\n  ...}`: Qwen2.5's first
+        // token is `{\n`), as llama.cpp's JSON grammar allows it, but bounded: between two
+        // tokens of the JSON at most one space, or one line break and an indentation of up
+        // to 20, so that a model cannot pad forever. Forcing compact JSON pushed models off
+        // their path into wrong answers.
         if let Some(obj) = schema.as_object_mut() {
             obj.entry("x-guidance")
-                .or_insert_with(|| json!({"whitespace_flexible": false}));
+                .or_insert_with(|| json!({"whitespace_pattern": JSON_WHITESPACE}));
         }
         let matcher = self.matcher(TopLevelGrammar::from_json_schema(schema), "response_format")?;
         Ok(Some(JsonConstraint { matcher }))

@@ -247,7 +247,8 @@ pub fn draw_on_host(rows: Vec<Vec<f32>>, seqs: &mut [SeqSampling<'_>]) -> crate:
 }
 
 /// The model's log-probabilities (log-softmax of the raw logits) of `id` and of the `n`
-/// most likely tokens.
+/// most likely tokens. Tokens a constraint ruled out (a logit of -inf) are not among them:
+/// they have no log-probability to report, so fewer than `n` may come back.
 pub fn logprobs(raw: &[f32], id: u32, n: usize) -> TokenLogprobs {
     let max = raw.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = raw.iter().map(|&l| ((l - max) as f64).exp()).sum();
@@ -258,6 +259,7 @@ pub fn logprobs(raw: &[f32], id: u32, n: usize) -> TokenLogprobs {
         let mut all: Vec<(u32, f32)> = raw
             .iter()
             .enumerate()
+            .filter(|&(_, &l)| l > f32::NEG_INFINITY)
             .map(|(i, &l)| (i as u32, l))
             .collect();
         let by = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));

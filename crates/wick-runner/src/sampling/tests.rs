@@ -151,6 +151,16 @@ fn logprobs_are_the_models_log_softmax() {
     assert!((lp.top[1].1 - (1f32.exp() / z).ln()).abs() < 1e-5);
 }
 
+#[test]
+fn tokens_a_constraint_rules_out_have_no_top_logprob() {
+    let masked = [f32::NEG_INFINITY, 1.0, f32::NEG_INFINITY, 0.0];
+    let lp = logprobs(&masked, 1, 3);
+    let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+    assert_eq!(ids, [1, 3]);
+    assert!(lp.top.iter().all(|t| t.1.is_finite()));
+    assert!(logprobs(&[f32::NEG_INFINITY; 4], 0, 2).top.is_empty());
+}
+
 /// The nucleus found by partial selection is the one a full sort gives, for flat and
 /// peaked distributions over a real vocabulary's size.
 #[test]

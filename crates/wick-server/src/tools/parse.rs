@@ -65,8 +65,13 @@ pub(crate) struct OutputParser {
 }
 
 impl OutputParser {
-    /// `tools`: the syntax to parse calls in (`None`: all text is content).
-    pub(crate) fn new(thinking: Thinking, tools: Option<&'static dyn ToolSyntax>) -> Self {
+    /// `tools`: the syntax to parse calls in (`None`: all text is content); `names`: the
+    /// declared tools (a fenced JSON block naming one is a call too).
+    pub(crate) fn new(
+        thinking: Thinking,
+        tools: Option<&'static dyn ToolSyntax>,
+        names: Vec<String>,
+    ) -> Self {
         Self {
             think: match thinking {
                 Thinking::Never => Think::Off,
@@ -74,7 +79,7 @@ impl OutputParser {
                 Thinking::Inside => Think::In(String::new()),
             },
             after_think: false,
-            calls: tools.map(Calls::new),
+            calls: tools.map(|syntax| Calls::new(syntax, names)),
             out: Vec::new(),
         }
     }
@@ -209,10 +214,90 @@ enum State {
     Tail(Scan),
     /// A call not in the expected key order: parsed whole once it closes.
     Whole(String, Scan),
+    /// A Markdown code block that opened the answer with a JSON object (some models, Qwen2.5
+    /// 1.5B among them, write their call so): held until it closes, then a call if the
+    /// object names a declared tool with an arguments object, else content.
+    Fence(String),
+}
+
+const FENCE: &str = "```";
+
+/// Whether an answer starting with `t` opens a fenced JSON block (a fence, `json` or no
+/// language, a line break, then `{`); `None`: too early to say.
+fn opens_fence(t: &str) -> Option<bool> {
+    for opening in ["```json\n", "```\n", "```json\r\n"] {
+        if let Some(rest) = t.strip_prefix(opening) {
+            let rest = rest.trim_start();
+            return (!rest.is_empty()).then(|| rest.starts_with('{'));
+        }
+        if opening.starts_with(t) {
+            return None;
+        }
+    }
+    Some(false)
+}
+
+/// How a held fenced block stands.
+enum FenceEnd {
+    /// Still open: more text may close it.
+    Open,
+    /// The object `buf[object]` was followed by the closing fence, which ends at `after`.
+    Closed {
+        object: std::ops::Range<usize>,
+        after: usize,
+    },
+    /// Not a single JSON object in a fence.
+    Text,
+}
+
+/// `buf` opens with a fence and `{` (see [`opens_fence`]); `at_end`: no more text comes
+/// (a fence the model left unclosed closes at the end).
+fn fence_end(buf: &str, at_end: bool) -> FenceEnd {
+    let Some(start) = buf.find('{') else {
+        return FenceEnd::Text;
+    };
+    let mut scan = Scan::default();
+    let mut end = None;
+    for (i, c) in buf[start..].char_indices() {
+        scan.step(c);
+        if scan.outside() {
+            end = Some(start + i + 1);
+            break;
+        }
+    }
+    let Some(end) = end else {
+        return if at_end {
+            FenceEnd::Text
+        } else {
+            FenceEnd::Open
+        };
+    };
+    let rest = &buf[end..];
+    let r = rest.trim_start();
+    let fence_at = end + (rest.len() - r.len());
+    if r.starts_with(FENCE) {
+        FenceEnd::Closed {
+            object: start..end,
+            after: fence_at + FENCE.len(),
+        }
+    } else if FENCE.starts_with(r) {
+        if at_end {
+            FenceEnd::Closed {
+                object: start..end,
+                after: buf.len(),
+            }
+        } else {
+            FenceEnd::Open
+        }
+    } else {
+        FenceEnd::Text
+    }
 }
 
 struct Calls {
     syntax: &'static dyn ToolSyntax,
+    /// The declared tools' names.
+    names: Vec<String>,
     state: State,
     /// Whether content other than whitespace was emitted (a bare `{` no longer opens a call).
     wrote_text: bool,
@@ -299,9 +384,10 @@ fn head(buf: &str) -> Head {
 }
 
 impl Calls {
-    fn new(syntax: &'static dyn ToolSyntax) -> Self {
+    fn new(syntax: &'static dyn ToolSyntax, names: Vec<String>) -> Self {
         Self {
             syntax,
+            names,
             state: State::Text(String::new()),
             wrote_text: false,
             raw: String::new(),
@@ -310,6 +396,11 @@ impl Calls {
     }
 
     fn push(&mut self, text: &str, out: &mut Vec<Out>) {
+        if let State::Fence(buf) = &mut self.state {
+            buf.push_str(text);
+            self.settle_fence(false, out);
+            return;
+        }
         let State::Text(held) = &mut self.state else {
             self.feed(text, out);
             return;
@@ -324,6 +415,18 @@ impl Calls {
             self.state = State::Seek;
             self.feed(&rest, out);
             return;
+        }
+        if !self.wrote_text && !self.names.is_empty() {
+            match opens_fence(held.trim_start()) {
+                Some(true) => {
+                    let buf = held.trim_start().to_string();
+                    self.state = State::Fence(buf);
+                    self.settle_fence(false, out);
+                    return;
+                }
+                None => return,
+                Some(false) => {}
+            }
         }
         if self.syntax.bare_json() && !self.wrote_text {
             let t = held.trim_start();
@@ -348,7 +451,7 @@ impl Calls {
         let mut args = String::new();
         for c in text.chars() {
             self.state = match std::mem::replace(&mut self.state, State::Seek) {
-                State::Text(t) => State::Text(t),
+                state @ (State::Text(_) | State::Fence(_)) => state,
                 State::Seek if c == '{' => {
                     let mut scan = Scan::default();
                     scan.step(c);
@@ -473,7 +576,53 @@ impl Calls {
         State::Seek
     }
 
+    /// Decides a held fenced block once it can: a call (then what follows is fed on), or
+    /// content.
+    fn settle_fence(&mut self, at_end: bool, out: &mut Vec<Out>) {
+        let State::Fence(buf) = &self.state else {
+            return;
+        };
+        let (object, after) = match fence_end(buf, at_end) {
+            FenceEnd::Open => return,
+            FenceEnd::Closed { object, after } => (object, after),
+            FenceEnd::Text => return self.fence_was_text(out),
+        };
+        let call = serde_json::from_str::<serde_json::Value>(&buf[object]).ok();
+        let call = call.as_ref().and_then(|v| {
+            let name = v.get("name")?.as_str()?;
+            let args = v.get("arguments").or_else(|| v.get("parameters"))?;
+            (args.is_object() && self.names.iter().any(|n| n == name)).then_some((name, args))
+        });
+        let Some((name, args)) = call else {
+            return self.fence_was_text(out);
+        };
+        out.push(Out::Call {
+            index: self.count,
+            id: call_id(),
+            name: name.to_string(),
+        });
+        out.push(Out::Args {
+            index: self.count,
+            args: crate::pyjson::dumps(args),
+        });
+        self.count += 1;
+        let rest = buf[after..].to_string();
+        self.state = State::Seek;
+        self.feed(&rest, out);
+    }
+
+    /// The held block is content after all (and no call can open the answer now).
+    fn fence_was_text(&mut self, out: &mut Vec<Out>) {
+        if let State::Fence(buf) = std::mem::replace(&mut self.state, State::Text(String::new())) {
+            self.wrote_text = true;
+            self.push(&buf, out);
+        }
+    }
+
     fn finish(&mut self, out: &mut Vec<Out>) {
+        if matches!(self.state, State::Fence(_)) {
+            self.settle_fence(true, out);
+        }
         match std::mem::replace(&mut self.state, State::Seek) {
             State::Text(held) => push_content(out, held),
             // The marker was not followed by a call: it was text after all.

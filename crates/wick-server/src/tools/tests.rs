@@ -12,7 +12,8 @@ use super::*;
 type Parsed = (String, String, Vec<(String, String)>);
 
 fn run(thinking: Thinking, syntax: Option<&'static dyn ToolSyntax>, pieces: &[&str]) -> Parsed {
-    let mut p = OutputParser::new(thinking, syntax);
+    let names = ["get_weather", "convert_currency", "a", "b", "x"];
+    let mut p = OutputParser::new(thinking, syntax, names.map(String::from).to_vec());
     let mut outs = Vec::new();
     for piece in pieces {
         outs.extend(p.push(piece));
@@ -93,6 +94,60 @@ fn a_bare_hermes_call_is_a_call_only_as_the_whole_answer() {
     ] {
         let (content, _, got) = parse_all_ways(Thinking::Never, Some(&hermes::Hermes), text);
         assert_eq!((content.as_str(), got.len()), (text, 0));
+    }
+}
+
+#[test]
+fn a_fenced_json_call_of_a_declared_tool_is_a_call() {
+    // Qwen2.5-Coder-1.5B's answer to "Convert 100 US dollars to euros.".
+    let text = "```json\n{\n  \"name\": \"convert_currency\",\n  \"arguments\": {\n    \"amount\": 100,\n    \"from_currency\": \"USD\",\n    \"to_currency\": \"EUR\"\n  }\n}\n```";
+    for syntax in [
+        &hermes::Hermes as &'static dyn ToolSyntax,
+        &llama3::Llama3,
+        &mistral::Mistral,
+    ] {
+        let (content, _, got) = parse_all_ways(Thinking::Never, Some(syntax), text);
+        assert_eq!(content, "", "{}", syntax.name());
+        assert_eq!(
+            got,
+            calls(&[(
+                "convert_currency",
+                r#"{"amount": 100, "from_currency": "USD", "to_currency": "EUR"}"#
+            )])
+        );
+    }
+    // Without the language tag, left unclosed at the end, or with whitespace around it.
+    for text in [
+        "```\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n```",
+        "\n```json\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n",
+        "```json\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n``",
+    ] {
+        let (content, _, got) = parse_all_ways(Thinking::Never, Some(&hermes::Hermes), text);
+        assert_eq!(content, "", "{text:?}");
+        assert_eq!(
+            got,
+            calls(&[("get_weather", r#"{"city": "Paris"}"#)]),
+            "{text:?}"
+        );
+    }
+}
+
+#[test]
+fn a_fenced_block_that_is_not_a_call_stays_content() {
+    for text in [
+        // An undeclared tool, arguments that are not an object, code, two objects, text
+        // after the object, text before the block.
+        "```json\n{\"name\": \"delete_everything\", \"arguments\": {}}\n```",
+        "```json\n{\"name\": \"get_weather\", \"arguments\": \"Paris\"}\n```",
+        "```python\nprint({\"name\": \"get_weather\"})\n```",
+        "```json\n{\"a\": 1}\n{\"b\": 2}\n```",
+        "```json\n{\"name\": \"get_weather\", \"arguments\": {}} and more\n```\n",
+        "Like this:\n```json\n{\"name\": \"get_weather\", \"arguments\": {}}\n```",
+        "```json\n{\"city\": \"Paris\", \"country\": \"France\"}\n```",
+        "``` not a fence",
+    ] {
+        let (content, _, got) = parse_all_ways(Thinking::Never, Some(&hermes::Hermes), text);
+        assert_eq!((content.as_str(), got.len()), (text, 0), "{text:?}");
     }
 }
 
