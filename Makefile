@@ -57,6 +57,8 @@ unit:
 ## the server is whole (scripts/soak.sh; REQUESTS, CONCURRENCY and REPORT override).
 soak: build-dev
 	scripts/soak.sh
+	# Again with the KV cache sized from memory, as by default: resident memory plateaus.
+	KV_CACHE=default scripts/soak.sh
 
 ## Each packed kernel's GOP/s at 1, 8 and 64 tokens, beside Q4_1's.
 bench-kernels:

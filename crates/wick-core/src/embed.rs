@@ -64,7 +64,7 @@ impl EmbedHandle {
         self.admission.failed.load(Ordering::Acquire)
     }
 
-    /// As [`crate::EngineHandle::busy`]: the round being computed and how long it has run.
+    /// As [`crate::EngineHandle::busy`]: the batch being computed and how long it has run.
     pub fn busy(&self) -> Option<crate::Busy> {
         self.admission.pulse.busy()
     }
@@ -101,9 +101,9 @@ impl EmbedReceiver {
         self.admission.waiting.load(Ordering::Relaxed)
     }
 
-    /// Round `round` of requests begins.
-    pub fn beat(&self, round: u64) {
-        self.admission.pulse.beat(round);
+    /// Batch `batch` (counted from 0) begins, or requests were taken.
+    pub fn beat(&self, batch: u64) {
+        self.admission.pulse.beat(batch);
     }
 
     /// No request in hand.

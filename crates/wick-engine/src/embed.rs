@@ -78,10 +78,9 @@ where
 fn run<E: Embedder>(mut model: E, queue: &EmbedReceiver, cfg: &EmbedConfig, metrics: &Metrics) {
     let mut started = Instant::now();
     let mut done = 0usize;
-    let mut rounds = 0u64;
+    let mut batches = 0u64;
     while let Some(first) = queue.recv() {
-        queue.beat(rounds);
-        rounds += 1;
+        queue.beat(batches);
         let mut requests = vec![first];
         while let Some(r) = queue.try_recv() {
             requests.push(r);
@@ -99,7 +98,10 @@ fn run<E: Embedder>(mut model: E, queue: &EmbedReceiver, cfg: &EmbedConfig, metr
             }
             !gone
         });
-        let answers = round(&mut model, &requests, cfg, metrics);
+        let answers = round(&mut model, &requests, cfg, metrics, &mut || {
+            queue.beat(batches);
+            batches += 1;
+        });
         for (r, answer) in requests.into_iter().zip(answers) {
             let tokens = r.tokens();
             match &answer {
@@ -135,6 +137,7 @@ fn round<E: Embedder>(
     requests: &[EmbedRequest],
     cfg: &EmbedConfig,
     metrics: &Metrics,
+    beat: &mut dyn FnMut(),
 ) -> Vec<EmbedReply> {
     let mut items: Vec<(usize, usize)> = requests
         .iter()
@@ -161,6 +164,8 @@ fn round<E: Embedder>(
             .iter()
             .map(|it| input(it).clone())
             .collect();
+        // The watchdog sees each batch begin: a round of many requests is many steps.
+        beat();
         let t = Instant::now();
         let result = catch_unwind(AssertUnwindSafe(|| model.embed(&batch)))
             .unwrap_or_else(|panic| Err(panic_message(&*panic)));

@@ -157,10 +157,10 @@ fn cgroup_limits(root: &Path) -> Vec<(u64, MemoryBound)> {
         );
         // Inside a cgroup namespace or a container the mount shows a subtree: the process's
         // path is relative to the mount's root; where it cannot be found, the top stands in.
-        let relative = path
-            .strip_prefix(mount.root.trim_end_matches('/'))
-            .unwrap_or(path)
-            .trim_start_matches('/');
+        let relative = Path::new(path)
+            .strip_prefix(&mount.root)
+            .unwrap_or(Path::new(path));
+        let relative = relative.strip_prefix("/").unwrap_or(relative);
         let mut dir = top.join(relative);
         if !dir.is_dir() {
             dir = top.clone();

@@ -400,8 +400,8 @@ impl AppState {
     pub(crate) fn check_stalls(&self) -> Result<(), ApiError> {
         match self.stalls().next() {
             Some((slot, busy)) => Err(ApiError::Stalled(format!(
-                "The engine of model `{}` is stalled: step {} has not finished after {:.0} s \
-                 (--step-timeout {:.0} s).",
+                "The engine of model `{}` is stalled: it has not moved for {2:.0} s, in step {1} \
+                 or just before it (--step-timeout {3:.0} s).",
                 slot.name,
                 busy.step,
                 busy.unmoved.as_secs_f64(),
@@ -446,6 +446,12 @@ impl AppState {
                         (Some(step), None) => {
                             tracing::warn!(model = %slot.name, step, "engine moving again after a stall");
                             stalled[i] = None;
+                        }
+                        // Moved on, and stalled again before this tick saw it move.
+                        (Some(step), Some(b)) if b.step != step => {
+                            slot.metrics.engine_stalls.inc();
+                            tracing::error!(model = %slot.name, step = b.step, seconds = b.unmoved.as_secs_f64(), "engine stalled again");
+                            stalled[i] = Some(b.step);
                         }
                         _ => {}
                     }

@@ -234,7 +234,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         res = &mut server => {
             // SIGTERM while loading (a rollout, a slow disk or download): nothing was
             // served, so there is nothing to drain; the load is abandoned.
-            tracing::warn!("shutdown while loading: the load is abandoned; exiting");
+            if state.is_draining() {
+                tracing::warn!("shutdown while loading: the load is abandoned; exiting");
+            }
             return res.context("server failed");
         }
     };

@@ -39,6 +39,13 @@ pub struct SoakArgs {
     /// The server's process id, to sample its resident memory (Linux `/proc`).
     #[arg(long)]
     pub pid: Option<u32>,
+    /// The server's KV cache reservation in bytes (its start-up line's kv_cache_mib): with
+    /// it, the check is that resident memory plateaus, ending at most 5% over the resident
+    /// memory before the first request plus this (a cache sized from memory is committed as
+    /// its blocks are first used); without it, that it grows less than 5% after the second
+    /// thousand requests.
+    #[arg(long)]
+    pub kv_cache_bytes: Option<u64>,
     /// Seed of the request mix.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -78,8 +85,13 @@ pub struct SoakReport {
     /// Examples of each bad outcome.
     examples: Vec<String>,
     kv_blocks_used_after: f64,
+    /// Resident memory (KiB) before the first request (the model loaded, the KV cache
+    /// reserved but not yet touched).
+    rss_start_kib: Option<u64>,
     /// Resident memory (KiB) after each thousand requests.
     rss_kib: Vec<u64>,
+    /// With `--kv-cache-bytes`: the most resident memory may end at (KiB).
+    rss_bound_kib: Option<u64>,
     /// Growth between the sample after the second thousand and the last, in percent.
     rss_growth_percent: Option<f64>,
     failures: Vec<String>,
@@ -421,6 +433,7 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<SoakReport> {
                 .to_string()
         }
     };
+    let rss_start = args.pid.and_then(rss_kib);
     let started = Instant::now();
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
@@ -511,8 +524,23 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<SoakReport> {
     if kv != 0.0 {
         failures.push(format!("{kv} KV blocks still used"));
     }
-    if let Some(g) = rss_growth_percent.filter(|g| *g >= 5.0) {
-        failures.push(format!("resident memory grew {g:.1}%"));
+    let rss_bound = args
+        .kv_cache_bytes
+        .zip(rss_start)
+        .map(|(kv, start)| ((start + kv / 1024) as f64 * 1.05) as u64);
+    match (rss_bound, rss.last()) {
+        (Some(bound), Some(&last)) if last > bound => failures.push(format!(
+            "resident memory ended at {} MiB, past {} MiB (before the first request) + the KV cache's {} MiB + 5%",
+            last >> 10,
+            rss_start.unwrap_or(0) >> 10,
+            args.kv_cache_bytes.unwrap_or(0) >> 20
+        )),
+        (Some(_), _) => {}
+        (None, _) => {
+            if let Some(g) = rss_growth_percent.filter(|g| *g >= 5.0) {
+                failures.push(format!("resident memory grew {g:.1}%"));
+            }
+        }
     }
     Ok(SoakReport {
         requests: results.len(),
@@ -520,7 +548,9 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<SoakReport> {
         outcomes,
         examples,
         kv_blocks_used_after: kv,
+        rss_start_kib: rss_start,
         rss_kib: rss,
+        rss_bound_kib: rss_bound,
         rss_growth_percent,
         failures,
     })

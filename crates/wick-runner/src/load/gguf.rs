@@ -215,8 +215,7 @@ fn config(g: &mut GgufFile, family: &'static models::Family, arch: &str) -> Resu
         return Err(RunnerError::invalid(
             g.path(),
             format!(
-                "metadata {arch}.block_count is {layers} but the file holds tensors of {blocks_present} blocks (blk.0 to blk.{})",
-                blocks_present.saturating_sub(1)
+                "metadata {arch}.block_count is {layers} but the file holds tensors of {blocks_present} blocks (blk.N)"
             ),
         ));
     }

@@ -298,6 +298,8 @@ struct Calls {
     syntax: &'static dyn ToolSyntax,
     /// The declared tools' names.
     names: Vec<String>,
+    /// Just past a fenced call: the whitespace before what follows is dropped.
+    trim_next: bool,
     state: State,
     /// Whether content other than whitespace was emitted (a bare `{` no longer opens a call).
     wrote_text: bool,
@@ -388,6 +390,7 @@ impl Calls {
         Self {
             syntax,
             names,
+            trim_next: false,
             state: State::Text(String::new()),
             wrote_text: false,
             raw: String::new(),
@@ -404,6 +407,13 @@ impl Calls {
         let State::Text(held) = &mut self.state else {
             self.feed(text, out);
             return;
+        };
+        let text = if self.trim_next {
+            let t = text.trim_start();
+            self.trim_next = t.is_empty();
+            t
+        } else {
+            text
         };
         held.push_str(text);
         let start = self.syntax.start();
@@ -606,9 +616,11 @@ impl Calls {
             args: crate::pyjson::dumps(args),
         });
         self.count += 1;
+        // What follows is text again: prose (content), or another fenced call.
         let rest = buf[after..].to_string();
-        self.state = State::Seek;
-        self.feed(&rest, out);
+        self.state = State::Text(String::new());
+        self.trim_next = true;
+        self.push(&rest, out);
     }
 
     /// The held block is content after all (and no call can open the answer now).

@@ -133,6 +133,29 @@ fn a_fenced_json_call_of_a_declared_tool_is_a_call() {
 }
 
 #[test]
+fn text_and_calls_after_a_fenced_call() {
+    let call = |city: &str| {
+        format!(
+            "```json\n{{\"name\": \"get_weather\", \"arguments\": {{\"city\": \"{city}\"}}}}\n```"
+        )
+    };
+    let text = format!("{}\n\nI'll check that.", call("Paris"));
+    let (content, _, got) = parse_all_ways(Thinking::Never, Some(&hermes::Hermes), &text);
+    assert_eq!(content, "I'll check that.");
+    assert_eq!(got, calls(&[("get_weather", r#"{"city": "Paris"}"#)]));
+    let text = format!("{}\n{}", call("Paris"), call("Rome"));
+    let (content, _, got) = parse_all_ways(Thinking::Never, Some(&hermes::Hermes), &text);
+    assert_eq!(content, "");
+    assert_eq!(
+        got,
+        calls(&[
+            ("get_weather", r#"{"city": "Paris"}"#),
+            ("get_weather", r#"{"city": "Rome"}"#)
+        ])
+    );
+}
+
+#[test]
 fn a_fenced_block_that_is_not_a_call_stays_content() {
     for text in [
         // An undeclared tool, arguments that are not an object, code, two objects, text
