@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::server::{chat, sample, stream_text, Server};
+use common::server::{chat, model_args, sample, stream_text, Server};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use wick_runner::gguf::{GgufWriter, Value as GgufValue};
@@ -708,15 +708,7 @@ fn tiny_models_from_the_exported_tokenizer_are_the_tested_files() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_completions_equal_their_solo_output_on_qwen_and_gemma() {
     for key in ["qwen", "gemma"] {
-        let model = common::fetch_model(key);
-        let args = [
-            "--model",
-            model.to_str().unwrap(),
-            "--served-model-name",
-            "m",
-            "--kv-cache-blocks",
-            "1024",
-        ];
+        let args = model_args(&common::fetch_model(key), "m", &[]);
         let server = Server::start_with(&args, &[]).await;
         let prompts: Vec<String> = (0..32)
             .map(|i| match i % 4 {
@@ -763,15 +755,11 @@ async fn concurrent_completions_equal_their_solo_output_on_qwen_and_gemma() {
 /// tokens have theirs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_mode_and_tool_calls_on_qwen_keep_the_models_path_and_their_logprobs() {
-    let model = common::fetch_model("qwen");
-    let args = [
-        "--model",
-        model.to_str().unwrap(),
-        "--served-model-name",
+    let args = model_args(
+        &common::fetch_model("qwen"),
         "m",
-        "--kv-cache-blocks",
-        "512",
-    ];
+        &["--kv-cache-blocks", "512"],
+    );
     let server = Server::start_with(&args, &[]).await;
     let question = "Extract the city and its country from this sentence: 'Paris is the capital of France.' Answer with a JSON object with the keys \"city\" and \"country\".";
     let mut body = json!({
@@ -833,15 +821,11 @@ async fn json_mode_and_tool_calls_on_qwen_keep_the_models_path_and_their_logprob
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "the 1.5B model: make tool-call-check"]
 async fn a_fenced_json_call_from_qwen_1_5b_is_a_tool_call() {
-    let model = common::fetch_model("qwen15");
-    let args = [
-        "--model",
-        model.to_str().unwrap(),
-        "--served-model-name",
+    let args = model_args(
+        &common::fetch_model("qwen15"),
         "m",
-        "--kv-cache-blocks",
-        "256",
-    ];
+        &["--kv-cache-blocks", "256"],
+    );
     let server = Server::start_with(&args, &[]).await;
     let mut body = json!({
         "model": "m",

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use common::server::{chat, Server};
+use common::server::{chat, model_args, Server};
 
 /// A streaming request that runs for `max_tokens` steps (end of turn ignored).
 fn long_stream(max_tokens: usize) -> Value {
@@ -112,16 +112,11 @@ async fn past_the_drain_timeout_a_stream_ends_with_a_clear_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_step_fails_its_request_and_a_dead_engine_exits_non_zero() {
     // One panic (the first step): that request gets a 500, the next is served.
-    let model = common::model_path();
-    let model = model.to_str().unwrap();
-    let args = [
-        "--model",
-        model,
-        "--served-model-name",
+    let args = model_args(
+        &common::model_path(),
         "smollm2",
-        "--kv-cache-blocks",
-        "256",
-    ];
+        &["--kv-cache-blocks", "256"],
+    );
     let s = Server::start_with(&args, &[("WICK_TEST_PANIC_STEPS", "0")]).await;
     let (status, body) = s.post_json("/v1/chat/completions", &chat("Hi", 4)).await;
     assert_eq!(status, 500, "{body}");
@@ -152,13 +147,7 @@ async fn a_panicking_step_fails_its_request_and_a_dead_engine_exits_non_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_step_turns_health_503_until_it_ends() {
-    let model = common::model_path();
-    let model = model.to_str().unwrap();
-    let args = [
-        "--model",
-        model,
-        "--served-model-name",
-        "smollm2",
+    let extra = [
         "--kv-cache-blocks",
         "256",
         "--step-timeout",
@@ -166,6 +155,7 @@ async fn a_stalled_step_turns_health_503_until_it_ends() {
         "--log-format",
         "json",
     ];
+    let args = model_args(&common::model_path(), "smollm2", &extra);
     let log = tempfile::NamedTempFile::new().unwrap();
     // Step 2 (the second decode) takes 4 s longer than it should.
     let stall = [("WICK_TEST_STALL_STEPS", "2:4")];

@@ -1,5 +1,6 @@
 //! Starts the real `wick` binary on a free loopback port and talks HTTP to it.
 
+use std::ffi::OsStr;
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,30 +20,37 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// `wick serve`'s flags for `model` served as `name`, then `extra`. Tests run several servers
+/// at once: each gets an explicit KV cache (1024 blocks) unless `extra` sizes it, rather than
+/// a share of the machine's memory.
+pub fn model_args(model: &std::path::Path, name: &str, extra: &[&str]) -> Vec<String> {
+    let model = model.to_str().expect("UTF-8 model path");
+    let mut args: Vec<String> = ["--model", model, "--served-model-name", name]
+        .map(String::from)
+        .to_vec();
+    if !extra.iter().any(|a| a.starts_with("--kv-cache")) {
+        args.extend(["--kv-cache-blocks".to_string(), "1024".to_string()]);
+    }
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
 impl Server {
-    /// Starts `wick serve` on the default model with `extra` flags; waits for `/health`.
-    /// Tests run several servers at once: each gets an explicit KV cache (1024 blocks)
-    /// unless `extra` sizes it, rather than a share of the machine's memory.
+    /// Starts `wick serve` on the default model (as `smollm2`) with `extra` flags (see
+    /// [`model_args`]); waits for `/health`.
     pub async fn start(extra: &[&str]) -> Server {
-        let model = super::model_path();
-        let model = model.to_str().expect("UTF-8 model path");
-        let mut args = vec!["--model", model, "--served-model-name", "smollm2"];
-        if !extra.iter().any(|a| a.starts_with("--kv-cache")) {
-            args.extend_from_slice(&["--kv-cache-blocks", "1024"]);
-        }
-        args.extend_from_slice(extra);
-        Server::start_with(&args, &[]).await
+        Server::start_with(&model_args(&super::model_path(), "smollm2", extra), &[]).await
     }
 
     /// Starts `wick serve` with exactly `args` (and a free `--port`) and extra environment
     /// variables; waits for `/health`.
-    pub async fn start_with(args: &[&str], env: &[(&str, &str)]) -> Server {
+    pub async fn start_with<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &str)]) -> Server {
         Server::start_logging(args, env, Stdio::inherit()).await
     }
 
     /// As [`Server::start_with`], its log (stderr) going to `log`.
-    pub async fn start_logging(
-        args: &[&str],
+    pub async fn start_logging<S: AsRef<OsStr>>(
+        args: &[S],
         env: &[(&str, &str)],
         log: impl Into<Stdio>,
     ) -> Server {
@@ -51,9 +59,9 @@ impl Server {
 
     /// As [`Server::start_logging`], run by `sh` after the shell command `before` (which
     /// may, say, move the shell into a cgroup that `wick` then inherits).
-    pub async fn start_after(
+    pub async fn start_after<S: AsRef<OsStr>>(
         before: &str,
-        args: &[&str],
+        args: &[S],
         env: &[(&str, &str)],
         log: impl Into<Stdio>,
     ) -> Server {

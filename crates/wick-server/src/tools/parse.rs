@@ -572,18 +572,23 @@ impl Calls {
         let name = obj.get("name").and_then(|n| n.as_str());
         let args = obj.get("arguments").or_else(|| obj.get("parameters"));
         if let (Some(name), Some(args)) = (name, args) {
-            out.push(Out::Call {
-                index: self.count,
-                id: call_id(),
-                name: name.to_string(),
-            });
-            out.push(Out::Args {
-                index: self.count,
-                args: crate::pyjson::dumps(args),
-            });
-            self.count += 1;
+            self.call(name, args, out);
         }
         State::Seek
+    }
+
+    /// A whole call: its name and its arguments at once.
+    fn call(&mut self, name: &str, args: &serde_json::Value, out: &mut Vec<Out>) {
+        out.push(Out::Call {
+            index: self.count,
+            id: call_id(),
+            name: name.to_string(),
+        });
+        out.push(Out::Args {
+            index: self.count,
+            args: crate::pyjson::dumps(args),
+        });
+        self.count += 1;
     }
 
     /// Decides a held fenced block once it can: a call (then what follows is fed on), or
@@ -606,18 +611,10 @@ impl Calls {
         let Some((name, args)) = call else {
             return self.fence_was_text(out);
         };
-        out.push(Out::Call {
-            index: self.count,
-            id: call_id(),
-            name: name.to_string(),
-        });
-        out.push(Out::Args {
-            index: self.count,
-            args: crate::pyjson::dumps(args),
-        });
-        self.count += 1;
+        let (name, args) = (name.to_string(), args.clone());
         // What follows is text again: prose (content), or another fenced call.
         let rest = buf[after..].to_string();
+        self.call(&name, &args, out);
         self.state = State::Text(String::new());
         self.trim_next = true;
         self.push(&rest, out);
