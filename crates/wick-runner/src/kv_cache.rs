@@ -36,8 +36,8 @@ fn zeroed(n: usize) -> Vec<f16> {
     vec![0u16; n].reinterpret_into()
 }
 
-fn share(available: u64, fraction: f64, num_models: usize) -> u64 {
-    (available as f64 * fraction.clamp(0.0, 1.0) / num_models.max(1) as f64) as u64
+fn share(available: u64, fraction: f64) -> u64 {
+    (available as f64 * fraction.clamp(0.0, 1.0)) as u64
 }
 
 /// Free memory of the GPU, as its driver reports it.
@@ -112,14 +112,9 @@ impl KvCache {
 
     /// Bytes to give the cache by default: `fraction` of the memory available now (after the
     /// weights are loaded: the host's when `host`, the smaller of `MemAvailable` and the
-    /// memory cgroup's room; else the GPU's), shared by `num_models` models in one process;
-    /// with what bounded it. `None` where the platform does not say how much is available.
-    pub fn default_bytes(
-        host: bool,
-        device: &Device,
-        fraction: f64,
-        num_models: usize,
-    ) -> Option<(u64, String)> {
+    /// memory cgroup's room; else the GPU's; several models in one process each take their
+    /// share of it), with what bounded it. `None` where the platform does not say how much is available.
+    pub fn default_bytes(host: bool, device: &Device, fraction: f64) -> Option<(u64, String)> {
         let (available, bound) = if host {
             let m = crate::memory::host_memory()?;
             (m.available, m.bound.to_string())
@@ -129,7 +124,71 @@ impl KvCache {
                 "the device's free memory".to_string(),
             )
         };
-        Some((share(available, fraction, num_models), bound))
+        Some((share(available, fraction), bound))
+    }
+}
+
+/// How the KV cache's size is chosen: blocks, else memory, else a share of what is available.
+pub struct KvSizing {
+    /// `scheduler.kv_cache_blocks`.
+    pub blocks: Option<usize>,
+    /// `scheduler.kv_cache_memory`, in bytes (beats `blocks`).
+    pub memory: Option<u64>,
+    /// Otherwise: this share of the memory available after loading, this model's share.
+    pub fraction: f64,
+    pub block_size: usize,
+    pub max_num_seqs: usize,
+    /// 0: the model's own.
+    pub max_model_len: usize,
+}
+
+impl KvSizing {
+    /// The number of blocks for `model` on `device`, and what sized it (for the log).
+    pub fn blocks_for(
+        &self,
+        model: &crate::Model,
+        device: &Device,
+    ) -> std::result::Result<(usize, String), String> {
+        let c = model.config();
+        let per_block =
+            KvCache::bytes_per_block(c, self.block_size, model.runs_on_host(), model.dtype())
+                as u64;
+        if let (None, Some(blocks)) = (self.memory, self.blocks) {
+            return Ok((blocks, "scheduler.kv_cache_blocks".into()));
+        }
+        let (bytes, what) = match self.memory {
+            Some(bytes) => (bytes, "scheduler.kv_cache_memory".to_string()),
+            None => {
+                let Some((bytes, bound)) =
+                    KvCache::default_bytes(model.runs_on_host(), device, self.fraction)
+                else {
+                    tracing::warn!(
+                        "available memory unknown here: 1024 KV blocks (set --kv-cache-memory)"
+                    );
+                    return Ok((1024, "a fixed default (memory unknown)".into()));
+                };
+                // No more than the running sequences could ever fill.
+                let len = match self.max_model_len {
+                    0 => c.max_position_embeddings,
+                    n => n.min(c.max_position_embeddings),
+                };
+                let useful = (self.max_num_seqs * len.div_ceil(self.block_size)) as u64 * per_block;
+                if useful < bytes {
+                    (
+                        useful,
+                        format!("max_num_seqs full-length sequences (under {bound})"),
+                    )
+                } else {
+                    (bytes, format!("{} of {bound}", self.fraction))
+                }
+            }
+        };
+        match (bytes / per_block) as usize {
+            0 => Err(format!(
+                "{what} is smaller than one KV block ({per_block} bytes)"
+            )),
+            n => Ok((n, what)),
+        }
     }
 }
 
@@ -139,16 +198,11 @@ mod tests {
 
     #[test]
     fn available_memory_is_shared() {
-        assert_eq!(share(1000, 0.5, 1), 500);
-        assert_eq!(share(1000, 0.5, 2), 250);
-        assert_eq!(share(1000, 7.0, 1), 1000);
+        assert_eq!(share(1000, 0.5), 500);
+        assert_eq!(share(1000, 0.25), 250);
+        assert_eq!(share(1000, 7.0), 1000);
         if cfg!(target_os = "linux") {
-            assert!(
-                KvCache::default_bytes(true, &Device::Cpu, 0.5, 1)
-                    .unwrap()
-                    .0
-                    > 0
-            );
+            assert!(KvCache::default_bytes(true, &Device::Cpu, 0.5).unwrap().0 > 0);
         }
     }
 }

@@ -48,10 +48,10 @@ pub use cpu::SimdLimit;
 pub use embedding::{EmbeddingModel, Pooling};
 pub use error::RunnerError;
 pub use gguf::write_tokenizer_gguf;
-pub use kv_cache::{CacheConfig, KvCache};
+pub use kv_cache::{CacheConfig, KvCache, KvSizing};
 pub use load::{
-    load, load_assets, parse_device, parse_dtype, LoadOptions, LoadedModel, ModelAssets,
-    WeightFormat,
+    load, load_assets, parse_device, parse_dtype, DTypeSpec, DeviceSpec, LoadOptions, LoadedModel,
+    ModelAssets, WeightFormat,
 };
 pub use memory::{host_memory, host_memory_under, HostMemory, MemoryBound};
 pub use model::Model;

@@ -17,14 +17,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::time::Duration;
 use tokio::net::TcpListener;
 
-use wick_core::{Metrics, QueueLimits};
+use wick_core::Metrics;
 use wick_engine::{EmbedConfig, EngineConfig, Loaded, Ready, StepRunner};
 use wick_runner::{CacheConfig, KvCache, LoadOptions, Runner};
-use wick_scheduler::SchedulerConfig;
 use wick_server::{
     AppState, Backend, BrowserPolicy, ChatTemplate, EmbeddingModelInfo, Grammars, ModelEntry,
     ServedModel, ServerOptions,
@@ -72,7 +71,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let runtime = || {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -80,12 +83,15 @@ fn main() -> ExitCode {
             .context("cannot start the async runtime")
     };
     let result = match cli.command {
-        Command::Serve(args) => match Config::resolve(*args) {
+        Command::Serve(args) => match Config::resolve(
+            *args,
+            matches.subcommand_matches("serve").unwrap_or(&matches),
+        ) {
             Ok(cfg) => {
                 let telemetry = match telemetry::init(
-                    cfg.log_format,
-                    &cfg.log_level,
-                    cfg.otlp_endpoint.as_deref(),
+                    cfg.logging.format,
+                    &cfg.logging.level,
+                    cfg.logging.otlp_endpoint(),
                 ) {
                     Ok(t) => t,
                     Err(e) => {
@@ -144,7 +150,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
-    let addr = format!("{}:{}", cfg.host, cfg.port);
+    let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
     let listener = TcpListener::bind(&addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
@@ -176,8 +182,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let bound = listener.local_addr().context("the listener's address")?;
     let browser = BrowserPolicy::for_listener(
         &bound.ip().to_string(),
-        cfg.allowed_origins.clone(),
-        cfg.allowed_hosts.clone(),
+        cfg.server.allowed_origins.clone(),
+        cfg.server.allowed_hosts.clone(),
     );
     if !browser.check_host {
         tracing::info!(
@@ -186,19 +192,19 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         );
     }
     let options = ServerOptions {
-        api_key: cfg.api_key.clone(),
+        api_key: cfg.server.api_key.clone(),
         browser,
-        step_timeout: (cfg.step_timeout > 0.0).then(|| Duration::from_secs_f64(cfg.step_timeout)),
+        step_timeout: cfg.server.step_timeout(),
     };
     let state = AppState::with_models(entries, options);
     state.spawn_watchdog();
     let names: Vec<String> = cfg.models.iter().map(ModelSettings::served_name).collect();
     tracing::info!(%addr, models = ?names, "listening; loading the models");
 
-    let drain_timeout = Duration::from_secs_f64(cfg.drain_timeout);
+    let drain_timeout = Duration::from_secs_f64(cfg.server.drain_timeout);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    if let Some(port) = cfg.metrics_port {
-        let maddr = format!("{}:{port}", cfg.host);
+    if let Some(port) = cfg.server.metrics_port() {
+        let maddr = format!("{}:{port}", cfg.server.host);
         let mlistener = TcpListener::bind(&maddr)
             .await
             .with_context(|| format!("cannot listen on {maddr} (metrics)"))?;
@@ -272,7 +278,7 @@ pub(crate) fn simd_limit() -> wick_runner::SimdLimit {
 
 /// Whether `m` is served on /v1/embeddings (a local sentence-transformers directory).
 fn is_embedding(m: &ModelSettings) -> bool {
-    wick_runner::EmbeddingModel::is_embedding_model(&m.model)
+    wick_runner::EmbeddingModel::is_embedding_model(&m.path)
 }
 
 /// A model's load under way, on its engine thread.
@@ -285,7 +291,7 @@ impl Loading {
     /// Waits for the load; marks the model ready, or says why it could not load.
     async fn ready(self, m: &ModelSettings, state: &AppState) -> anyhow::Result<()> {
         let failed =
-            |message: String| anyhow::anyhow!("cannot load model {}: {message}", m.model.display());
+            |message: String| anyhow::anyhow!("cannot load model {}: {message}", m.path.display());
         match self {
             Loading::Generate(rx) => {
                 let ready = wait_for(rx, m).await?.map_err(failed)?;
@@ -324,7 +330,7 @@ async fn wait_for<T: Send + 'static>(
         Ok(Ok(x)) => Ok(x),
         _ => bail!(
             "the engine thread stopped while loading the model {}",
-            m.model.display()
+            m.path.display()
         ),
     }
 }
@@ -336,13 +342,10 @@ fn start_embedding(
     name: String,
     metrics: Metrics,
 ) -> anyhow::Result<wick_engine::EmbedStarted<EmbeddingModelInfo>> {
-    let device = wick_runner::parse_device(&m.device)?;
-    let path = m.model.clone();
+    let device = m.model.device.open()?;
+    let path = m.path.clone();
     let embed_cfg = EmbedConfig {
-        queue: QueueLimits {
-            max_waiting_requests: cfg.max_waiting_requests,
-            max_waiting_prompt_tokens: cfg.max_waiting_prompt_tokens,
-        },
+        queue: cfg.queue.limits(),
         max_batch_inputs: EMBED_BATCH_INPUTS,
         max_batch_tokens: EMBED_BATCH_TOKENS,
     };
@@ -379,43 +382,20 @@ fn start_generation(
     generation_models: usize,
     metrics: Metrics,
 ) -> anyhow::Result<wick_engine::Started> {
-    let device = wick_runner::parse_device(&m.device)?;
-    let weight_format = m.weight_format.parse()?;
-    let dtype = wick_runner::parse_dtype(&m.dtype)?;
+    let device = m.model.device.open()?;
+    let (weight_format, dtype) = (m.model.weight_format, m.model.dtype.dtype());
     let engine_cfg = EngineConfig {
-        scheduler: SchedulerConfig {
-            max_num_seqs: m.max_num_seqs,
-            max_num_batched_tokens: cfg.max_num_batched_tokens,
-            block_size: cfg.block_size,
-            // Set once the model is loaded (`kv_blocks`).
-            num_blocks: m.kv_cache_blocks.unwrap_or(1),
-            max_model_len: if m.max_model_len == 0 {
-                usize::MAX
-            } else {
-                m.max_model_len
-            },
-            enable_prefix_caching: cfg.enable_prefix_caching,
-            prefill_latency_share: cfg.prefill_latency_share,
-            prefill_tokens_per_decode: cfg.prefill_tokens_per_decode,
-            min_prefill_tokens_per_step: cfg.min_prefill_tokens_per_step,
-        },
-        queue: QueueLimits {
-            max_waiting_requests: cfg.max_waiting_requests,
-            max_waiting_prompt_tokens: cfg.max_waiting_prompt_tokens,
-        },
-        max_queue_time: (cfg.max_queue_time > 0.0)
-            .then(|| Duration::from_secs_f64(cfg.max_queue_time)),
+        scheduler: m.scheduler.scheduler_config(),
+        queue: cfg.queue.limits(),
+        max_queue_time: cfg.queue.max_queue_time(),
     };
-    let sizing = KvSizing {
-        blocks: m.kv_cache_blocks,
-        memory: m.kv_cache_memory,
-        // Several generation models share the memory.
-        fraction: cfg.kv_cache_memory_fraction / generation_models.max(1) as f64,
-        block_size: cfg.block_size,
-        max_num_seqs: m.max_num_seqs,
-        max_model_len: m.max_model_len,
-    };
-    let (spec, file, revision) = (m.model.clone(), m.model_file.clone(), m.revision.clone());
+    // Several generation models share the memory.
+    let sizing = m.scheduler.kv_sizing(generation_models);
+    let (spec, file, revision) = (
+        m.path.clone(),
+        m.model.file.clone(),
+        m.model.revision.clone(),
+    );
     let simd = simd_limit();
     wick_engine::start(engine_cfg, metrics, move || {
         // On the engine thread, so that /health/live answers during a Hub download.
@@ -548,69 +528,9 @@ impl StepRunner for FaultInjection {
     }
 }
 
-/// How the KV cache's size is chosen: blocks, else memory, else a share of what is available.
-struct KvSizing {
-    blocks: Option<usize>,
-    memory: Option<u64>,
-    fraction: f64,
-    block_size: usize,
-    max_num_seqs: usize,
-    /// 0: the model's own.
-    max_model_len: usize,
-}
-
-impl KvSizing {
-    fn blocks_for(
-        &self,
-        model: &wick_runner::Model,
-        device: &wick_runner::Device,
-    ) -> Result<(usize, String), String> {
-        let c = model.config();
-        let per_block =
-            KvCache::bytes_per_block(c, self.block_size, model.runs_on_host(), model.dtype())
-                as u64;
-        if let (None, Some(blocks)) = (self.memory, self.blocks) {
-            return Ok((blocks, "scheduler.kv_cache_blocks".into()));
-        }
-        let (bytes, what) = match self.memory {
-            Some(bytes) => (bytes, "scheduler.kv_cache_memory".to_string()),
-            None => {
-                let Some((bytes, bound)) =
-                    KvCache::default_bytes(model.runs_on_host(), device, self.fraction, 1)
-                else {
-                    tracing::warn!(
-                        "available memory unknown here: 1024 KV blocks (set --kv-cache-memory)"
-                    );
-                    return Ok((1024, "a fixed default (memory unknown)".into()));
-                };
-                // No more than the running sequences could ever fill.
-                let len = match self.max_model_len {
-                    0 => c.max_position_embeddings,
-                    n => n.min(c.max_position_embeddings),
-                };
-                let useful = (self.max_num_seqs * len.div_ceil(self.block_size)) as u64 * per_block;
-                if useful < bytes {
-                    (
-                        useful,
-                        format!("max_num_seqs full-length sequences (under {bound})"),
-                    )
-                } else {
-                    (bytes, format!("{} of {bound}", self.fraction))
-                }
-            }
-        };
-        match (bytes / per_block) as usize {
-            0 => Err(format!(
-                "{what} is smaller than one KV block ({per_block} bytes)"
-            )),
-            n => Ok((n, what)),
-        }
-    }
-}
-
 fn served_model(cfg: &ModelSettings, ready: Ready) -> anyhow::Result<ServedModel> {
     let a = ready.assets;
-    let source = match &cfg.chat_template {
+    let source = match &cfg.model.chat_template {
         Some(path) => Some(
             std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read the chat template {}", path.display()))?,

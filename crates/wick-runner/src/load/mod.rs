@@ -40,30 +40,70 @@ pub struct LoadedModel {
     pub assets: ModelAssets,
 }
 
-/// `cpu`, `cuda`, `cuda:N`, `metal` or `metal:N`. CUDA and Metal need the cargo feature of
-/// the same name; without it, selecting them is a clear error, not a silent CPU fallback.
-pub fn parse_device(spec: &str) -> Result<Device> {
-    let (kind, ordinal) = match spec.split_once(':') {
-        Some((k, n)) => {
-            let n = n
-                .parse::<usize>()
-                .map_err(|_| RunnerError::Device(spec.into(), "bad device ordinal".into()))?;
-            (k, n)
-        }
-        None => (spec, 0),
-    };
-    let dev = match kind {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(ordinal),
-        "metal" => Device::new_metal(ordinal),
-        _ => {
-            return Err(RunnerError::Device(
+/// Where a model runs, as the user names it: `cpu`, `cuda`, `cuda:N`, `metal` or `metal:N`.
+/// Parsed when the configuration is read; [`DeviceSpec::open`] makes the device when the
+/// model is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    Cuda(usize),
+    Metal(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = RunnerError;
+
+    fn from_str(spec: &str) -> Result<Self> {
+        let (kind, ordinal) = match spec.split_once(':') {
+            Some((k, n)) => {
+                let n = n
+                    .parse::<usize>()
+                    .map_err(|_| RunnerError::Device(spec.into(), "bad device ordinal".into()))?;
+                (k, n)
+            }
+            None => (spec, 0),
+        };
+        match kind {
+            "cpu" if ordinal == 0 => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(ordinal)),
+            "metal" => Ok(DeviceSpec::Metal(ordinal)),
+            _ => Err(RunnerError::Device(
                 spec.into(),
                 "expected cpu, cuda[:N] or metal[:N]".into(),
-            ))
+            )),
         }
-    };
-    dev.map_err(|e| RunnerError::Device(spec.into(), e.to_string()))
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(0) => f.write_str("cuda"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceSpec::Metal(0) => f.write_str("metal"),
+            DeviceSpec::Metal(n) => write!(f, "metal:{n}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// The device. CUDA and Metal need the cargo feature of the same name; without it,
+    /// selecting them is a clear error, not a silent CPU fallback.
+    pub fn open(self) -> Result<Device> {
+        let dev = match self {
+            DeviceSpec::Cpu => Ok(Device::Cpu),
+            DeviceSpec::Cuda(n) => Device::new_cuda(n),
+            DeviceSpec::Metal(n) => Device::new_metal(n),
+        };
+        dev.map_err(|e| RunnerError::Device(self.to_string(), e.to_string()))
+    }
+}
+
+/// `cpu`, `cuda`, `cuda:N`, `metal` or `metal:N`, opened (see [`DeviceSpec`]).
+pub fn parse_device(spec: &str) -> Result<Device> {
+    spec.parse::<DeviceSpec>()?.open()
 }
 
 /// The format the runner computes a GGUF file's linear layers in.
@@ -93,6 +133,16 @@ impl std::str::FromStr for WeightFormat {
     }
 }
 
+impl std::fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WeightFormat::Native => "native",
+            WeightFormat::Q8_0 => "q8_0",
+            WeightFormat::F32 => "f32",
+        })
+    }
+}
+
 /// How to load a model.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
@@ -109,17 +159,59 @@ pub struct LoadOptions {
     pub simd: crate::SimdLimit,
 }
 
-/// `auto`, `f32`, `bf16` or `f16`.
-pub fn parse_dtype(spec: &str) -> Result<Option<DType>> {
-    match spec {
-        "auto" => Ok(None),
-        "f32" => Ok(Some(DType::F32)),
-        "bf16" => Ok(Some(DType::BF16)),
-        "f16" => Ok(Some(DType::F16)),
-        other => Err(RunnerError::Unsupported(format!(
-            "dtype {other:?} (expected auto, f32, bf16 or f16)"
-        ))),
+/// What a Hugging Face model computes in: `auto` (f32 on the CPU, bf16 on a GPU), `f32`,
+/// `bf16` or `f16`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DTypeSpec {
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DTypeSpec {
+    /// The dtype; `None` for `auto`.
+    pub fn dtype(self) -> Option<DType> {
+        match self {
+            DTypeSpec::Auto => None,
+            DTypeSpec::F32 => Some(DType::F32),
+            DTypeSpec::Bf16 => Some(DType::BF16),
+            DTypeSpec::F16 => Some(DType::F16),
+        }
     }
+}
+
+impl std::str::FromStr for DTypeSpec {
+    type Err = RunnerError;
+
+    fn from_str(spec: &str) -> Result<Self> {
+        match spec {
+            "auto" => Ok(DTypeSpec::Auto),
+            "f32" => Ok(DTypeSpec::F32),
+            "bf16" => Ok(DTypeSpec::Bf16),
+            "f16" => Ok(DTypeSpec::F16),
+            other => Err(RunnerError::Unsupported(format!(
+                "dtype {other:?} (expected auto, f32, bf16 or f16)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for DTypeSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DTypeSpec::Auto => "auto",
+            DTypeSpec::F32 => "f32",
+            DTypeSpec::Bf16 => "bf16",
+            DTypeSpec::F16 => "f16",
+        })
+    }
+}
+
+/// `auto`, `f32`, `bf16` or `f16` (see [`DTypeSpec`]).
+pub fn parse_dtype(spec: &str) -> Result<Option<DType>> {
+    Ok(spec.parse::<DTypeSpec>()?.dtype())
 }
 
 /// Where the weights go and what the forward computes in.
