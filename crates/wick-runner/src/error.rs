@@ -22,6 +22,8 @@ pub enum RunnerError {
     Tokenizer(String),
     #[error("device {0:?}: {1}")]
     Device(String, String),
+    #[error("{what} is smaller than one KV block ({per_block} bytes)")]
+    KvCacheTooSmall { what: String, per_block: u64 },
     #[error("step: {0}")]
     Step(String),
     #[error(transparent)]

@@ -112,8 +112,9 @@ impl KvCache {
 
     /// Bytes to give the cache by default: `fraction` of the memory available now (after the
     /// weights are loaded: the host's when `host`, the smaller of `MemAvailable` and the
-    /// memory cgroup's room; else the GPU's; several models in one process each take their
-    /// share of it), with what bounded it. `None` where the platform does not say how much is available.
+    /// memory cgroup's room; else the GPU's), with what bounded it. `None` where the platform
+    /// does not say how much is available. Several models in one process each pass their
+    /// share as `fraction`.
     pub fn default_bytes(host: bool, device: &Device, fraction: f64) -> Option<(u64, String)> {
         let (available, bound) = if host {
             let m = crate::memory::host_memory()?;
@@ -142,19 +143,29 @@ pub struct KvSizing {
     pub max_model_len: usize,
 }
 
+/// The KV cache's size as [`KvSizing`] chose it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvSize {
+    pub blocks: usize,
+    pub bytes: u64,
+    /// What chose it (for the log).
+    pub sized_by: String,
+}
+
 impl KvSizing {
-    /// The number of blocks for `model` on `device`, and what sized it (for the log).
-    pub fn blocks_for(
-        &self,
-        model: &crate::Model,
-        device: &Device,
-    ) -> std::result::Result<(usize, String), String> {
+    /// The KV cache's size for `model` on `device`.
+    pub fn size_for(&self, model: &crate::Model, device: &Device) -> Result<KvSize> {
         let c = model.config();
         let per_block =
             KvCache::bytes_per_block(c, self.block_size, model.runs_on_host(), model.dtype())
                 as u64;
+        let size = |blocks: usize, sized_by: String| KvSize {
+            blocks,
+            bytes: blocks as u64 * per_block,
+            sized_by,
+        };
         if let (None, Some(blocks)) = (self.memory, self.blocks) {
-            return Ok((blocks, "scheduler.kv_cache_blocks".into()));
+            return Ok(size(blocks, "scheduler.kv_cache_blocks".into()));
         }
         let (bytes, what) = match self.memory {
             Some(bytes) => (bytes, "scheduler.kv_cache_memory".to_string()),
@@ -165,7 +176,7 @@ impl KvSizing {
                     tracing::warn!(
                         "available memory unknown here: 1024 KV blocks (set --kv-cache-memory)"
                     );
-                    return Ok((1024, "a fixed default (memory unknown)".into()));
+                    return Ok(size(1024, "a fixed default (memory unknown)".into()));
                 };
                 // No more than the running sequences could ever fill.
                 let len = match self.max_model_len {
@@ -184,10 +195,8 @@ impl KvSizing {
             }
         };
         match (bytes / per_block) as usize {
-            0 => Err(format!(
-                "{what} is smaller than one KV block ({per_block} bytes)"
-            )),
-            n => Ok((n, what)),
+            0 => Err(crate::RunnerError::KvCacheTooSmall { what, per_block }),
+            n => Ok(size(n, what)),
         }
     }
 }

@@ -48,7 +48,7 @@ pub use cpu::SimdLimit;
 pub use embedding::{EmbeddingModel, Pooling};
 pub use error::RunnerError;
 pub use gguf::write_tokenizer_gguf;
-pub use kv_cache::{CacheConfig, KvCache, KvSizing};
+pub use kv_cache::{CacheConfig, KvCache, KvSize, KvSizing};
 pub use load::{
     load, load_assets, parse_device, parse_dtype, DTypeSpec, DeviceSpec, LoadOptions, LoadedModel,
     ModelAssets, WeightFormat,

@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 
 use wick_core::Metrics;
 use wick_engine::{EmbedConfig, EngineConfig, Loaded, Ready, StepRunner};
-use wick_runner::{CacheConfig, KvCache, LoadOptions, Runner};
+use wick_runner::{CacheConfig, LoadOptions, Runner};
 use wick_server::{
     AppState, Backend, BrowserPolicy, ChatTemplate, EmbeddingModelInfo, Grammars, ModelEntry,
     ServedModel, ServerOptions,
@@ -411,14 +411,16 @@ fn start_generation(
             },
         )
         .map_err(|e| e.to_string())?;
-        let (num_blocks, sized_by) = sizing.blocks_for(&loaded.model, &device)?;
+        let kv = sizing
+            .size_for(&loaded.model, &device)
+            .map_err(|e| e.to_string())?;
+        let num_blocks = kv.blocks;
         let m = &loaded.model;
         let c = m.config();
-        let per_block = KvCache::bytes_per_block(c, sizing.block_size, m.runs_on_host(), m.dtype());
         tracing::info!(
             kv_cache_blocks = num_blocks,
-            kv_cache_mib = (num_blocks * per_block) >> 20,
-            kv_cache_sized_by = %sized_by,
+            kv_cache_mib = kv.bytes >> 20,
+            kv_cache_sized_by = %kv.sized_by,
             family = c.family,
             parameters_m = c.parameters() / 1_000_000,
             weights = %m.weight_types(),

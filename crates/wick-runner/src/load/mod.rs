@@ -118,28 +118,53 @@ pub enum WeightFormat {
     F32,
 }
 
+impl WeightFormat {
+    const NAMES: [(Self, &'static str); 3] = [
+        (Self::Native, "native"),
+        (Self::Q8_0, "q8_0"),
+        (Self::F32, "f32"),
+    ];
+}
+
 impl std::str::FromStr for WeightFormat {
     type Err = RunnerError;
 
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "native" => Ok(Self::Native),
-            "q8_0" => Ok(Self::Q8_0),
-            "f32" => Ok(Self::F32),
-            other => Err(RunnerError::Unsupported(format!(
-                "weight format {other:?} (expected native, q8_0 or f32)"
-            ))),
-        }
+        named(&Self::NAMES, s).ok_or_else(|| {
+            RunnerError::Unsupported(format!(
+                "weight format {s:?} (expected {})",
+                one_of(&Self::NAMES)
+            ))
+        })
     }
 }
 
 impl std::fmt::Display for WeightFormat {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            WeightFormat::Native => "native",
-            WeightFormat::Q8_0 => "q8_0",
-            WeightFormat::F32 => "f32",
-        })
+        f.write_str(name(&Self::NAMES, *self))
+    }
+}
+
+/// The value called `s` in an enum's table of names.
+fn named<T: Copy>(names: &[(T, &str)], s: &str) -> Option<T> {
+    names.iter().find(|(_, n)| *n == s).map(|(v, _)| *v)
+}
+
+/// The name of `value` in an enum's table of names (which lists every value).
+fn name<T: Copy + PartialEq>(names: &[(T, &'static str)], value: T) -> &'static str {
+    names
+        .iter()
+        .find(|(v, _)| *v == value)
+        .map_or("", |(_, n)| n)
+}
+
+/// The names as a list for an error message: `a, b or c`.
+fn one_of<T>(names: &[(T, &str)]) -> String {
+    let names: Vec<&str> = names.iter().map(|(_, n)| *n).collect();
+    match names.split_last() {
+        Some((last, [])) => last.to_string(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
     }
 }
 
@@ -171,6 +196,13 @@ pub enum DTypeSpec {
 }
 
 impl DTypeSpec {
+    const NAMES: [(Self, &'static str); 4] = [
+        (Self::Auto, "auto"),
+        (Self::F32, "f32"),
+        (Self::Bf16, "bf16"),
+        (Self::F16, "f16"),
+    ];
+
     /// The dtype; `None` for `auto`.
     pub fn dtype(self) -> Option<DType> {
         match self {
@@ -186,26 +218,18 @@ impl std::str::FromStr for DTypeSpec {
     type Err = RunnerError;
 
     fn from_str(spec: &str) -> Result<Self> {
-        match spec {
-            "auto" => Ok(DTypeSpec::Auto),
-            "f32" => Ok(DTypeSpec::F32),
-            "bf16" => Ok(DTypeSpec::Bf16),
-            "f16" => Ok(DTypeSpec::F16),
-            other => Err(RunnerError::Unsupported(format!(
-                "dtype {other:?} (expected auto, f32, bf16 or f16)"
-            ))),
-        }
+        named(&Self::NAMES, spec).ok_or_else(|| {
+            RunnerError::Unsupported(format!(
+                "dtype {spec:?} (expected {})",
+                one_of(&Self::NAMES)
+            ))
+        })
     }
 }
 
 impl std::fmt::Display for DTypeSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            DTypeSpec::Auto => "auto",
-            DTypeSpec::F32 => "f32",
-            DTypeSpec::Bf16 => "bf16",
-            DTypeSpec::F16 => "f16",
-        })
+        f.write_str(name(&Self::NAMES, *self))
     }
 }
 
@@ -308,4 +332,28 @@ fn model_name(path: &Path, file: bool) -> String {
     };
     n.map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_names_round_trip_and_bad_ones_list_the_choices() {
+        for (v, n) in WeightFormat::NAMES {
+            assert_eq!(v.to_string(), n);
+            assert_eq!(n.parse::<WeightFormat>().unwrap(), v);
+        }
+        for (v, n) in DTypeSpec::NAMES {
+            assert_eq!(v.to_string(), n);
+            assert_eq!(n.parse::<DTypeSpec>().unwrap(), v);
+        }
+        for d in [DeviceSpec::Cpu, DeviceSpec::Cuda(0), DeviceSpec::Metal(3)] {
+            assert_eq!(d.to_string().parse::<DeviceSpec>().unwrap(), d);
+        }
+        let e = "q4".parse::<WeightFormat>().unwrap_err().to_string();
+        assert!(e.ends_with("(expected native, q8_0 or f32)"), "{e}");
+        let e = "f64".parse::<DTypeSpec>().unwrap_err().to_string();
+        assert!(e.ends_with("(expected auto, f32, bf16 or f16)"), "{e}");
+    }
 }
