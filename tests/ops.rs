@@ -240,6 +240,68 @@ async fn config_file_then_environment_then_flags() {
     assert_eq!(with_flag.metric("wick_kv_cache_blocks").await, 300.0);
 }
 
+/// `--max-tokens-default` is the output budget of a chat or Responses request that sets
+/// none, never more than the context leaves; a request's own limit wins; completions keep
+/// OpenAI's 16.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_tokens_default_bounds_a_request_that_sets_no_limit() {
+    let s = Server::start(&["--max-tokens-default", "12", "--max-model-len", "64"]).await;
+    let unbounded = |content: &str| {
+        let mut body = chat(content, 0);
+        body.as_object_mut().unwrap().remove("max_tokens");
+        body["ignore_eos"] = json!(true);
+        body
+    };
+    let (status, v) = s
+        .post_json("/v1/chat/completions", &unbounded("Tell me a story."))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 12, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+
+    // A prompt that leaves fewer than 12 positions gets what is left.
+    let long = unbounded(&"Tell me a story about a dragon and a knight. ".repeat(2));
+    let (status, v) = s.post_json("/v1/chat/completions", &long).await;
+    assert_eq!(status, 200, "{v}");
+    let (prompt, completion) = (
+        &v["usage"]["prompt_tokens"],
+        &v["usage"]["completion_tokens"],
+    );
+    assert!(completion.as_u64().unwrap() < 12, "{v}");
+    assert_eq!(
+        prompt.as_u64().unwrap() + completion.as_u64().unwrap(),
+        64,
+        "{v}"
+    );
+
+    let mut body = unbounded("Tell me a story.");
+    body["max_tokens"] = json!(5);
+    let (status, v) = s.post_json("/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 5, "{v}");
+
+    let (status, v) = s
+        .post_json(
+            "/v1/responses",
+            &json!({"model": "smollm2", "input": "Tell me a story.", "temperature": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    // The model may end its turn first; it never goes past the default.
+    let out = v["usage"]["output_tokens"].as_u64().unwrap();
+    assert!((1..=12).contains(&out), "{v}");
+
+    let (status, v) = s
+        .post_json(
+            "/v1/completions",
+            &json!({"model": "smollm2", "prompt": "Once upon a time", "temperature": 0,
+                    "ignore_eos": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 16, "{v}");
+}
+
 /// Without a size, the KV cache takes a share of the memory available: with the default
 /// share, the default model's cap (32 sequences of its 8,192 positions, 16,384 blocks of 16)
 /// on any machine with 12 GiB free, some share of it on a smaller one; with a tiny share, a

@@ -281,7 +281,8 @@ pub(crate) fn merge(runs: Vec<Run>) -> impl Stream<Item = (usize, Piece)> + Send
     stream::select_all(runs.into_iter().map(|r| r.into_stream().boxed()))
 }
 
-/// How many tokens a request may generate, or a 400 if the prompt leaves no room.
+/// How many tokens a request may generate (without `max_tokens`: the model's default, never
+/// more than the context leaves), or a 400 if the prompt leaves no room.
 pub(crate) fn output_budget(
     model: &ServedModel,
     prompt_len: usize,
@@ -303,7 +304,9 @@ pub(crate) fn output_budget(
             code: Some("context_length_exceeded"),
         }),
         Some(m) => Ok(m),
-        None => Ok(limit - prompt_len),
+        None => Ok(model
+            .max_tokens_default
+            .map_or(limit - prompt_len, |d| d.min(limit - prompt_len))),
     }
 }
 

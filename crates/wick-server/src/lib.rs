@@ -70,6 +70,8 @@ pub struct ServedModel {
     pub max_model_len: usize,
     /// The context the model was trained for.
     pub context_length: usize,
+    /// The output budget of a request that sets none (`None`: what the context leaves).
+    pub max_tokens_default: Option<usize>,
     /// Token ids below this are valid.
     pub vocab_size: usize,
     /// Grammar compilation for structured output; `None` if it could not be set up for

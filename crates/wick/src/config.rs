@@ -130,6 +130,10 @@ pub struct ModelSection {
     #[arg(long, env = "WICK_DTYPE", default_value = "auto")]
     #[serde(with = "text")]
     pub dtype: DTypeSpec,
+    /// Output tokens a request may generate when it sets no max_tokens (max_completion_tokens,
+    /// max_output_tokens); never more than the context leaves; 0 means the context's remainder. [key: model.max_tokens_default]
+    #[arg(long, env = "WICK_MAX_TOKENS_DEFAULT", default_value_t = 0)]
+    pub max_tokens_default: usize,
 }
 
 /// `[scheduler]`: batching and the KV cache (each `[[models]]` entry may set its own).

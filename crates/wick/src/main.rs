@@ -577,6 +577,8 @@ fn served_model(cfg: &ModelSettings, ready: Ready) -> anyhow::Result<ServedModel
         stop_token_ids: a.stop_token_ids,
         max_model_len: ready.max_model_len,
         context_length: a.max_model_len,
+        max_tokens_default: (cfg.model.max_tokens_default > 0)
+            .then_some(cfg.model.max_tokens_default),
     })
 }
 
