@@ -875,3 +875,105 @@ async fn a_fenced_json_call_from_qwen_1_5b_is_a_tool_call() {
     );
     assert_eq!(serde_json::from_str::<Value>(&streamed).unwrap(), arguments);
 }
+
+/// One rule on every endpoint: a field the endpoint does not know is a 400
+/// `unknown_parameter` naming it (in Anthropic's shape under /v1/messages), never ignored.
+/// Where `model` is optional (/tokenize, /detokenize) and two models are served, a request
+/// that names none is a 400 on `model`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_refuses_unknown_fields_and_tokenize_needs_a_model_among_two() {
+    let minilm = common::fetch_model("minilm");
+    let mut args = model_args(&common::model_path(), "smollm2", &[]);
+    args.extend(
+        [
+            "--model",
+            minilm.to_str().unwrap(),
+            "--served-model-name",
+            "minilm",
+        ]
+        .map(String::from),
+    );
+    let s = Server::start_with(&args, &[]).await;
+    let m = json!([{"role": "user", "content": "Hi"}]);
+    let table = [
+        (
+            "/v1/chat/completions",
+            json!({"model": "smollm2", "messages": m, "max_tokens": 2}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "smollm2", "prompt": "Hi", "max_tokens": 2}),
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "smollm2", "input": "Hi", "max_output_tokens": 2}),
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "smollm2", "messages": m, "max_tokens": 2}),
+        ),
+        (
+            "/v1/messages/count_tokens",
+            json!({"model": "smollm2", "messages": m}),
+        ),
+        ("/v1/embeddings", json!({"model": "minilm", "input": "Hi"})),
+        ("/tokenize", json!({"model": "smollm2", "prompt": "Hi"})),
+        ("/detokenize", json!({"model": "smollm2", "tokens": [1, 2]})),
+    ];
+    for (path, body) in table {
+        let (status, v) = s.post_json(path, &body).await;
+        assert_eq!(status, 200, "{path}: the valid request: {v}");
+        let mut bad = body.clone();
+        bad["frobnicate"] = json!(1);
+        let (status, v) = s.post_json(path, &bad).await;
+        assert_eq!(status, 400, "{path}: {v}");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("frobnicate"), "{path}: {v}");
+        if path.starts_with("/v1/messages") {
+            assert_eq!(v["type"], "error", "{path}: {v}");
+            assert_eq!(v["error"]["type"], "invalid_request_error", "{path}: {v}");
+        } else {
+            assert_eq!(v["error"]["code"], "unknown_parameter", "{path}: {v}");
+            assert_eq!(v["error"]["param"], "frobnicate", "{path}: {v}");
+        }
+    }
+
+    for (path, body) in [
+        ("/tokenize", json!({"prompt": "Hi"})),
+        ("/detokenize", json!({"tokens": [1, 2]})),
+    ] {
+        let (status, v) = s.post_json(path, &body).await;
+        assert_eq!(status, 400, "{path}: {v}");
+        assert_eq!(v["error"]["param"], "model", "{path}: {v}");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("`smollm2`") && message.contains("`minilm`"),
+            "{v}"
+        );
+    }
+    let (status, v) = s
+        .post_json(
+            "/tokenize",
+            &json!({"model": "smollm2", "prompt": "Hello there"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["count"], v["tokens"].as_array().unwrap().len(), "{v}");
+    let (status, v) = s
+        .post_json(
+            "/detokenize",
+            &json!({"model": "smollm2", "tokens": v["tokens"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        v["prompt"].as_str().unwrap().ends_with("Hello there"),
+        "{v}"
+    );
+    // The embedding model has no generation tokenizer route: named, it is a 400 on `model`.
+    let (status, v) = s
+        .post_json("/tokenize", &json!({"model": "minilm", "prompt": "Hi"}))
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "model", "{v}");
+}

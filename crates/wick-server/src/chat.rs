@@ -18,7 +18,7 @@ use crate::openai::{
 };
 use crate::routes::{generation_body, json_event, reply_id, sse, unix_now};
 use crate::validate::parse_chat;
-use crate::{logprobs, ApiError, AppState, RequestTag};
+use crate::{logprobs, ApiError, AppState, RequestTag, Selected};
 
 /// Chat completion: JSON, or with `stream: true` an SSE stream of `ChatCompletionChunk`s
 /// ending with `data: [DONE]`.
@@ -60,7 +60,7 @@ struct Reply {
     id: String,
     created: u64,
     model: String,
-    state: AppState,
+    state: Selected,
 }
 
 impl Reply {

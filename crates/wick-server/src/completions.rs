@@ -15,7 +15,7 @@ use crate::generation::{finish_all, merge, start, total_usage, GenToken, Piece, 
 use crate::openai::{Completion, CompletionChoice, CompletionLogprobs, Usage};
 use crate::routes::{generation_body, json_event, reply_id, sse, unix_now};
 use crate::validate::parse_completion;
-use crate::{logprobs, ApiError, AppState, RequestTag};
+use crate::{logprobs, ApiError, AppState, RequestTag, Selected};
 
 /// Text completion of raw prompts: JSON, or with `stream: true` SSE.
 #[utoipa::path(
@@ -56,7 +56,7 @@ struct Reply {
     id: String,
     created: u64,
     model: String,
-    state: AppState,
+    state: Selected,
 }
 
 impl Reply {

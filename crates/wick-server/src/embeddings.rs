@@ -19,7 +19,8 @@ use utoipa::ToSchema;
 use wick_core::EmbedRequest;
 
 use crate::generation::submit_error;
-use crate::routes::{blocking, generation_body, parse};
+use crate::routes::{blocking, generation_body};
+use crate::validate::parse_object;
 use crate::{check_vocabulary, ApiError, AppState};
 
 /// Most inputs in one request (OpenAI's limit).
@@ -38,6 +39,16 @@ pub struct EmbeddingModelInfo {
     /// Token ids below this are valid.
     pub vocab_size: usize,
 }
+
+/// The fields of [`EmbeddingRequest`]: any other is refused, as on every endpoint.
+const FIELDS: &[&str] = &[
+    "model",
+    "input",
+    "encoding_format",
+    "dimensions",
+    "truncate_prompt_tokens",
+    "user",
+];
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub(crate) struct EmbeddingRequest {
@@ -237,7 +248,7 @@ pub(crate) async fn embeddings(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<EmbeddingList>, ApiError> {
     let body = generation_body(&state, body)?;
-    let req: EmbeddingRequest = parse(&body)?;
+    let req: EmbeddingRequest = parse_object(&body, &[FIELDS], &["model", "input"])?;
     let state = state.select(&req.model)?;
     let (model, _) = state.embedding_model()?;
     let base64 = match req.encoding_format.as_deref() {

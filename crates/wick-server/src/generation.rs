@@ -20,7 +20,7 @@ use crate::structured::{Grammars, ResponseFormat};
 use crate::tools::parse::{Out, OutputParser, Thinking};
 use crate::tools::{ToolFormat, ToolSpec};
 use crate::validate::{GenInput, GenRequest, PromptInput};
-use crate::{ApiError, AppState, RequestTag, ServedModel};
+use crate::{ApiError, AppState, RequestTag, Selected, ServedModel};
 
 /// One generated token, with its log-probabilities if asked for.
 #[derive(Debug, Clone)]
@@ -312,8 +312,8 @@ pub(crate) fn output_budget(
 
 /// A generation under way: one run per choice, and what every answer reports.
 pub(crate) struct Submitted {
-    /// The state with the request's model selected.
-    pub state: AppState,
+    /// The request's model.
+    pub state: Selected,
     pub runs: Vec<Run>,
     pub prompts: Vec<Vec<u32>>,
     /// The served model's name.
@@ -463,7 +463,7 @@ pub(crate) async fn count_prompt(state: &AppState, req: GenRequest) -> Result<us
 
 /// The prompts' token ids (chat messages rendered with the template, and the tools when
 /// they are in play), and where the output starts relative to the model's thinking.
-fn tokenize(
+pub(crate) fn tokenize(
     model: &ServedModel,
     input: GenInput,
     tools: &ToolSpec,
@@ -493,7 +493,7 @@ fn tokenize(
 
 /// The tools' grammar, one per choice, compiled on a blocking thread.
 async fn compile_tools(
-    state: &AppState,
+    state: &Selected,
     format: ToolFormat,
     spec: &ToolSpec,
     count: usize,
@@ -508,7 +508,7 @@ async fn compile_tools(
 
 /// One grammar per choice, compiled on a blocking thread (never on the engine's).
 async fn compile(
-    state: &AppState,
+    state: &Selected,
     format: &ResponseFormat,
     count: usize,
 ) -> Result<Vec<Option<Box<dyn TokenConstraint>>>, ApiError> {
@@ -527,7 +527,7 @@ async fn compile(
 /// `count` constraints made by `make` from the model's grammar support, on a blocking
 /// thread; a 400 naming `param` where the model's tokenizer has none.
 async fn compile_each<F>(
-    state: &AppState,
+    state: &Selected,
     param: &'static str,
     unsupported: &'static str,
     count: usize,
@@ -545,7 +545,7 @@ where
     .await
 }
 
-pub(crate) fn submit_error(state: &AppState, e: SubmitError) -> ApiError {
+pub(crate) fn submit_error(state: &Selected, e: SubmitError) -> ApiError {
     match e {
         SubmitError::QueueFull {
             waiting,

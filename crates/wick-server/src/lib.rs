@@ -233,13 +233,19 @@ struct Inner {
 }
 
 /// Shared by every handler; cheap to clone. It serves one or several models, each with its
-/// own engine; a handler picks the request's model with [`AppState::select`] and then sees
-/// that model's engine, metrics and tokenizer.
+/// own engine; a handler picks the request's model with [`AppState::select`], and the
+/// [`Selected`] it gets is the only way to that model's engine, metrics and tokenizer.
 #[derive(Clone)]
 pub struct AppState {
     inner: Arc<Inner>,
-    /// The selected model (the first until a handler selects).
-    current: usize,
+}
+
+/// The model a request named: its engine, its series and, once loaded, what the front end
+/// knows of it. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Selected {
+    inner: Arc<Inner>,
+    index: usize,
 }
 
 impl AppState {
@@ -285,7 +291,6 @@ impl AppState {
                 next_id: AtomicU64::new(1),
                 drain: Arc::default(),
             }),
-            current: 0,
         }
     }
 
@@ -308,22 +313,41 @@ impl AppState {
         self.inner.slots.iter().find(|s| s.name == name)
     }
 
-    fn slot(&self) -> &Slot {
-        &self.inner.slots[self.current]
-    }
-
-    /// This state with `requested` selected, or a 404 `model_not_found`.
-    pub(crate) fn select(&self, requested: &str) -> Result<AppState, ApiError> {
+    /// The model named `requested`, or a 404 `model_not_found`.
+    pub(crate) fn select(&self, requested: &str) -> Result<Selected, ApiError> {
         let index = self
             .inner
             .slots
             .iter()
             .position(|s| s.name == requested)
             .ok_or_else(|| ApiError::ModelNotFound(requested.to_string()))?;
-        Ok(AppState {
+        Ok(Selected {
             inner: Arc::clone(&self.inner),
-            current: index,
+            index,
         })
+    }
+
+    /// Where `model` is optional (`/tokenize`): the model named, else the only one served,
+    /// else a 400 on `model` listing the names.
+    pub(crate) fn select_or_only(&self, requested: Option<&str>) -> Result<Selected, ApiError> {
+        match (requested, &self.inner.slots[..]) {
+            (Some(name), _) => self.select(name),
+            (None, [_]) => Ok(Selected {
+                inner: Arc::clone(&self.inner),
+                index: 0,
+            }),
+            (None, slots) => {
+                let names: Vec<String> = slots.iter().map(|s| format!("`{}`", s.name)).collect();
+                Err(ApiError::invalid(
+                    "model",
+                    format!(
+                        "this server serves {} models ({}): name one in 'model'",
+                        slots.len(),
+                        names.join(", ")
+                    ),
+                ))
+            }
+        }
     }
 
     /// 503 until every model is loaded (or once an engine has failed for good).
@@ -337,47 +361,6 @@ impl AppState {
             }
         }
         Ok(())
-    }
-
-    /// The selected generation model, once loaded and while its engine runs; a 400 for an
-    /// embedding model.
-    pub(crate) fn model(&self) -> Result<&ServedModel, ApiError> {
-        let slot = self.slot();
-        if slot.backend.has_failed() {
-            return Err(ApiError::EngineStopped);
-        }
-        match slot.loaded.get() {
-            Some(ReadyModel::Generate(m)) => Ok(m),
-            Some(ReadyModel::Embed(m)) => Err(ApiError::invalid(
-                "model",
-                format!(
-                    "`{}` is an embedding model: it serves /v1/embeddings, not text generation",
-                    m.name
-                ),
-            )),
-            None => Err(ApiError::NotReady),
-        }
-    }
-
-    /// The selected embedding model and its queue; a 400 for a generation model.
-    pub(crate) fn embedding_model(
-        &self,
-    ) -> Result<(&embeddings::EmbeddingModelInfo, &EmbedHandle), ApiError> {
-        let slot = self.slot();
-        if slot.backend.has_failed() {
-            return Err(ApiError::EngineStopped);
-        }
-        match (slot.loaded.get(), &slot.backend) {
-            (Some(ReadyModel::Embed(m)), Backend::Embed(h)) => Ok((m, h)),
-            (Some(ReadyModel::Generate(m)), _) => Err(ApiError::invalid(
-                "model",
-                format!(
-                    "`{}` is a text generation model, not an embedding model: it cannot serve /v1/embeddings",
-                    m.name
-                ),
-            )),
-            _ => Err(ApiError::NotReady),
-        }
     }
 
     pub(crate) fn api_key(&self) -> Option<&str> {
@@ -462,21 +445,6 @@ impl AppState {
         });
     }
 
-    /// The selected generation model's engine.
-    pub(crate) fn engine(&self) -> Result<&EngineHandle, ApiError> {
-        match &self.slot().backend {
-            Backend::Generate(h) => Ok(h),
-            Backend::Embed(_) => Err(ApiError::Internal(
-                "a generation request reached an embedding model's queue".into(),
-            )),
-        }
-    }
-
-    /// The selected model's series.
-    pub(crate) fn metrics(&self) -> &Metrics {
-        &self.slot().metrics
-    }
-
     /// Every model's series, in one exposition.
     pub(crate) fn render_metrics(&self) -> String {
         let all: Vec<&Metrics> = self.inner.slots.iter().map(|s| &s.metrics).collect();
@@ -511,9 +479,71 @@ impl AppState {
     fn loaded(&self) -> impl Iterator<Item = &ReadyModel> {
         self.inner.slots.iter().filter_map(|s| s.loaded.get())
     }
+}
 
-    /// The selected model, once loaded.
-    fn selected(&self) -> Option<&ReadyModel> {
+impl Selected {
+    fn slot(&self) -> &Slot {
+        &self.inner.slots[self.index]
+    }
+
+    /// The generation model, once loaded and while its engine runs; a 400 for an
+    /// embedding model.
+    pub(crate) fn model(&self) -> Result<&ServedModel, ApiError> {
+        let slot = self.slot();
+        if slot.backend.has_failed() {
+            return Err(ApiError::EngineStopped);
+        }
+        match slot.loaded.get() {
+            Some(ReadyModel::Generate(m)) => Ok(m),
+            Some(ReadyModel::Embed(m)) => Err(ApiError::invalid(
+                "model",
+                format!(
+                    "`{}` is an embedding model: it serves /v1/embeddings, not text generation",
+                    m.name
+                ),
+            )),
+            None => Err(ApiError::NotReady),
+        }
+    }
+
+    /// The embedding model and its queue; a 400 for a generation model.
+    pub(crate) fn embedding_model(
+        &self,
+    ) -> Result<(&embeddings::EmbeddingModelInfo, &EmbedHandle), ApiError> {
+        let slot = self.slot();
+        if slot.backend.has_failed() {
+            return Err(ApiError::EngineStopped);
+        }
+        match (slot.loaded.get(), &slot.backend) {
+            (Some(ReadyModel::Embed(m)), Backend::Embed(h)) => Ok((m, h)),
+            (Some(ReadyModel::Generate(m)), _) => Err(ApiError::invalid(
+                "model",
+                format!(
+                    "`{}` is a text generation model, not an embedding model: it cannot serve /v1/embeddings",
+                    m.name
+                ),
+            )),
+            _ => Err(ApiError::NotReady),
+        }
+    }
+
+    /// The generation model's engine.
+    pub(crate) fn engine(&self) -> Result<&EngineHandle, ApiError> {
+        match &self.slot().backend {
+            Backend::Generate(h) => Ok(h),
+            Backend::Embed(_) => Err(ApiError::Internal(
+                "a generation request reached an embedding model's queue".into(),
+            )),
+        }
+    }
+
+    /// The model's series.
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.slot().metrics
+    }
+
+    /// The model, once loaded.
+    pub(crate) fn loaded(&self) -> Option<&ReadyModel> {
         self.slot().loaded.get()
     }
 

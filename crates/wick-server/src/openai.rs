@@ -353,7 +353,6 @@ pub struct ModelCard {
 
 /// `POST /tokenize`: text (`prompt`) or chat `messages` rendered with the template.
 #[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct TokenizeRequest {
     pub model: Option<String>,
     pub prompt: Option<String>,
@@ -370,12 +369,17 @@ pub struct TokenizeResponse {
     pub max_model_len: usize,
 }
 
+/// The fields of [`TokenizeRequest`], for the unknown-field check.
+pub const TOKENIZE_FIELDS: &[&str] = &["model", "prompt", "messages", "tools"];
+
 #[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct DetokenizeRequest {
     pub model: Option<String>,
     pub tokens: Vec<u32>,
 }
+
+/// The fields of [`DetokenizeRequest`], for the unknown-field check.
+pub const DETOKENIZE_FIELDS: &[&str] = &["model", "tokens"];
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DetokenizeResponse {

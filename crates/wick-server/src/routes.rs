@@ -8,13 +8,14 @@ use axum::http::{header, StatusCode, Uri};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::de::DeserializeOwned;
 
+use crate::generation;
 use crate::openai::{
     DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
+    DETOKENIZE_FIELDS, TOKENIZE_FIELDS,
 };
 use crate::tools::{openai_tools, ToolSpec};
-use crate::validate::messages_from;
+use crate::validate::{messages_from, parse_object, GenInput, PromptInput};
 use crate::{ApiError, AppState, ReadyModel};
 
 pub(crate) fn unix_now() -> u64 {
@@ -89,14 +90,6 @@ pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, A
     })
 }
 
-pub(crate) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let param = e.path().to_string();
-        ApiError::invalid(param.trim_start_matches('.'), e.inner().to_string())
-    })
-}
-
 #[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList)))]
 pub(crate) async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
     state.ready()?;
@@ -121,8 +114,8 @@ pub(crate) async fn model(
     Path(name): Path<String>,
 ) -> Result<Json<ModelCard>, ApiError> {
     state.ready()?;
-    let state = state.select(&name)?;
-    let m = state.selected().ok_or(ApiError::NotReady)?;
+    let selected = state.select(&name)?;
+    let m = selected.loaded().ok_or(ApiError::NotReady)?;
     Ok(Json(card(m, unix_now())))
 }
 
@@ -161,21 +154,21 @@ pub(crate) async fn tokenize(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
     let body = body_bytes(body)?;
-    let req: TokenizeRequest = parse(&body)?;
-    let state = match &req.model {
-        Some(name) => state.select(name)?,
-        None => state,
-    };
+    let req: TokenizeRequest = parse_object(&body, &[TOKENIZE_FIELDS], &[])?;
+    let state = state.select_or_only(req.model.as_deref())?;
     let model = state.model()?;
-    let text = match (req.prompt, req.messages) {
-        (Some(p), None) => p,
+    let max_model_len = model.max_model_len;
+    let (input, tools, param) = match (req.prompt, req.messages) {
+        (Some(p), None) => (
+            GenInput::Prompts(vec![PromptInput::Text(p)]),
+            ToolSpec::none(),
+            "prompt",
+        ),
         (None, Some(m)) => {
             let tools =
                 ToolSpec::new(openai_tools(req.tools.as_ref(), true)?, None, true, "tools")?;
-            model
-                .chat_template()?
-                .render(&messages_from(&m)?, tools.template_values().as_deref())
-                .map_err(|e| ApiError::invalid("messages", e.to_string()))?
+            model.chat_template()?;
+            (GenInput::Chat(messages_from(&m)?), tools, "messages")
         }
         _ => {
             return Err(ApiError::invalid(
@@ -184,11 +177,14 @@ pub(crate) async fn tokenize(
             ))
         }
     };
-    let tokens = model.encode(&text, "prompt")?;
+    // Templating and tokenizing as a generation request does, off the reactor.
+    let (mut prompts, _) =
+        blocking(move || generation::tokenize(state.model()?, input, &tools, param)).await?;
+    let tokens = prompts.pop().unwrap_or_default();
     Ok(Json(TokenizeResponse {
         count: tokens.len(),
         tokens,
-        max_model_len: model.max_model_len,
+        max_model_len,
     }))
 }
 
@@ -204,17 +200,17 @@ pub(crate) async fn detokenize(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<DetokenizeResponse>, ApiError> {
     let body = body_bytes(body)?;
-    let req: DetokenizeRequest = parse(&body)?;
-    let state = match &req.model {
-        Some(name) => state.select(name)?,
-        None => state,
-    };
-    let model = state.model()?;
-    let tokens = model.check_ids(req.tokens, "tokens")?;
-    let prompt = model
-        .tokenizer
-        .decode(&tokens, false)
-        .map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
+    let req: DetokenizeRequest = parse_object(&body, &[DETOKENIZE_FIELDS], &["tokens"])?;
+    let state = state.select_or_only(req.model.as_deref())?;
+    let prompt = blocking(move || {
+        let model = state.model()?;
+        let tokens = model.check_ids(req.tokens, "tokens")?;
+        model
+            .tokenizer
+            .decode(&tokens, false)
+            .map_err(|e| ApiError::invalid("tokens", e.to_string()))
+    })
+    .await?;
     Ok(Json(DetokenizeResponse { prompt }))
 }
 
