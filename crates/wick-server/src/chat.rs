@@ -102,7 +102,7 @@ async fn complete(reply: Reply, started: Submitted) -> Result<Json<ChatCompletio
                         })
                         .collect(),
                 },
-                finish_reason: Some(f.reason),
+                finish_reason: Some(f.reason.openai()),
             }
         })
         .collect();
@@ -173,7 +173,7 @@ fn stream(reply: Reply, started: Submitted) -> impl IntoResponse {
                 Piece::Args { call, args, tokens } => (call_delta(call, None, None, args), reply.logprobs(&tokens), None),
                 Piece::Finish { reason, usage, .. } => {
                     usages.push(usage);
-                    (Delta::default(), None, Some(reason))
+                    (Delta::default(), None, Some(reason.openai()))
                 }
                 Piece::Error(e) => {
                     yield Ok(json_event(&e.body()));

@@ -97,7 +97,7 @@ async fn complete(reply: Reply, started: Submitted) -> Result<Json<Completion>, 
                 index: f.index,
                 text: f.text,
                 logprobs: lps,
-                finish_reason: Some(f.reason),
+                finish_reason: Some(f.reason.openai()),
             }
         })
         .collect();
@@ -128,7 +128,7 @@ fn stream(reply: Reply, started: Submitted) -> impl IntoResponse {
                 }
                 Piece::Finish { reason, usage, .. } => {
                     usages.push(usage);
-                    let c = CompletionChoice { index, text: String::new(), logprobs: None, finish_reason: Some(reason) };
+                    let c = CompletionChoice { index, text: String::new(), logprobs: None, finish_reason: Some(reason.openai()) };
                     yield Ok(json_event(&reply.body(vec![c], usage_field)));
                 }
                 Piece::Error(e) => {

@@ -29,6 +29,30 @@ pub(crate) struct GenToken {
     pub logprobs: Option<TokenLogprobs>,
 }
 
+/// How a choice ended, kept as a type until each dialect writes it in its own words (a
+/// matched stop string is `Stop` with the `stop_sequence` beside it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum Finish {
+    /// The model ended its turn, or a stop string or token matched.
+    #[default]
+    Stop,
+    /// The output budget (`max_tokens`, or the context) ran out.
+    Length,
+    /// The turn ended with tool calls.
+    ToolCalls,
+}
+
+impl Finish {
+    /// OpenAI's `finish_reason` (chat and text completions).
+    pub(crate) fn openai(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+            Finish::ToolCalls => "tool_calls",
+        }
+    }
+}
+
 /// What a generation yields, in order: text, reasoning and call pieces, then one end.
 pub(crate) enum Piece {
     /// Content (the answer's text).
@@ -50,9 +74,9 @@ pub(crate) enum Piece {
         args: String,
         tokens: Vec<GenToken>,
     },
-    /// `reason` is OpenAI's finish reason; `stop_sequence` the stop string that ended it.
+    /// How the choice ended; `stop_sequence` the stop string that ended it.
     Finish {
-        reason: &'static str,
+        reason: Finish,
         usage: Usage,
         stop_sequence: Option<String>,
     },
@@ -128,7 +152,7 @@ impl Generation {
                         let stop_sequence = self.stop.matched().map(str::to_string);
                         return self.end(
                             Piece::Finish {
-                                reason: "stop",
+                                reason: Finish::Stop,
                                 usage,
                                 stop_sequence,
                             },
@@ -149,8 +173,8 @@ impl Generation {
                         rest.push_str(&self.stop.finish());
                     }
                     let reason = match reason {
-                        FinishReason::Stop => "stop",
-                        FinishReason::Length => "length",
+                        FinishReason::Stop => Finish::Stop,
+                        FinishReason::Length => Finish::Length,
                         FinishReason::Abort => {
                             let e = ApiError::Internal("the request was aborted".into());
                             return self.end(Piece::Error(e), rest);
@@ -220,8 +244,8 @@ impl Run {
                     stop_sequence,
                 } => {
                     let outs = parser.finish();
-                    let reason = if parser.calls() > 0 && reason == "stop" {
-                        "tool_calls"
+                    let reason = if parser.calls() > 0 && reason == Finish::Stop {
+                        Finish::ToolCalls
                     } else {
                         reason
                     };
@@ -583,7 +607,7 @@ pub(crate) struct Finished {
     pub calls: Vec<CallOut>,
     /// Every content and tool-call token with its log-probabilities, in order.
     pub tokens: Vec<GenToken>,
-    pub reason: &'static str,
+    pub reason: Finish,
     pub stop_sequence: Option<String>,
     pub usage: Usage,
 }

@@ -16,7 +16,7 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::generation::{count_prompt, start, Piece, Run};
+use crate::generation::{count_prompt, start, Finish, Piece, Run};
 use crate::openai::{SamplingFields, Stop};
 use crate::routes::{generation_body, reply_id, sse, sse_event};
 use crate::structured::ResponseFormat;
@@ -476,8 +476,8 @@ impl Builder {
             } => {
                 self.close(events);
                 let stop_reason = match reason {
-                    "length" => "max_tokens",
-                    "tool_calls" => "tool_use",
+                    Finish::Length => "max_tokens",
+                    Finish::ToolCalls => "tool_use",
                     _ if stop_sequence.is_some() => "stop_sequence",
                     _ => "end_turn",
                 };

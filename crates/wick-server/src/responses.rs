@@ -15,7 +15,7 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::generation::{start, Piece, Run};
+use crate::generation::{start, Finish, Piece, Run};
 use crate::openai::SamplingFields;
 use crate::routes::{generation_body, reply_id, sse, sse_event, unix_now};
 use crate::structured::ResponseFormat;
@@ -454,7 +454,7 @@ impl Builder {
                     self.begin(OpenKind::Message, &mut events);
                     self.close(&mut events);
                 }
-                self.status = if reason == "length" {
+                self.status = if reason == Finish::Length {
                     "incomplete"
                 } else {
                     "completed"
@@ -466,7 +466,7 @@ impl Builder {
                     "output_tokens_details": {"reasoning_tokens": 0},
                     "total_tokens": usage.total_tokens,
                 });
-                let kind = if reason == "length" {
+                let kind = if reason == Finish::Length {
                     "response.incomplete"
                 } else {
                     "response.completed"
