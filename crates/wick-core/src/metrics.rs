@@ -25,20 +25,7 @@ const STEP_TIME_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12,
 ];
 
-/// The values of `wick_request_failure_total`'s `error_type` label.
-pub mod error_type {
-    /// Refused with 429: the waiting queue was full.
-    pub const QUEUE_FULL: &str = "queue_full";
-    /// Waited longer than `--max-queue-time` without starting (503).
-    pub const QUEUE_TIMEOUT: &str = "queue_timeout";
-    /// Can never be served (larger than the whole KV cache).
-    pub const REJECTED: &str = "rejected";
-    /// The engine failed while computing it.
-    pub const INTERNAL: &str = "internal";
-    /// Still running when the drain timeout ran out at shutdown.
-    pub const SHUTDOWN: &str = "shutdown";
-    pub const ALL: &[&str] = &[QUEUE_FULL, QUEUE_TIMEOUT, REJECTED, INTERNAL, SHUTDOWN];
-}
+pub use crate::error_type;
 
 /// The engine's series. Cloning shares them (they are reference-counted inside).
 #[derive(Clone)]

@@ -1,16 +1,12 @@
+//! The one bounded queue, generic over what it carries: the generation engine's commands
+//! ([`crate::EngineHandle`]) and the embedding engine's requests ([`crate::EmbedHandle`]) are
+//! the same channel, admission (limits on waiting requests and their prompt tokens, 429 with
+//! `Retry-After` past them), failure flag, shutdown flag and pulse.
+
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use crate::{EngineRequest, RequestId};
-
-/// What handlers send to the engine thread.
-#[derive(Debug)]
-pub enum EngineCommand {
-    Add(Box<EngineRequest>),
-    Abort(RequestId),
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
@@ -37,24 +33,24 @@ pub struct QueueLimits {
 /// The waiting requests' counts, shared by handlers (who reserve) and the engine (who
 /// releases when a request starts or ends while waiting), and the engine's completion rate.
 #[derive(Debug)]
-pub(crate) struct Admission {
+struct Admission {
     limits: QueueLimits,
-    pub(crate) waiting: AtomicUsize,
+    waiting: AtomicUsize,
     waiting_tokens: AtomicUsize,
     /// Requests finished per second (an f64's bits), measured by the engine.
-    pub(crate) completion_rate: AtomicU64,
+    completion_rate: AtomicU64,
     /// Set once at shutdown: the engine ends every request it still has, with an error.
     end_all: AtomicBool,
     /// Set by the engine when it cannot go on (see [`QueueReceiver::mark_failed`]).
-    pub(crate) failed: AtomicBool,
+    failed: AtomicBool,
     /// When the engine last moved while it had work, for the watchdog.
-    pub(crate) pulse: Pulse,
+    pulse: Pulse,
 }
 
 /// The engine's pulse: while it has work it beats at least once a step; a watchdog that sees
 /// no beat for too long knows a step (or the loop) is stuck.
 #[derive(Debug)]
-pub(crate) struct Pulse {
+struct Pulse {
     epoch: Instant,
     /// Milliseconds from `epoch` to the last beat; [`Pulse::IDLE`] while there is no work.
     last_ms: AtomicU64,
@@ -73,18 +69,18 @@ impl Pulse {
         }
     }
 
-    pub(crate) fn beat(&self, step: u64) {
+    fn beat(&self, step: u64) {
         self.step.store(step, Ordering::Relaxed);
         let ms = self.epoch.elapsed().as_millis() as u64;
         self.last_ms
             .store(ms.min(Self::IDLE - 1), Ordering::Release);
     }
 
-    pub(crate) fn rest(&self) {
+    fn rest(&self) {
         self.last_ms.store(Self::IDLE, Ordering::Release);
     }
 
-    pub(crate) fn busy(&self) -> Option<Busy> {
+    fn busy(&self) -> Option<Busy> {
         let last = self.last_ms.load(Ordering::Acquire);
         if last == Self::IDLE {
             return None;
@@ -107,7 +103,7 @@ pub struct Busy {
 }
 
 impl Admission {
-    pub(crate) fn new(limits: QueueLimits) -> Arc<Self> {
+    fn new(limits: QueueLimits) -> Arc<Self> {
         Arc::new(Admission {
             limits,
             waiting: AtomicUsize::new(0),
@@ -119,7 +115,7 @@ impl Admission {
         })
     }
 
-    pub(crate) fn reserve(&self, tokens: usize) -> Result<(), SubmitError> {
+    fn reserve(&self, tokens: usize) -> Result<(), SubmitError> {
         let n = self.waiting.fetch_add(1, Ordering::AcqRel) + 1;
         let t = self.waiting_tokens.fetch_add(tokens, Ordering::AcqRel) + tokens;
         let over_tokens = self.limits.max_waiting_prompt_tokens > 0
@@ -136,13 +132,13 @@ impl Admission {
         Ok(())
     }
 
-    pub(crate) fn release(&self, tokens: usize) {
+    fn release(&self, tokens: usize) {
         self.waiting.fetch_sub(1, Ordering::AcqRel);
         self.waiting_tokens.fetch_sub(tokens, Ordering::AcqRel);
     }
 
     /// Time for the engine to start `waiting` more requests at its measured completion rate.
-    pub(crate) fn retry_after(&self, waiting: usize) -> u64 {
+    fn retry_after(&self, waiting: usize) -> u64 {
         let rate = f64::from_bits(self.completion_rate.load(Ordering::Relaxed));
         let secs = if rate > 0.0 {
             (waiting.max(1) as f64 / rate).ceil()
@@ -153,62 +149,68 @@ impl Admission {
     }
 }
 
-/// The cheap, cloneable sending side of the one bounded request queue.
-#[derive(Debug, Clone)]
-pub struct EngineHandle {
-    tx: SyncSender<EngineCommand>,
+/// The cheap, cloneable sending side of a bounded queue.
+#[derive(Debug)]
+pub struct QueueSender<T> {
+    tx: SyncSender<T>,
     admission: Arc<Admission>,
 }
 
-impl EngineHandle {
-    /// Never blocks: past the queue limits it fails at once, with a retry estimate.
-    pub fn submit(&self, request: EngineRequest) -> Result<(), SubmitError> {
+impl<T> Clone for QueueSender<T> {
+    fn clone(&self) -> Self {
+        QueueSender {
+            tx: self.tx.clone(),
+            admission: Arc::clone(&self.admission),
+        }
+    }
+}
+
+impl<T> QueueSender<T> {
+    /// Never blocks: past the queue limits it fails at once, with a retry estimate. The item
+    /// counts as waiting, with `tokens` prompt tokens, until the receiver releases it.
+    pub fn submit(&self, item: T, tokens: usize) -> Result<(), SubmitError> {
         if self.has_failed() {
             return Err(SubmitError::EngineStopped);
         }
-        let tokens = request.prompt.len();
         self.admission.reserve(tokens)?;
-        self.tx
-            .try_send(EngineCommand::Add(Box::new(request)))
-            .map_err(|e| {
-                self.admission.release(tokens);
-                match e {
-                    TrySendError::Full(_) => SubmitError::QueueFull {
-                        waiting: self.admission.waiting.load(Ordering::Relaxed),
-                        waiting_tokens: self.admission.waiting_tokens.load(Ordering::Relaxed),
-                        retry_after_secs: self.admission.retry_after(1),
-                    },
-                    TrySendError::Disconnected(_) => SubmitError::EngineStopped,
-                }
-            })
+        self.tx.try_send(item).map_err(|e| {
+            self.admission.release(tokens);
+            match e {
+                TrySendError::Full(_) => SubmitError::QueueFull {
+                    waiting: self.admission.waiting.load(Ordering::Relaxed),
+                    waiting_tokens: self.admission.waiting_tokens.load(Ordering::Relaxed),
+                    retry_after_secs: self.admission.retry_after(1),
+                },
+                TrySendError::Disconnected(_) => SubmitError::EngineStopped,
+            }
+        })
     }
 
-    /// Asks the engine to end a request (its client gets `Finished` with `Abort`).
-    pub fn abort(&self, id: RequestId) -> Result<(), SubmitError> {
+    /// Sends an item that does not count as waiting (a control message such as an abort).
+    pub fn send_uncounted(&self, item: T) -> Result<(), SubmitError> {
         self.tx
-            .try_send(EngineCommand::Abort(id))
+            .try_send(item)
             .map_err(|_| SubmitError::EngineStopped)
     }
 
-    /// At shutdown, once the drain timeout has run out: the engine ends every request it
-    /// still has with [`crate::ErrorKind::Shutdown`]. Not a queued command, so it cannot be
-    /// refused by a full queue.
+    /// At shutdown, once the drain timeout has run out: the receiver ends every request it
+    /// still has. A flag, not a queued item, so it cannot be refused by a full queue.
     pub fn end_all(&self) {
         self.admission.end_all.store(true, Ordering::Release);
     }
 
-    /// Requests accepted and not yet started.
+    /// Items accepted and not yet released.
     pub fn num_waiting(&self) -> usize {
         self.admission.waiting.load(Ordering::Relaxed)
     }
 
-    /// Whether the engine has failed for good: readiness turns 503 and the process should
+    /// Whether the receiver has failed for good: readiness turns 503 and the process should
     /// exit so that it is restarted.
     pub fn has_failed(&self) -> bool {
         self.admission.failed.load(Ordering::Acquire)
     }
 
-    /// `None` while the engine has no work; else the step it is in and how long since it
+    /// `None` while the receiver has no work; else the step it is in and how long since it
     /// last moved (a step began or ended).
     pub fn busy(&self) -> Option<Busy> {
         self.admission.pulse.busy()
@@ -217,52 +219,62 @@ impl EngineHandle {
 
 /// The engine's receiving side.
 #[derive(Debug)]
-pub struct QueueReceiver {
-    rx: Receiver<EngineCommand>,
+pub struct QueueReceiver<T> {
+    rx: Receiver<T>,
     admission: Arc<Admission>,
 }
 
-impl QueueReceiver {
-    /// Waits up to `timeout` for one command.
-    pub fn recv_timeout(&self, timeout: Duration) -> Recv {
+impl<T> QueueReceiver<T> {
+    /// Waits up to `timeout` for one item.
+    pub fn recv_timeout(&self, timeout: Duration) -> Recv<T> {
         match self.rx.recv_timeout(timeout) {
-            Ok(c) => Recv::Command(c),
+            Ok(c) => Recv::Item(c),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Recv::Empty,
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Recv::Closed,
         }
     }
 
-    /// Takes one command if one is queued.
-    pub fn try_recv(&self) -> Recv {
+    /// Waits for one item; `None` once every sender is gone.
+    pub fn recv(&self) -> Option<T> {
+        self.rx.recv().ok()
+    }
+
+    /// Takes one item if one is queued.
+    pub fn try_recv(&self) -> Recv<T> {
         match self.rx.try_recv() {
-            Ok(c) => Recv::Command(c),
+            Ok(c) => Recv::Item(c),
             Err(TryRecvError::Empty) => Recv::Empty,
             Err(TryRecvError::Disconnected) => Recv::Closed,
         }
     }
 
-    /// Whether [`EngineHandle::end_all`] was called.
+    /// Items accepted and not yet released.
+    pub fn num_waiting(&self) -> usize {
+        self.admission.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Whether [`QueueSender::end_all`] was called.
     pub fn end_all_requested(&self) -> bool {
         self.admission.end_all.load(Ordering::Acquire)
     }
 
-    /// The engine cannot go on (a panic it could not contain): every handle sees
-    /// [`EngineHandle::has_failed`] and new requests are refused.
+    /// The receiver cannot go on (a panic it could not contain): every sender sees
+    /// [`QueueSender::has_failed`] and new items are refused.
     pub fn mark_failed(&self) {
         self.admission.failed.store(true, Ordering::Release);
     }
 
-    /// The engine has work and is moving: step `step` begins (or the one before ended).
+    /// The receiver has work and is moving: step `step` begins (or the one before ended).
     pub fn beat(&self, step: u64) {
         self.admission.pulse.beat(step);
     }
 
-    /// The engine has no work: nothing to watch.
+    /// The receiver has no work: nothing to watch.
     pub fn rest(&self) {
         self.admission.pulse.rest();
     }
 
-    /// A request with `prompt_tokens` left the waiting queue (started, or ended unstarted).
+    /// An item with `prompt_tokens` stopped waiting (started, or ended unstarted).
     pub fn release(&self, prompt_tokens: usize) {
         self.admission.release(prompt_tokens);
     }
@@ -275,96 +287,25 @@ impl QueueReceiver {
     }
 }
 
-/// What the engine finds in the queue.
+/// What the receiver finds in the queue.
 #[derive(Debug)]
-pub enum Recv {
-    Command(EngineCommand),
+pub enum Recv<T> {
+    Item(T),
     /// Nothing queued (or nothing before the timeout).
     Empty,
-    /// Every handle is gone: no command will ever come.
+    /// Every sender is gone: nothing will ever come.
     Closed,
 }
 
-/// The one request queue, bounded by `limits`.
-pub fn request_queue(limits: QueueLimits) -> (EngineHandle, QueueReceiver) {
+/// A queue bounded by `limits` (its channel's capacity is `max_waiting_requests`).
+pub fn bounded<T>(limits: QueueLimits) -> (QueueSender<T>, QueueReceiver<T>) {
     let (tx, rx) = sync_channel(limits.max_waiting_requests.max(1));
     let admission = Admission::new(limits);
     (
-        EngineHandle {
+        QueueSender {
             tx,
             admission: Arc::clone(&admission),
         },
         QueueReceiver { rx, admission },
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Instant;
-
-    use tokio::sync::mpsc::unbounded_channel;
-
-    use super::*;
-    use crate::SamplingParams;
-
-    fn req(id: u64, tokens: usize) -> EngineRequest {
-        EngineRequest {
-            id: RequestId(id),
-            tag: format!("t{id}"),
-            prompt: vec![1; tokens],
-            max_tokens: 1,
-            stop_token_ids: vec![],
-            sampling: SamplingParams::default(),
-            arrived: Instant::now(),
-            events: unbounded_channel().0,
-            constraint: None,
-        }
-    }
-
-    #[test]
-    fn limits_requests_and_tokens_and_estimates_retry() {
-        let (h, rx) = request_queue(QueueLimits {
-            max_waiting_requests: 2,
-            max_waiting_prompt_tokens: 100,
-        });
-        h.submit(req(1, 60)).unwrap();
-        // 60 + 50 tokens is over the token bound.
-        assert!(matches!(
-            h.submit(req(2, 50)),
-            Err(SubmitError::QueueFull { .. })
-        ));
-        h.submit(req(3, 40)).unwrap();
-        rx.set_completion_rate(0.5);
-        match h.submit(req(4, 1)) {
-            Err(SubmitError::QueueFull {
-                waiting: 2,
-                retry_after_secs,
-                ..
-            }) => assert_eq!(retry_after_secs, 4),
-            other => panic!("{other:?}"),
-        }
-        // The engine starts one: room again.
-        assert!(matches!(rx.try_recv(), Recv::Command(_)));
-        rx.release(60);
-        h.submit(req(5, 1)).unwrap();
-        assert_eq!(h.num_waiting(), 2);
-    }
-
-    #[test]
-    fn the_pulse_says_how_long_the_engine_has_not_moved() {
-        let (h, rx) = request_queue(QueueLimits {
-            max_waiting_requests: 2,
-            max_waiting_prompt_tokens: 0,
-        });
-        assert_eq!(h.busy(), None);
-        rx.beat(7);
-        std::thread::sleep(Duration::from_millis(30));
-        let busy = h.busy().unwrap();
-        assert_eq!(busy.step, 7);
-        assert!(busy.unmoved >= Duration::from_millis(30), "{busy:?}");
-        rx.beat(8);
-        assert!(h.busy().unwrap().unmoved < Duration::from_secs(1));
-        rx.rest();
-        assert_eq!(h.busy(), None);
-    }
 }

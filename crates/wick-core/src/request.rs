@@ -1,9 +1,3 @@
-use std::time::Instant;
-
-use tokio::sync::mpsc::UnboundedSender;
-
-use crate::RequestId;
-
 /// How the next token is drawn from the logits. Processing order: `logit_bias`, then the
 /// penalties, then (unless greedy) temperature, `top_k`, `top_p`, `min_p`.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,24 +58,6 @@ pub struct TokenLogprobs {
     pub logprob: f32,
     /// Most likely first.
     pub top: Vec<(u32, f32)>,
-}
-
-/// A validated request, ready for the engine: token ids computed, limits checked.
-#[derive(Debug)]
-pub struct EngineRequest {
-    pub id: RequestId,
-    /// The request's `x-request-id` (the client's or a generated one), for log lines.
-    pub tag: String,
-    pub prompt: Vec<u32>,
-    pub max_tokens: usize,
-    /// Token ids that end the sequence (end of turn, end of text).
-    pub stop_token_ids: Vec<u32>,
-    pub sampling: SamplingParams,
-    pub arrived: Instant,
-    /// The request's own channel back; dropping its receiver aborts the sequence.
-    pub events: UnboundedSender<TokenEvent>,
-    /// Constrained decoding (structured output), compiled before submission.
-    pub constraint: Option<Box<dyn TokenConstraint>>,
 }
 
 /// A grammar that decides which tokens may come next (for example, JSON that matches a
@@ -152,10 +128,10 @@ impl ErrorKind {
     /// The `error_type` label of `wick_request_failure_total`.
     pub fn as_str(self) -> &'static str {
         match self {
-            ErrorKind::QueueTimeout => crate::metrics::error_type::QUEUE_TIMEOUT,
-            ErrorKind::Rejected => crate::metrics::error_type::REJECTED,
-            ErrorKind::Internal => crate::metrics::error_type::INTERNAL,
-            ErrorKind::Shutdown => crate::metrics::error_type::SHUTDOWN,
+            ErrorKind::QueueTimeout => crate::error_type::QUEUE_TIMEOUT,
+            ErrorKind::Rejected => crate::error_type::REJECTED,
+            ErrorKind::Internal => crate::error_type::INTERNAL,
+            ErrorKind::Shutdown => crate::error_type::SHUTDOWN,
         }
     }
 }

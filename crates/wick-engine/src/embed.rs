@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use wick_core::{
-    embed_queue, EmbedHandle, EmbedReceiver, EmbedReply, EmbedRequest, Metrics, QueueLimits,
+    embed_queue, EmbedHandle, EmbedReceiver, EmbedReply, EmbedRequest, Metrics, QueueLimits, Recv,
 };
 
 use crate::engine::{panic_message, run_loader};
@@ -81,8 +81,11 @@ fn run<E: Embedder>(mut model: E, queue: &EmbedReceiver, cfg: &EmbedConfig, metr
     let mut batches = 0u64;
     while let Some(first) = queue.recv() {
         queue.beat(batches);
+        // A request stops waiting when it is taken: the whole batch is computed at once.
+        queue.release(first.tokens());
         let mut requests = vec![first];
-        while let Some(r) = queue.try_recv() {
+        while let Recv::Item(r) = queue.try_recv() {
+            queue.release(r.tokens());
             requests.push(r);
         }
         metrics.requests_waiting.set(queue.num_waiting() as i64);
@@ -254,12 +257,13 @@ mod tests {
 
     fn submit(h: &EmbedHandle, inputs: Vec<Vec<u32>>) -> oneshot::Receiver<EmbedReply> {
         let (reply, rx) = oneshot::channel();
-        h.submit(EmbedRequest {
+        let r = EmbedRequest {
             inputs,
             arrived: Instant::now(),
             reply,
-        })
-        .unwrap();
+        };
+        let tokens = r.tokens();
+        h.submit(r, tokens).unwrap();
         rx
     }
 

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 use wick_core::{
-    request_queue, EngineCommand, EngineHandle, EngineRequest, ErrorKind, FinishReason, Metrics,
-    QueueLimits, QueueReceiver, Recv, RequestId, ScheduledBatch, TokenConstraint, TokenEvent,
-    TokenLogprobs,
+    request_queue, EngineCommand, EngineHandle, EngineReceiver, EngineRequest, ErrorKind,
+    FinishReason, Metrics, QueueLimits, Recv, RequestId, ScheduledBatch, TokenConstraint,
+    TokenEvent, TokenLogprobs,
 };
 use wick_runner::{Draw, ModelAssets, Runner, RunnerError, Sampler, SeqSampling};
 use wick_scheduler::{attended, CostFit, Scheduler, SchedulerConfig, SeqOutcome, Sequence};
@@ -160,7 +160,7 @@ pub(crate) struct Engine<R> {
     /// What steps cost, measured, for the scheduler's prompt chunks.
     cost: CostFit,
     runner: R,
-    queue: QueueReceiver,
+    queue: EngineReceiver,
     metrics: Metrics,
     max_queue_time: Option<Duration>,
     live: HashMap<RequestId, Live>,
@@ -177,7 +177,7 @@ impl<R: StepRunner> Engine<R> {
     pub(crate) fn new(
         cfg: SchedulerConfig,
         runner: R,
-        queue: QueueReceiver,
+        queue: EngineReceiver,
         metrics: Metrics,
         max_queue_time: Option<Duration>,
     ) -> Self {
@@ -262,14 +262,14 @@ impl<R: StepRunner> Engine<R> {
     fn take_commands(&mut self) -> bool {
         if !self.sched.has_work() {
             match self.queue.recv_timeout(IDLE_WAIT) {
-                Recv::Command(cmd) => self.apply(cmd),
+                Recv::Item(cmd) => self.apply(cmd),
                 Recv::Empty => return true,
                 Recv::Closed => return false,
             }
         }
         loop {
             match self.queue.try_recv() {
-                Recv::Command(cmd) => self.apply(cmd),
+                Recv::Item(cmd) => self.apply(cmd),
                 Recv::Empty => return true,
                 Recv::Closed => return false,
             }

@@ -299,11 +299,14 @@ pub(crate) async fn embeddings(
     let (reply, rx) = oneshot::channel();
     let (_, queue) = state.embedding_model()?;
     queue
-        .submit(EmbedRequest {
-            inputs: ids,
-            arrived: Instant::now(),
-            reply,
-        })
+        .submit(
+            EmbedRequest {
+                inputs: ids,
+                arrived: Instant::now(),
+                reply,
+            },
+            prompt_tokens,
+        )
         .map_err(|e| submit_error(&state, e))?;
     let vectors = match rx.await {
         Ok(Ok(v)) => v,
