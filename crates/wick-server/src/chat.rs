@@ -12,11 +12,12 @@ use axum::{Extension, Json};
 use futures::StreamExt;
 
 use crate::generation::{finish_all, merge, start, total_usage, GenToken, Piece, Submitted};
+use crate::http::{generation_body, reply_id, unix_now};
 use crate::openai::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatLogprobs, Choice, ChunkChoice,
     Delta, FunctionCall, FunctionDelta, ToolCall, ToolCallDelta, Usage,
 };
-use crate::routes::{generation_body, json_event, reply_id, sse, unix_now};
+use crate::sse::{json_event, sse};
 use crate::validate::parse_chat;
 use crate::{logprobs, ApiError, AppState, RequestTag, Selected};
 

@@ -12,8 +12,9 @@ use axum::{Extension, Json};
 use futures::StreamExt;
 
 use crate::generation::{finish_all, merge, start, total_usage, GenToken, Piece, Submitted};
+use crate::http::{generation_body, reply_id, unix_now};
 use crate::openai::{Completion, CompletionChoice, CompletionLogprobs, Usage};
-use crate::routes::{generation_body, json_event, reply_id, sse, unix_now};
+use crate::sse::{json_event, sse};
 use crate::validate::parse_completion;
 use crate::{logprobs, ApiError, AppState, RequestTag, Selected};
 

@@ -19,7 +19,7 @@ use utoipa::ToSchema;
 use wick_core::EmbedRequest;
 
 use crate::generation::submit_error;
-use crate::routes::{blocking, generation_body};
+use crate::http::{blocking, generation_body};
 use crate::validate::parse_object;
 use crate::{check_vocabulary, ApiError, AppState};
 

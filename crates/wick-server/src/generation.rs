@@ -14,8 +14,8 @@ use wick_core::{
 };
 
 use crate::detok::{Detokenizer, StopBuffer};
+use crate::http::blocking;
 use crate::openai::Usage;
-use crate::routes::blocking;
 use crate::structured::{Grammars, ResponseFormat};
 use crate::tools::parse::{Out, OutputParser, Thinking};
 use crate::tools::{ToolFormat, ToolSpec};

@@ -17,8 +17,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::generation::{count_prompt, start, Finish, Piece, Run};
+use crate::http::{generation_body, reply_id};
 use crate::openai::{SamplingFields, Stop};
-use crate::routes::{generation_body, reply_id, sse, sse_event};
+use crate::sse::{sse, sse_event};
 use crate::structured::ResponseFormat;
 use crate::template::{TemplateFunction, TemplateMessage, TemplateToolCall};
 use crate::tools::{self, Tool, ToolChoice, ToolSpec};

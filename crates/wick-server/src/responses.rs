@@ -16,8 +16,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::generation::{start, Finish, Piece, Run};
+use crate::http::{generation_body, reply_id, unix_now};
 use crate::openai::SamplingFields;
-use crate::routes::{generation_body, reply_id, sse, sse_event, unix_now};
+use crate::sse::{sse, sse_event};
 use crate::structured::ResponseFormat;
 use crate::template::{TemplateFunction, TemplateMessage, TemplateToolCall};
 use crate::tools::{self, ToolSpec};

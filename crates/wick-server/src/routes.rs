@@ -1,15 +1,15 @@
-//! The small routes (models, health, metrics, tokenize, detokenize, the 404 fallback) and
-//! helpers the endpoints share.
+//! The small routes: models, health, metrics, tokenize, detokenize, the chat page and the
+//! 404 / 405 fallbacks.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode, Uri};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::generation;
+use crate::http::{blocking, body_bytes, unix_now};
 use crate::openai::{
     DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
     DETOKENIZE_FIELDS, TOKENIZE_FIELDS,
@@ -17,78 +17,6 @@ use crate::openai::{
 use crate::tools::{openai_tools, ToolSpec};
 use crate::validate::{messages_from, parse_object, GenInput, PromptInput};
 use crate::{ApiError, AppState, ReadyModel};
-
-pub(crate) fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// A response id: the prefix, the time and a process-wide counter.
-pub(crate) fn reply_id(prefix: &str, salt: usize) -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("{prefix}-{:x}{nanos:08x}{n:06x}{salt:x}", unix_now())
-}
-
-/// Runs CPU work (templating, tokenizing, grammar compilation) off the async reactor.
-pub(crate) async fn blocking<T, F>(f: F) -> Result<T, ApiError>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
-{
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::Internal(format!("blocking task failed: {e}")))?
-}
-
-pub(crate) fn json_event<T: serde::Serialize>(value: &T) -> Event {
-    Event::default().data(serde_json::to_string(value).unwrap_or_else(|_| "{}".into()))
-}
-
-/// One named SSE event (`event: <kind>` and its JSON), as Responses and Messages stream.
-pub(crate) fn sse_event(kind: &str, body: &serde_json::Value) -> Event {
-    Event::default().event(kind).data(body.to_string())
-}
-
-/// An SSE response of `events` (no proxy buffering, no caching, keep-alive comments).
-pub(crate) fn sse<S>(events: S) -> impl IntoResponse
-where
-    S: futures::Stream<Item = Result<Event, std::convert::Infallible>> + Send + 'static,
-{
-    (
-        [("x-accel-buffering", "no"), ("cache-control", "no-cache")],
-        Sse::new(events).keep_alive(KeepAlive::default()),
-    )
-}
-
-/// A generation endpoint's body (as [`body_bytes`]); 503 while the model loads, before
-/// the body's contents are checked.
-pub(crate) fn generation_body(
-    state: &AppState,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Bytes, ApiError> {
-    let body = body_bytes(body)?;
-    state.ready()?;
-    Ok(body)
-}
-
-/// The body, or 413 / 400 when it could not be read.
-pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(crate::MAX_BODY_BYTES)
-        } else {
-            ApiError::invalid("body", e.body_text())
-        }
-    })
-}
 
 #[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList)))]
 pub(crate) async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {

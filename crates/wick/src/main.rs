@@ -25,8 +25,8 @@ use wick_core::Metrics;
 use wick_engine::{EmbedConfig, EngineConfig, Loaded, Ready, StepRunner};
 use wick_runner::{CacheConfig, LoadOptions, Runner};
 use wick_server::{
-    AppState, Backend, BrowserPolicy, ChatTemplate, EmbeddingModelInfo, Grammars, ModelEntry,
-    ServedModel, ServerOptions,
+    AppState, Backend, BrowserPolicy, EmbeddingModelInfo, ModelEntry, ModelSpec, ServedModel,
+    ServerOptions,
 };
 
 use crate::config::{Config, ModelSettings, ServeArgs};
@@ -532,54 +532,26 @@ impl StepRunner for FaultInjection {
 
 fn served_model(cfg: &ModelSettings, ready: Ready) -> anyhow::Result<ServedModel> {
     let a = ready.assets;
-    let source = match &cfg.model.chat_template {
+    let chat_template = match &cfg.model.chat_template {
         Some(path) => Some(
             std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read the chat template {}", path.display()))?,
         ),
-        None => a.chat_template.clone(),
+        None => a.chat_template,
     };
-    if source.is_none() {
-        tracing::warn!("the model has no chat template: chat requests get a 400 (use --chat-template FILE to give one)");
-    }
-    let template = source
-        .map(|s| ChatTemplate::new(&s, a.bos_token.clone(), a.eos_token.clone()))
-        .transpose()?;
-    let bos_token_id = a
-        .bos_token
-        .as_deref()
-        .and_then(|t| a.tokenizer.token_to_id(t));
-    let vocab_size = a.tokenizer.get_vocab_size(true);
-    let tokenizer = Arc::new(a.tokenizer);
-    let eos = a
-        .eos_token
-        .as_deref()
-        .and_then(|t| tokenizer.token_to_id(t))
-        .or(a.stop_token_ids.first().copied());
-    let started = std::time::Instant::now();
-    let grammars = match eos.map(|eos| Grammars::new(Arc::clone(&tokenizer), vocab_size, eos)) {
-        Some(Ok(g)) => Some(Arc::new(g)),
-        Some(Err(e)) => {
-            tracing::warn!(error = %e, "structured output is unavailable for this tokenizer");
-            None
-        }
-        None => None,
-    };
-    tracing::debug!(elapsed = ?started.elapsed(), "grammar support ready");
-    Ok(ServedModel {
+    Ok(ServedModel::new(ModelSpec {
         name: cfg.served_name(),
-        vocab_size,
-        grammars,
-        tokenizer,
-        template,
-        bos_token_id,
+        tokenizer: a.tokenizer,
+        chat_template,
+        bos_token: a.bos_token,
+        eos_token: a.eos_token,
         add_bos: a.add_bos,
         stop_token_ids: a.stop_token_ids,
         max_model_len: ready.max_model_len,
         context_length: a.max_model_len,
         max_tokens_default: (cfg.model.max_tokens_default > 0)
             .then_some(cfg.model.max_tokens_default),
-    })
+    })?)
 }
 
 /// Graceful drain: on SIGTERM or SIGINT, readiness and new requests turn 503 at once while
