@@ -41,7 +41,7 @@ pub struct EmbeddingModelInfo {
 }
 
 /// The fields of [`EmbeddingRequest`]: any other is refused, as on every endpoint.
-const FIELDS: &[&str] = &[
+pub(crate) const FIELDS: &[&str] = &[
     "model",
     "input",
     "encoding_format",

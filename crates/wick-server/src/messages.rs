@@ -27,7 +27,7 @@ use crate::validate::{parse_object, required_str, sampling, text_parts, GenInput
 use crate::{ApiError, AppState, RequestTag};
 
 #[derive(Debug, Deserialize)]
-struct MessagesRequest {
+pub(crate) struct MessagesRequest {
     model: String,
     messages: Vec<Value>,
     max_tokens: Option<i64>,
@@ -65,7 +65,7 @@ pub(crate) const FIELDS: &[&str] = &[
 
 /// Fields of the API that cannot change the output: accepted and ignored (`thinking`: a
 /// thinking model thinks anyway, one that does not cannot).
-const IGNORED: &[&str] = &[
+pub(crate) const IGNORED: &[&str] = &[
     "metadata",
     "service_tier",
     "thinking",
@@ -78,7 +78,7 @@ const IGNORED: &[&str] = &[
 ];
 
 /// `count_tokens` takes the prompt's fields only.
-const COUNT_FIELDS: &[&str] = &[
+pub(crate) const COUNT_FIELDS: &[&str] = &[
     "model",
     "messages",
     "system",

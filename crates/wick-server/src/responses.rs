@@ -29,7 +29,7 @@ use crate::{ApiError, AppState, RequestTag};
 
 /// The request fields read here; the API's others are in `IGNORED` or refused.
 #[derive(Debug, Deserialize)]
-struct ResponsesRequest {
+pub(crate) struct ResponsesRequest {
     model: String,
     input: Value,
     instructions: Option<String>,
@@ -75,7 +75,7 @@ pub(crate) const FIELDS: &[&str] = &[
 
 /// Fields of the API that cannot change the output: accepted and ignored (`reasoning`
 /// too: a thinking model thinks anyway, one that does not cannot).
-const IGNORED: &[&str] = &[
+pub(crate) const IGNORED: &[&str] = &[
     "metadata",
     "include",
     "service_tier",

@@ -522,6 +522,8 @@ pub(crate) fn call_arguments(args: &Value, param: &str) -> Result<Value, ApiErro
 }
 
 #[cfg(test)]
+mod fields;
+#[cfg(test)]
 mod props;
 #[cfg(test)]
 mod tests;
