@@ -1,10 +1,44 @@
-//! Every error the API returns, in OpenAI's shape
-//! (`{"error": {"message", "type", "param", "code"}}`), with its status code mapped here and
-//! nowhere else.
+//! Every error the API returns, with its status code mapped here and nowhere else, in the
+//! dialect of the API the request spoke: OpenAI's (`{"error": {"message", "type", "param",
+//! "code"}}`) or, under `/v1/messages`, Anthropic's (`{"type": "error", "error": {"type",
+//! "message"}}`). The dialect is the request's, set once around it ([`speak_dialect`]), and
+//! read where the response is built.
 
+use axum::extract::Request;
 use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use serde_json::{json, Value};
+
+/// Whose error shape a request gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    OpenAi,
+    Anthropic,
+}
+
+impl Dialect {
+    /// Anthropic's under `/v1/messages` (the routes, and anything refused on the way to
+    /// them: authentication, the body limit, an unknown route or method); OpenAI's elsewhere.
+    fn of(path: &str) -> Self {
+        if path.starts_with("/v1/messages") {
+            Dialect::Anthropic
+        } else {
+            Dialect::OpenAi
+        }
+    }
+}
+
+tokio::task_local! {
+    static DIALECT: Dialect;
+}
+
+/// Runs the rest of the request's handling with its dialect known to every error built in it.
+pub(crate) async fn speak_dialect(req: Request, next: Next) -> Response {
+    let dialect = Dialect::of(req.uri().path());
+    DIALECT.scope(dialect, next.run(req)).await
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -90,6 +124,25 @@ impl ApiError {
         }
     }
 
+    /// Anthropic's error `type` for this status.
+    fn anthropic_type(&self) -> &'static str {
+        match self.status().as_u16() {
+            400 | 405 | 422 => "invalid_request_error",
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 | 529 => "overloaded_error",
+            _ => "api_error",
+        }
+    }
+
+    /// The error in Anthropic's shape, also sent as an `error` event when a stream fails.
+    pub(crate) fn anthropic_body(&self) -> Value {
+        json!({"type": "error", "error": {"type": self.anthropic_type(), "message": self.to_string()}})
+    }
+
     /// The error object, also sent as a JSON `data:` line when a stream fails mid-way.
     pub fn body(&self) -> ErrorBody {
         let (kind, param, code) = match self {
@@ -150,7 +203,13 @@ pub struct ErrorObject {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut res = (self.status(), axum::Json(self.body())).into_response();
+        let dialect = DIALECT.try_with(|d| *d).unwrap_or(Dialect::OpenAi);
+        let mut res = match dialect {
+            Dialect::OpenAi => (self.status(), axum::Json(self.body())).into_response(),
+            Dialect::Anthropic => {
+                (self.status(), axum::Json(self.anthropic_body())).into_response()
+            }
+        };
         if let ApiError::QueueFull { retry_after, .. } = self {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));

@@ -90,7 +90,7 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             browser::guard,
         ))
-        .layer(axum::middleware::from_fn(messages::anthropic_errors))
+        .layer(axum::middleware::from_fn(error::speak_dialect))
         .layer(axum::middleware::from_fn(ops::tag_requests))
         .with_state(state)
 }

@@ -2,15 +2,13 @@
 //! becomes one [`GenRequest`] (`system`, text, `tool_use` and `tool_result` blocks become chat
 //! messages the template renders); the pieces come back as content blocks (`thinking`,
 //! `text`, `tool_use`) and, streamed, as the API's events. Errors under `/v1/messages` are in
-//! Anthropic's shape ([`anthropic_errors`]).
+//! Anthropic's shape (`crate::error` renders each in its request's dialect).
 
 use std::convert::Infallible;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::middleware::Next;
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Deserialize;
@@ -23,7 +21,9 @@ use crate::sse::{sse, sse_event};
 use crate::structured::ResponseFormat;
 use crate::template::{TemplateFunction, TemplateMessage, TemplateToolCall};
 use crate::tools::{self, Tool, ToolChoice, ToolSpec};
-use crate::validate::{parse_object, required_str, sampling, text_parts, GenInput, GenRequest};
+use crate::validate::{
+    parse_object, required_str, sampling, text_parts, FieldNames, GenInput, GenRequest,
+};
 use crate::{ApiError, AppState, RequestTag};
 
 #[derive(Debug, Deserialize)]
@@ -148,19 +148,7 @@ pub(crate) fn parse(body: &[u8], count_only: bool) -> Result<GenRequest, ApiErro
         ..SamplingFields::default()
     };
     let max = req.max_tokens.map(|n| ("max_tokens", n));
-    let sampling = sampling(&fields, max, None).map_err(|e| match e {
-        // Anthropic's name for the stop strings.
-        ApiError::InvalidRequest {
-            param: Some(p),
-            message,
-            code,
-        } if p == "stop" => ApiError::InvalidRequest {
-            param: Some("stop_sequences".into()),
-            message: message.replace("'stop'", "'stop_sequences'"),
-            code,
-        },
-        e => e,
-    })?;
+    let sampling = sampling(&fields, &FieldNames::ANTHROPIC, max, None)?;
     // `output_config.format` is structured output; `effort` cannot be honoured and is ignored.
     let format = match req.output_config.as_ref().and_then(|c| c.get("format")) {
         None | Some(Value::Null) => ResponseFormat::Text,
@@ -511,7 +499,7 @@ fn events(
         yield Ok(sse_event("message_start", &start));
         while let Some(piece) = run.next().await {
             if let Piece::Error(e) = piece {
-                yield Ok(sse_event("error", &anthropic_body(&e)));
+                yield Ok(sse_event("error", &e.anthropic_body()));
                 break;
             }
             let mut events = Vec::new();
@@ -531,57 +519,6 @@ fn events(
             }
         }
     }
-}
-
-/// Anthropic's error type for a status code.
-fn error_type(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        400 | 405 | 422 => "invalid_request_error",
-        401 => "authentication_error",
-        403 => "permission_error",
-        404 => "not_found_error",
-        413 => "request_too_large",
-        429 => "rate_limit_error",
-        503 | 529 => "overloaded_error",
-        _ => "api_error",
-    }
-}
-
-fn anthropic_body(e: &ApiError) -> Value {
-    json!({"type": "error", "error": {"type": error_type(e.status()), "message": e.to_string()}})
-}
-
-/// Every error under `/v1/messages` (the handlers', authentication's, the body limit's,
-/// an unknown route's or method's) in Anthropic's shape
-/// `{"type": "error", "error": {"type", "message"}}`, its status and headers kept.
-pub(crate) async fn anthropic_errors(req: Request, next: Next) -> Response {
-    if !req.uri().path().starts_with("/v1/messages") {
-        return next.run(req).await;
-    }
-    let res = next.run(req).await;
-    let status = res.status();
-    if !(status.is_client_error() || status.is_server_error()) {
-        return res;
-    }
-    let (mut parts, body) = res.into_parts();
-    let bytes = axum::body::to_bytes(body, 1 << 20)
-        .await
-        .unwrap_or_default();
-    let message = serde_json::from_slice::<Value>(&bytes)
-        .ok()
-        .and_then(|v| {
-            v.pointer("/error/message")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_string());
-    let body = json!({"type": "error", "error": {"type": error_type(status), "message": message}});
-    parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    Response::from_parts(parts, Body::from(body.to_string()))
 }
 
 #[cfg(test)]

@@ -23,7 +23,8 @@ use crate::structured::ResponseFormat;
 use crate::template::{TemplateFunction, TemplateMessage, TemplateToolCall};
 use crate::tools::{self, ToolSpec};
 use crate::validate::{
-    call_arguments, parse_object, required_str, sampling, text_parts, GenInput, GenRequest,
+    call_arguments, parse_object, required_str, sampling, text_parts, FieldNames, GenInput,
+    GenRequest,
 };
 use crate::{ApiError, AppState, RequestTag};
 
@@ -150,7 +151,7 @@ pub(crate) fn parse(body: &[u8]) -> Result<(GenRequest, Echo), ApiError> {
     let gen = GenRequest {
         model: req.model,
         input: GenInput::Chat(messages),
-        sampling: sampling(&fields, max, None)?,
+        sampling: sampling(&fields, &FieldNames::OPENAI, max, None)?,
         format: ResponseFormat::from_text_format(format_value)?,
         tools,
         prompt_param: "input",

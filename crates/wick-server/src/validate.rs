@@ -172,7 +172,7 @@ pub(crate) fn parse_chat(body: &[u8]) -> Result<GenRequest, ApiError> {
     Ok(GenRequest {
         format: ResponseFormat::parse(req.response_format.as_ref())?,
         input: GenInput::Chat(messages_from(&req.messages)?),
-        sampling: sampling(&req.sampling, max_tokens, logprobs)?,
+        sampling: sampling(&req.sampling, &FieldNames::OPENAI, max_tokens, logprobs)?,
         model: req.model,
         tools,
         prompt_param: "messages",
@@ -221,7 +221,7 @@ pub(crate) fn parse_completion(body: &[u8]) -> Result<GenRequest, ApiError> {
     // OpenAI's completions default to 16 tokens.
     let max_tokens = Some(("max_tokens", req.sampling.max_tokens.unwrap_or(16)));
     Ok(GenRequest {
-        sampling: sampling(&req.sampling, max_tokens, logprobs)?,
+        sampling: sampling(&req.sampling, &FieldNames::OPENAI, max_tokens, logprobs)?,
         input: GenInput::Prompts(prompts),
         model: req.model,
         format: ResponseFormat::Text,
@@ -257,8 +257,24 @@ fn float_in(
     Ok(v as f32)
 }
 
+/// An API's names for the sampling fields whose names differ between APIs, so that an error
+/// names the field the client sent.
+pub(crate) struct FieldNames {
+    pub stop: &'static str,
+}
+
+impl FieldNames {
+    pub(crate) const OPENAI: FieldNames = FieldNames { stop: "stop" };
+    pub(crate) const ANTHROPIC: FieldNames = FieldNames {
+        stop: "stop_sequences",
+    };
+}
+
+/// The sampling fields of any API (named in `names`; `max_tokens` with its API's name)
+/// checked into engine parameters.
 pub(crate) fn sampling(
     f: &SamplingFields,
+    names: &FieldNames,
     max_tokens: Option<(&str, i64)>,
     logprobs: Option<usize>,
 ) -> Result<ValidSampling, ApiError> {
@@ -330,8 +346,11 @@ pub(crate) fn sampling(
     };
     if stop.len() > MAX_STOP_STRINGS || stop.iter().any(String::is_empty) {
         return Err(ApiError::invalid(
-            "stop",
-            format!("'stop' takes up to {MAX_STOP_STRINGS} non-empty strings"),
+            names.stop,
+            format!(
+                "'{}' takes up to {MAX_STOP_STRINGS} non-empty strings",
+                names.stop
+            ),
         ));
     }
     let stream = f.stream.unwrap_or(false);
