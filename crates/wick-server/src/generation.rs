@@ -349,20 +349,23 @@ pub(crate) struct Submitted {
     pub tools: bool,
 }
 
-/// Checks `req` against the model (name, template, tools, token ids, context budget,
-/// logit_bias), renders and tokenizes its prompts off the reactor, compiles its grammar,
-/// submits `n` choices per prompt (choice index `prompt * n + j`) and waits for each one's
-/// first event, so that an engine refusal becomes this request's status code.
-pub(crate) async fn start(
-    state: &AppState,
-    tag: &RequestTag,
-    req: GenRequest,
-) -> Result<Submitted, ApiError> {
-    let state = &state.select(&req.model)?;
-    let model = state.model()?;
-    if let Some(user) = &req.sampling.user {
-        tracing::info!(user = %user, "generation request");
-    }
+/// A request checked against its model and ready for the engine: every rule has passed,
+/// the prompts are token ids that fit the context, the grammars are compiled. Only this
+/// reaches [`submit`].
+pub(crate) struct ValidRequest {
+    pub state: Selected,
+    pub req: GenRequest,
+    /// Each prompt's token ids and output budget.
+    pub prompts: Vec<(Vec<u32>, usize)>,
+    pub thinking: Thinking,
+    pub tool_format: Option<ToolFormat>,
+    /// One per choice (`prompts.len() * n`), in choice order.
+    pub constraints: Vec<Option<Box<dyn TokenConstraint>>>,
+}
+
+/// The rules on `req` that need only the model: tools against the response format and the
+/// template, `logit_bias` against the vocabulary. Returns how tool calls are written.
+fn check(model: &ServedModel, req: &GenRequest) -> Result<Option<ToolFormat>, ApiError> {
     let tool_format = if req.tools.active() {
         if req.format != ResponseFormat::Text {
             return Err(ApiError::invalid(
@@ -376,8 +379,8 @@ pub(crate) async fn start(
     } else {
         None
     };
-    let sampling = &req.sampling;
-    if let Some(&(id, _)) = sampling
+    if let Some(&(id, _)) = req
+        .sampling
         .params
         .logit_bias
         .iter()
@@ -391,25 +394,67 @@ pub(crate) async fn start(
             ),
         ));
     }
+    Ok(tool_format)
+}
+
+/// Checks `req` against the model it names ([`check`]), renders and tokenizes its prompts
+/// off the reactor, compiles its grammars and checks each prompt's context budget.
+pub(crate) async fn validate(state: &AppState, req: GenRequest) -> Result<ValidRequest, ApiError> {
+    let state = state.select(&req.model)?;
+    let model = state.model()?;
+    if let Some(user) = &req.sampling.user {
+        tracing::info!(user = %user, "generation request");
+    }
+    let tool_format = check(model, &req)?;
     let (prompts, thinking) = {
         let state = state.clone();
         let (input, tools, param) = (req.input.clone(), req.tools.clone(), req.prompt_param);
         blocking(move || tokenize(state.model()?, input, &tools, param)).await?
     };
-    let count = prompts.len() * sampling.n;
-    let mut constraints = match tool_format {
-        Some(f) => compile_tools(state, f, &req.tools, count).await?,
-        None => compile(state, &req.format, count).await?,
-    }
-    .into_iter();
+    let count = prompts.len() * req.sampling.n;
+    let constraints = match tool_format {
+        Some(f) => compile_tools(&state, f, &req.tools, count).await?,
+        None => compile(&state, &req.format, count).await?,
+    };
+    let model = state.model()?;
+    let prompts = prompts
+        .into_iter()
+        .map(|p| {
+            let budget = output_budget(model, p.len(), req.sampling.max_tokens, req.prompt_param)?;
+            Ok((p, budget))
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    Ok(ValidRequest {
+        state,
+        req,
+        prompts,
+        thinking,
+        tool_format,
+        constraints,
+    })
+}
+
+/// Submits `n` choices per prompt of a validated request (choice index `prompt * n + j`)
+/// and returns their runs; a full queue is the request's 429.
+pub(crate) fn submit(tag: &RequestTag, valid: ValidRequest) -> Result<Submitted, ApiError> {
+    let ValidRequest {
+        state,
+        req,
+        prompts,
+        thinking,
+        tool_format,
+        constraints,
+    } = valid;
+    let model = state.model()?;
+    let sampling = &req.sampling;
+    let mut constraints = constraints.into_iter();
     let visible: Vec<u32> = tool_format
         .and_then(|f| f.start_token)
         .into_iter()
         .collect();
     let parse = thinking != Thinking::Never || tool_format.is_some();
-    let mut runs = Vec::with_capacity(count);
-    for (p, prompt) in prompts.iter().enumerate() {
-        let max_tokens = output_budget(model, prompt.len(), sampling.max_tokens, req.prompt_param)?;
+    let mut runs = Vec::with_capacity(prompts.len() * sampling.n);
+    for (p, (prompt, max_tokens)) in prompts.iter().enumerate() {
         for j in 0..sampling.n {
             let mut params = sampling.params.clone();
             // Choices of one request differ, reproducibly when seeded.
@@ -421,7 +466,7 @@ pub(crate) async fn start(
                     id: state.next_id(),
                     tag: tag.0.to_string(),
                     prompt: prompt.clone(),
-                    max_tokens,
+                    max_tokens: *max_tokens,
                     stop_token_ids: if sampling.ignore_eos {
                         Vec::new()
                     } else {
@@ -432,7 +477,7 @@ pub(crate) async fn start(
                     events: tx,
                     constraint: constraints.next().flatten(),
                 })
-                .map_err(|e| submit_error(state, e))?;
+                .map_err(|e| submit_error(&state, e))?;
             runs.push(Run {
                 index: p * sampling.n + j,
                 first: None,
@@ -452,22 +497,33 @@ pub(crate) async fn start(
             });
         }
     }
-    for run in &mut runs {
+    Ok(Submitted {
+        model: model.name.clone(),
+        stream: sampling.stream,
+        include_usage: sampling.include_usage,
+        tools: tool_format.is_some(),
+        prompts: prompts.into_iter().map(|(p, _)| p).collect(),
+        runs,
+        state,
+    })
+}
+
+/// Validates and submits `req`, then waits for each choice's first event, so that an engine
+/// refusal becomes this request's status code.
+pub(crate) async fn start(
+    state: &AppState,
+    tag: &RequestTag,
+    req: GenRequest,
+) -> Result<Submitted, ApiError> {
+    let mut submitted = submit(tag, validate(state, req).await?)?;
+    for run in &mut submitted.runs {
         match run.gen.next().await {
             Some(Piece::Error(e)) => return Err(e),
             Some(piece) => run.first = Some(piece),
             None => return Err(ApiError::EngineStopped),
         }
     }
-    Ok(Submitted {
-        state: state.clone(),
-        runs,
-        prompts,
-        model: model.name.clone(),
-        stream: sampling.stream,
-        include_usage: sampling.include_usage,
-        tools: tool_format.is_some(),
-    })
+    Ok(submitted)
 }
 
 /// How many tokens `req`'s prompt takes, rendered as a generation would render it.
