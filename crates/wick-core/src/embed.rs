@@ -1,7 +1,7 @@
 //! The queue of embedding requests: handlers submit token ids and await the vectors on a
 //! oneshot channel; the embedding engine thread takes every waiting request at once and
 //! computes them in padded batches. Admission (429 past the limits, `Retry-After`) is the
-//! generation queue's.
+//! one bounded queue's ([`crate::queue`]).
 
 use std::time::Instant;
 
@@ -32,7 +32,7 @@ impl EmbedRequest {
 /// [`EmbedRequest::tokens`].
 pub type EmbedHandle = QueueSender<EmbedRequest>;
 
-/// The embedding engine's receiving side; it releases a request as it takes it.
+/// The embedding engine's receiving side; the engine releases each request as it takes it.
 pub type EmbedReceiver = QueueReceiver<EmbedRequest>;
 
 /// An embedding queue bounded by `limits`.

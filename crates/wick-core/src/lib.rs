@@ -1,10 +1,10 @@
 //! Shared vocabulary of Wick.
 //!
 //! Every other crate speaks these types: the HTTP front end turns an OpenAI request into an
-//! [`EngineRequest`] (prompt token ids, [`SamplingParams`], limits) and submits it through the
-//! [`EngineHandle`], the one bounded request queue. The engine thread drains that queue into the
+//! `EngineRequest` (prompt token ids, [`SamplingParams`], limits) and submits it through the
+//! `EngineHandle`, the one bounded request queue. The engine thread drains that queue into the
 //! scheduler, which hands the runner a [`ScheduledBatch`] each step; sampled tokens travel back
-//! to the request's own channel as [`TokenEvent`]s. [`Metrics`] holds every Prometheus series.
+//! to the request's own channel as [`TokenEvent`]s. `Metrics` holds every Prometheus series.
 //! No candle, no axum here.
 //!
 //! The scheduler and the runner use only the pure types (ids, batches, sampling parameters,

@@ -194,7 +194,8 @@ impl<T> QueueSender<T> {
     }
 
     /// At shutdown, once the drain timeout has run out: the receiver ends every request it
-    /// still has. A flag, not a queued item, so it cannot be refused by a full queue.
+    /// still has (the generation engine does; the embedding engine answers each batch as it
+    /// goes and does not look). A flag, not a queued item, so a full queue cannot refuse it.
     pub fn end_all(&self) {
         self.admission.end_all.store(true, Ordering::Release);
     }

@@ -199,7 +199,7 @@ pub(crate) async fn not_found(uri: Uri) -> ApiError {
     ApiError::RouteNotFound(uri.path().to_string())
 }
 
-/// A known path with another method: 405 in OpenAI's error shape.
+/// A known path with another method: 405 in the request's error dialect.
 pub(crate) async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> ApiError {
     ApiError::MethodNotAllowed {
         method: method.to_string(),
