@@ -328,9 +328,10 @@ pub(crate) fn output_budget(
             code: Some("context_length_exceeded"),
         }),
         Some(m) => Ok(m),
-        None => Ok(model
-            .max_tokens_default
-            .map_or(limit - prompt_len, |d| d.min(limit - prompt_len))),
+        None => {
+            let room = limit - prompt_len;
+            Ok(model.max_tokens_default.map_or(room, |d| d.min(room)))
+        }
     }
 }
 
@@ -416,7 +417,6 @@ pub(crate) async fn validate(state: &AppState, req: GenRequest) -> Result<ValidR
         Some(f) => compile_tools(&state, f, &req.tools, count).await?,
         None => compile(&state, &req.format, count).await?,
     };
-    let model = state.model()?;
     let prompts = prompts
         .into_iter()
         .map(|p| {
