@@ -51,7 +51,7 @@ pub use gguf::write_tokenizer_gguf;
 pub use kv_cache::{CacheConfig, KvCache, KvSize, KvSizing};
 pub use load::{
     load, load_assets, parse_device, parse_dtype, DTypeSpec, DeviceSpec, LoadOptions, LoadedModel,
-    ModelAssets, WeightFormat,
+    ModelAssets, ModelFacts, WeightFormat,
 };
 pub use memory::{host_memory, host_memory_under, HostMemory, MemoryBound};
 pub use model::Model;

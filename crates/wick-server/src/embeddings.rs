@@ -21,7 +21,7 @@ use wick_core::EmbedRequest;
 use crate::generation::submit_error;
 use crate::http::{blocking, generation_body};
 use crate::validate::parse_object;
-use crate::{check_vocabulary, ApiError, AppState};
+use crate::{check_vocabulary, ApiError, AppState, Selected};
 
 /// Most inputs in one request (OpenAI's limit).
 pub const MAX_INPUTS: usize = 2048;
@@ -38,6 +38,7 @@ pub struct EmbeddingModelInfo {
     pub dimensions: usize,
     /// Token ids below this are valid.
     pub vocab_size: usize,
+    pub details: crate::ModelDetails,
 }
 
 /// The fields of [`EmbeddingRequest`]: any other is refused, as on every endpoint.
@@ -100,13 +101,53 @@ struct EmbeddingUsage {
 }
 
 /// One input as the client gave it.
-enum Input {
+pub(crate) enum Input {
     Text(String),
     Ids(Vec<u32>),
 }
 
+/// How an input longer than `to` tokens is cut: keeping the end of its content (vLLM's
+/// `truncate_prompt_tokens`) or its start (Ollama's `truncate`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Truncate {
+    pub to: usize,
+    pub keep_start: bool,
+}
+
+/// Tokenizes `items` off the reactor (each within the model's limit, or cut as `truncate`
+/// says) and submits them as one request to the model's embedding queue; returns the
+/// vectors in input order and the tokens they took.
+pub(crate) async fn embed(
+    state: &Selected,
+    items: Vec<Input>,
+    truncate: Option<Truncate>,
+) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+    let ids = {
+        let state = state.clone();
+        blocking(move || tokenize(state.embedding_model()?.0, items, truncate)).await?
+    };
+    let prompt_tokens = ids.iter().map(Vec::len).sum();
+    let (reply, rx) = oneshot::channel();
+    let (_, queue) = state.embedding_model()?;
+    queue
+        .submit(
+            EmbedRequest {
+                inputs: ids,
+                arrived: Instant::now(),
+                reply,
+            },
+            prompt_tokens,
+        )
+        .map_err(|e| submit_error(state, e))?;
+    match rx.await {
+        Ok(Ok(v)) => Ok((v, prompt_tokens)),
+        Ok(Err(e)) => Err(ApiError::Internal(format!("embedding failed: {e}"))),
+        Err(_) => Err(ApiError::EngineStopped),
+    }
+}
+
 /// The inputs of `input`, or a 400 saying what shape is expected.
-fn inputs(input: Value) -> Result<Vec<Input>, ApiError> {
+pub(crate) fn inputs(input: Value) -> Result<Vec<Input>, ApiError> {
     let shape = "`input` must be a string, a list of strings, a list of token ids, or a list of lists of token ids";
     let ids = |v: &[Value], param: &str| -> Result<Vec<u32>, ApiError> {
         v.iter()
@@ -148,12 +189,12 @@ fn inputs(input: Value) -> Result<Vec<Input>, ApiError> {
     Ok(items)
 }
 
-/// The token ids of each input, within the model's limit (cut to `truncate` tokens when
-/// given: a text keeps its special tokens at both ends and the end of its content).
+/// The token ids of each input, within the model's limit (cut as `truncate` says when
+/// given: a text keeps its special tokens at both ends).
 fn tokenize(
     model: &EmbeddingModelInfo,
     items: Vec<Input>,
-    truncate: Option<usize>,
+    truncate: Option<Truncate>,
 ) -> Result<Vec<Vec<u32>>, ApiError> {
     let many = items.len() > 1;
     items
@@ -176,8 +217,8 @@ fn tokenize(
                         .map_err(|e| ApiError::invalid(&param, format!("cannot tokenize: {e}")))?;
                     let ids = enc.get_ids().to_vec();
                     match truncate {
-                        Some(k) if ids.len() > k => {
-                            cut_text(ids, enc.get_special_tokens_mask(), k, &param)?
+                        Some(t) if ids.len() > t.to => {
+                            cut_text(ids, enc.get_special_tokens_mask(), t, &param)?
                         }
                         _ => ids,
                     }
@@ -188,7 +229,8 @@ fn tokenize(
                 Input::Ids(ids) => {
                     let ids = check_vocabulary(ids, model.vocab_size, &param)?;
                     match truncate {
-                        Some(k) if ids.len() > k => ids[ids.len() - k..].to_vec(),
+                        Some(t) if ids.len() > t.to && t.keep_start => ids[..t.to].to_vec(),
+                        Some(t) if ids.len() > t.to => ids[ids.len() - t.to..].to_vec(),
                         _ => ids,
                     }
                 }
@@ -209,9 +251,15 @@ fn tokenize(
         .collect()
 }
 
-/// `ids` cut to `k` tokens: the special tokens at its start and end kept, and the last of
-/// its content.
-fn cut_text(ids: Vec<u32>, special: &[u32], k: usize, param: &str) -> Result<Vec<u32>, ApiError> {
+/// `ids` cut to `t.to` tokens: the special tokens at its start and end kept, and the last
+/// (or with `keep_start` the first) of its content.
+fn cut_text(
+    ids: Vec<u32>,
+    special: &[u32],
+    t: Truncate,
+    param: &str,
+) -> Result<Vec<u32>, ApiError> {
+    let k = t.to;
     let head = special.iter().take_while(|&&s| s == 1).count();
     let tail = special.iter().rev().take_while(|&&s| s == 1).count();
     if head + tail >= ids.len() || head + tail >= k {
@@ -226,7 +274,11 @@ fn cut_text(ids: Vec<u32>, special: &[u32], k: usize, param: &str) -> Result<Vec
     let content = &ids[head..ids.len() - tail];
     let keep = k - head - tail;
     let mut out = ids[..head].to_vec();
-    out.extend_from_slice(&content[content.len() - keep..]);
+    if t.keep_start {
+        out.extend_from_slice(&content[..keep]);
+    } else {
+        out.extend_from_slice(&content[content.len() - keep..]);
+    }
     out.extend_from_slice(&ids[ids.len() - tail..]);
     Ok(out)
 }
@@ -291,28 +343,11 @@ pub(crate) async fn embeddings(
         tracing::info!(user = %user, "embedding request");
     }
     let items = inputs(req.input)?;
-    let ids = {
-        let state = state.clone();
-        blocking(move || tokenize(state.embedding_model()?.0, items, truncate)).await?
-    };
-    let prompt_tokens = ids.iter().map(Vec::len).sum();
-    let (reply, rx) = oneshot::channel();
-    let (_, queue) = state.embedding_model()?;
-    queue
-        .submit(
-            EmbedRequest {
-                inputs: ids,
-                arrived: Instant::now(),
-                reply,
-            },
-            prompt_tokens,
-        )
-        .map_err(|e| submit_error(&state, e))?;
-    let vectors = match rx.await {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => return Err(ApiError::Internal(format!("embedding failed: {e}"))),
-        Err(_) => return Err(ApiError::EngineStopped),
-    };
+    let truncate = truncate.map(|to| Truncate {
+        to,
+        keep_start: false,
+    });
+    let (vectors, prompt_tokens) = embed(&state, items, truncate).await?;
     let data = vectors
         .into_iter()
         .enumerate()
@@ -367,10 +402,15 @@ mod tests {
     fn a_cut_text_keeps_its_special_tokens_and_its_end() {
         let ids = vec![101, 1, 2, 3, 4, 5, 102];
         let special = [1, 0, 0, 0, 0, 0, 1];
+        let cut = |to, keep_start| Truncate { to, keep_start };
         assert_eq!(
-            cut_text(ids.clone(), &special, 4, "input").unwrap(),
+            cut_text(ids.clone(), &special, cut(4, false), "input").unwrap(),
             vec![101, 4, 5, 102]
         );
-        assert!(cut_text(ids, &special, 2, "input").is_err());
+        assert_eq!(
+            cut_text(ids.clone(), &special, cut(4, true), "input").unwrap(),
+            vec![101, 1, 2, 102]
+        );
+        assert!(cut_text(ids, &special, cut(2, false), "input").is_err());
     }
 }

@@ -1,7 +1,7 @@
 //! Every error the API returns, with its status code mapped here and nowhere else, in the
 //! dialect of the API the request spoke: OpenAI's (`{"error": {"message", "type", "param",
-//! "code"}}`) or, under `/v1/messages`, Anthropic's (`{"type": "error", "error": {"type",
-//! "message"}}`). The dialect is the request's, set once around it ([`speak_dialect`]), and
+//! "code"}}`), under `/v1/messages` Anthropic's (`{"type": "error", "error": {"type",
+//! "message"}}`), under `/api/` Ollama's (`{"error": "..."}`). The dialect is the request's, set once around it ([`speak_dialect`]), and
 //! read where the response is built.
 
 use axum::extract::Request;
@@ -16,14 +16,18 @@ use serde_json::{json, Value};
 pub(crate) enum Dialect {
     OpenAi,
     Anthropic,
+    Ollama,
 }
 
 impl Dialect {
     /// Anthropic's under `/v1/messages` (the routes, and anything refused on the way to
-    /// them: authentication, the body limit, an unknown route or method); OpenAI's elsewhere.
+    /// them: authentication, the body limit, an unknown route or method); Ollama's under
+    /// `/api/`; OpenAI's elsewhere.
     fn of(path: &str) -> Self {
         if path.starts_with("/v1/messages") {
             Dialect::Anthropic
+        } else if path.starts_with("/api/") {
+            Dialect::Ollama
         } else {
             Dialect::OpenAi
         }
@@ -75,6 +79,9 @@ pub enum ApiError {
     Stalled(String),
     #[error("Not found: {0}")]
     RouteNotFound(String),
+    /// A route the API has that this server does not implement.
+    #[error("{0}")]
+    NotImplemented(String),
     #[error("Method {method} is not allowed on {path}.")]
     MethodNotAllowed { method: String, path: String },
     #[error("The request body is larger than {0} bytes.")]
@@ -121,6 +128,7 @@ impl ApiError {
             | ApiError::Drained(_)
             | ApiError::Stalled(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -143,6 +151,16 @@ impl ApiError {
         json!({"type": "error", "error": {"type": self.anthropic_type(), "message": self.to_string()}})
     }
 
+    /// The error in Ollama's shape, also sent as the last NDJSON line when a stream fails;
+    /// an unknown model in Ollama's words.
+    pub(crate) fn ollama_body(&self) -> Value {
+        let message = match self {
+            ApiError::ModelNotFound(name) => format!("model '{name}' not found"),
+            e => e.to_string(),
+        };
+        json!({ "error": message })
+    }
+
     /// The error object, also sent as a JSON `data:` line when a stream fails mid-way.
     pub fn body(&self) -> ErrorBody {
         let (kind, param, code) = match self {
@@ -155,6 +173,7 @@ impl ApiError {
                 Some("model_not_found"),
             ),
             ApiError::RouteNotFound(_) => ("invalid_request_error", None, Some("not_found")),
+            ApiError::NotImplemented(_) => ("invalid_request_error", None, Some("not_implemented")),
             ApiError::MethodNotAllowed { .. } => {
                 ("invalid_request_error", None, Some("method_not_allowed"))
             }
@@ -209,6 +228,7 @@ impl IntoResponse for ApiError {
             Dialect::Anthropic => {
                 (self.status(), axum::Json(self.anthropic_body())).into_response()
             }
+            Dialect::Ollama => (self.status(), axum::Json(self.ollama_body())).into_response(),
         };
         if let ApiError::QueueFull { retry_after, .. } = self {
             res.headers_mut()

@@ -306,14 +306,16 @@ pub(crate) fn merge(runs: Vec<Run>) -> impl Stream<Item = (usize, Piece)> + Send
 }
 
 /// How many tokens a request may generate (without `max_tokens`: the model's default, never
-/// more than the context leaves), or a 400 if the prompt leaves no room.
+/// more than the context leaves), or a 400 if the prompt leaves no room. `context`: a
+/// smaller context the request asks for.
 pub(crate) fn output_budget(
     model: &ServedModel,
     prompt_len: usize,
     max_tokens: Option<usize>,
+    context: Option<usize>,
     param: &str,
 ) -> Result<usize, ApiError> {
-    let limit = model.max_model_len;
+    let limit = context.map_or(model.max_model_len, |c| c.min(model.max_model_len));
     if prompt_len >= limit {
         return Err(ApiError::InvalidRequest {
             message: format!("This model's maximum context length is {limit} tokens; the prompt takes {prompt_len}."),
@@ -420,7 +422,8 @@ pub(crate) async fn validate(state: &AppState, req: GenRequest) -> Result<ValidR
     let prompts = prompts
         .into_iter()
         .map(|p| {
-            let budget = output_budget(model, p.len(), req.sampling.max_tokens, req.prompt_param)?;
+            let s = &req.sampling;
+            let budget = output_budget(model, p.len(), s.max_tokens, s.context, req.prompt_param)?;
             Ok((p, budget))
         })
         .collect::<Result<Vec<_>, ApiError>>()?;

@@ -21,6 +21,7 @@ mod generation;
 mod http;
 mod logprobs;
 mod messages;
+mod ollama;
 pub mod openai;
 mod openapi;
 mod ops;
@@ -35,7 +36,7 @@ mod tools;
 mod validate;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 
 pub use browser::{is_loopback_host, is_origin, BrowserPolicy};
@@ -45,7 +46,9 @@ pub use error::ApiError;
 pub use openapi::ApiDoc;
 pub use ops::{RequestTag, REQUEST_ID_HEADER};
 pub(crate) use state::{check_vocabulary, ReadyModel, Selected};
-pub use state::{AppState, Backend, ModelEntry, ModelSpec, ServedModel, ServerOptions};
+pub use state::{
+    AppState, Backend, ModelDetails, ModelEntry, ModelSpec, ServedModel, ServerOptions,
+};
 pub use structured::{Grammars, JsonConstraint, ResponseFormat};
 pub use template::{
     ChatTemplate, TemplateError, TemplateFunction, TemplateMessage, TemplateToolCall,
@@ -67,6 +70,23 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/models/{*model}", get(routes::model))
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
+        .route("/api/chat", post(ollama::chat))
+        .route("/api/generate", post(ollama::generate))
+        .route("/api/embed", post(ollama::embed))
+        .route("/api/embeddings", post(ollama::embeddings))
+        .route("/api/tags", get(ollama::tags))
+        .route("/api/show", post(ollama::show))
+        .route("/api/ps", get(ollama::ps))
+        .route("/api/version", get(ollama::version))
+        .route("/api/pull", post(ollama::unsupported))
+        .route("/api/push", post(ollama::unsupported))
+        .route("/api/create", post(ollama::unsupported))
+        .route("/api/copy", post(ollama::unsupported))
+        .route("/api/delete", delete(ollama::unsupported))
+        .route(
+            "/api/blobs/{digest}",
+            post(ollama::unsupported).head(ollama::unsupported),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_key,

@@ -7,7 +7,7 @@ use utoipa::OpenApi;
 #[openapi(
     info(
         title = "Wick",
-        description = "An OpenAI-compatible LLM inference server."
+        description = "An LLM inference server speaking OpenAI's API, Anthropic's Messages and Ollama's native API (under /api/)."
     ),
     paths(
         crate::chat::chat_completions,
@@ -23,6 +23,14 @@ use utoipa::OpenApi;
         crate::routes::health,
         crate::routes::live,
         crate::routes::metrics,
+        crate::ollama::chat,
+        crate::ollama::generate,
+        crate::ollama::embed,
+        crate::ollama::embeddings,
+        crate::ollama::models::tags,
+        crate::ollama::models::show,
+        crate::ollama::models::ps,
+        crate::ollama::models::version,
     ),
     // Streamed responses are sequences of these (one per SSE `data:` line).
     components(schemas(crate::openai::ChatCompletionChunk, crate::openai::Completion))

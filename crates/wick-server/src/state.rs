@@ -11,6 +11,22 @@ use crate::{
     embeddings, ops, tools, ApiError, BrowserPolicy, ChatTemplate, Grammars, TemplateError,
 };
 
+/// What a model is, as model listings show it (Ollama's `/api/tags`, `/api/show`, `/api/ps`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelDetails {
+    /// `gguf` or `safetensors`.
+    pub format: String,
+    /// The family's name (`llama`, `qwen2`, `bert`, ...).
+    pub family: String,
+    pub parameters: u64,
+    /// How the weights are stored (`Q4_K_M`, `BF16`); empty when unknown.
+    pub quantization: String,
+    /// Bytes on disk.
+    pub size_bytes: u64,
+    /// When the file was last written.
+    pub modified: Option<std::time::SystemTime>,
+}
+
 /// What the front end knows of the model being served.
 pub struct ServedModel {
     /// The name clients put in `model`.
@@ -34,6 +50,7 @@ pub struct ServedModel {
     /// Grammar compilation for structured output; `None` if it could not be set up for
     /// this tokenizer (then `response_format` JSON is refused).
     pub grammars: Option<Arc<Grammars>>,
+    pub details: ModelDetails,
 }
 
 /// What the binary knows of a loaded generation model, as plain data: the server derives
@@ -55,6 +72,7 @@ pub struct ModelSpec {
     pub context_length: usize,
     /// The output budget of a request that sets none (`None`: what the context leaves).
     pub max_tokens_default: Option<usize>,
+    pub details: ModelDetails,
 }
 
 impl ServedModel {
@@ -101,6 +119,7 @@ impl ServedModel {
             max_model_len: spec.max_model_len,
             context_length: spec.context_length,
             max_tokens_default: spec.max_tokens_default,
+            details: spec.details,
         })
     }
 

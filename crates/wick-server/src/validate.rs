@@ -31,6 +31,9 @@ pub struct ValidSampling {
     pub n: usize,
     pub ignore_eos: bool,
     pub user: Option<String>,
+    /// A context smaller than the model's that prompt and output must fit (Ollama's
+    /// `num_ctx`); `None`: the model's.
+    pub context: Option<usize>,
 }
 
 /// One generation request, whatever API shape it arrived in (chat completions,
@@ -268,6 +271,9 @@ impl FieldNames {
     pub(crate) const ANTHROPIC: FieldNames = FieldNames {
         stop: "stop_sequences",
     };
+    pub(crate) const OLLAMA: FieldNames = FieldNames {
+        stop: "options.stop",
+    };
 }
 
 /// The sampling fields of any API (named in `names`; `max_tokens` with its API's name)
@@ -380,6 +386,7 @@ pub(crate) fn sampling(
         n,
         ignore_eos: f.ignore_eos.unwrap_or(false),
         user: f.user.clone(),
+        context: None,
     })
 }
 

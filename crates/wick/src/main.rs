@@ -25,8 +25,8 @@ use wick_core::Metrics;
 use wick_engine::{EmbedConfig, EngineConfig, Loaded, Ready, StepRunner};
 use wick_runner::{CacheConfig, LoadOptions, Runner};
 use wick_server::{
-    AppState, Backend, BrowserPolicy, EmbeddingModelInfo, ModelEntry, ModelSpec, ServedModel,
-    ServerOptions,
+    AppState, Backend, BrowserPolicy, EmbeddingModelInfo, ModelDetails, ModelEntry, ModelSpec,
+    ServedModel, ServerOptions,
 };
 
 use crate::config::{Config, ModelSettings, ServeArgs};
@@ -363,6 +363,7 @@ fn start_embedding(
             max_input_tokens: model.max_input_tokens(),
             dimensions: model.dimensions(),
             vocab_size: model.vocab_size(),
+            details: embedding_details(&path),
         };
         Ok((model, info))
     })
@@ -551,7 +552,37 @@ fn served_model(cfg: &ModelSettings, ready: Ready) -> anyhow::Result<ServedModel
         context_length: a.max_model_len,
         max_tokens_default: (cfg.model.max_tokens_default > 0)
             .then_some(cfg.model.max_tokens_default),
+        details: details(a.facts),
     })?)
+}
+
+fn details(f: wick_runner::ModelFacts) -> ModelDetails {
+    ModelDetails {
+        format: f.format.to_string(),
+        family: f.family.to_string(),
+        parameters: f.parameters,
+        quantization: f.quantization,
+        size_bytes: f.size_bytes,
+        modified: f.modified,
+    }
+}
+
+/// A sentence-transformers directory's listing facts: its weight files' size and time.
+fn embedding_details(dir: &std::path::Path) -> ModelDetails {
+    let files = std::fs::read_dir(dir).into_iter().flatten().flatten();
+    let mut d = ModelDetails {
+        format: "safetensors".into(),
+        family: "bert".into(),
+        ..ModelDetails::default()
+    };
+    for m in files
+        .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+        .filter_map(|e| e.metadata().ok())
+    {
+        d.size_bytes += m.len();
+        d.modified = d.modified.max(m.modified().ok());
+    }
+    d
 }
 
 /// Graceful drain: on SIGTERM or SIGINT, readiness and new requests turn 503 at once while

@@ -330,8 +330,26 @@ fn assets(path: &Path, g: &GgufFile, cfg: &ModelConfig) -> Result<ModelAssets> {
     stop_token_ids.sort_unstable();
     stop_token_ids.dedup();
     let bos = token_id(g, "tokenizer.ggml.bos_token_id", vocab)?;
+    let (size_bytes, modified) = super::disk_facts(&[path]);
+    let quantization = match g.opt_usize("general.file_type") {
+        Ok(Some(t)) => super::file_type_name(t).map_or_else(|| format!("type {t}"), str::to_string),
+        _ => String::new(),
+    };
     Ok(ModelAssets {
         name: model_name(path, true),
+        facts: super::ModelFacts {
+            format: "gguf",
+            family: cfg.family,
+            // Every tensor's elements, norms included, as llama.cpp and Ollama count them.
+            parameters: g
+                .tensors
+                .values()
+                .map(|t| t.dims.iter().product::<usize>() as u64)
+                .sum(),
+            quantization,
+            size_bytes,
+            modified,
+        },
         chat_template: g.opt_str("tokenizer.chat_template")?.map(str::to_string),
         bos_token: name_of(bos),
         eos_token: name_of(eos),

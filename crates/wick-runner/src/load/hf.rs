@@ -401,8 +401,27 @@ fn assets(dir: &Path, cfg: &ModelConfig, root: &Json) -> Result<ModelAssets> {
         let jinja = dir.join("chat_template.jinja");
         std::fs::read_to_string(jinja).ok()
     });
+    let files = safetensors_files(dir).unwrap_or_default();
+    let (size_bytes, modified) =
+        super::disk_facts(&files.iter().map(PathBuf::as_path).collect::<Vec<_>>());
+    let dtype = root.get("torch_dtype").or_else(|| root.get("dtype"));
+    let quantization = match dtype.and_then(Json::as_str) {
+        Some("bfloat16") => "BF16".to_string(),
+        Some("float16") => "F16".to_string(),
+        Some("float32") => "F32".to_string(),
+        Some(other) => other.to_uppercase(),
+        None => String::new(),
+    };
     Ok(ModelAssets {
         name: model_name(dir, false),
+        facts: super::ModelFacts {
+            format: "safetensors",
+            family: cfg.family,
+            parameters: cfg.parameters(),
+            quantization,
+            size_bytes,
+            modified,
+        },
         tokenizer,
         chat_template: chat,
         bos_token,

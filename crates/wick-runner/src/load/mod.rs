@@ -33,6 +33,76 @@ pub struct ModelAssets {
     pub stop_token_ids: Vec<u32>,
     /// Longest sequence, prompt plus output, the model was trained for.
     pub max_model_len: usize,
+    /// What the model is, for listings.
+    pub facts: ModelFacts,
+}
+
+/// What a model is, as a model listing shows it (Ollama's `/api/tags` and `/api/show`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelFacts {
+    /// `gguf` or `safetensors`.
+    pub format: &'static str,
+    /// The family's registry name (`llama`, `qwen2`, ...).
+    pub family: &'static str,
+    /// Parameter count (as [`crate::ModelConfig::parameters`] counts them).
+    pub parameters: u64,
+    /// How the file stores its weights: a GGUF's `general.file_type` as llama.cpp names it
+    /// (`Q4_K_M`), or a checkpoint's dtype (`BF16`); empty when the file does not say.
+    pub quantization: String,
+    /// Bytes on disk (a directory's weight files summed).
+    pub size_bytes: u64,
+    /// When the file (a directory's newest weight file) was last written.
+    pub modified: Option<std::time::SystemTime>,
+}
+
+/// llama.cpp's name for a GGUF `general.file_type` (`llama_ftype`).
+pub(crate) fn file_type_name(t: usize) -> Option<&'static str> {
+    Some(match t {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        19 => "IQ2_XXS",
+        20 => "IQ2_XS",
+        21 => "Q2_K_S",
+        22 => "IQ3_XS",
+        23 => "IQ3_XXS",
+        24 => "IQ1_S",
+        25 => "IQ4_NL",
+        26 => "IQ3_S",
+        27 => "IQ3_M",
+        28 => "IQ2_S",
+        29 => "IQ2_M",
+        30 => "IQ4_XS",
+        31 => "IQ1_M",
+        32 => "BF16",
+        36 => "TQ1_0",
+        37 => "TQ2_0",
+        _ => return None,
+    })
+}
+
+/// Size and modification time of `files` together (the newest one's time).
+pub(crate) fn disk_facts(files: &[&Path]) -> (u64, Option<std::time::SystemTime>) {
+    let mut size = 0;
+    let mut modified = None;
+    for m in files.iter().filter_map(|f| std::fs::metadata(f).ok()) {
+        size += m.len();
+        modified = modified.max(m.modified().ok());
+    }
+    (size, modified)
 }
 
 pub struct LoadedModel {

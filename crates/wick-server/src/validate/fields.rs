@@ -13,6 +13,12 @@ use crate::embeddings::{EmbeddingRequest, FIELDS as EMBEDDING_FIELDS};
 use crate::messages::{
     MessagesRequest, COUNT_FIELDS, FIELDS as MESSAGES_FIELDS, IGNORED as MESSAGES_IGNORED,
 };
+use crate::ollama::models::{ShowRequest, SHOW_FIELDS};
+use crate::ollama::request::{ChatRequest, GenerateRequest};
+use crate::ollama::{
+    EmbedRequest, EmbeddingsRequest, CHAT_FIELDS as OLLAMA_CHAT_FIELDS, EMBEDDINGS_FIELDS,
+    EMBED_FIELDS, GENERATE_FIELDS,
+};
 use crate::openai::{
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields, TokenizeRequest,
     CHAT_FIELDS, COMPLETION_FIELDS, DETOKENIZE_FIELDS, SAMPLING_FIELDS, TOKENIZE_FIELDS,
@@ -79,7 +85,32 @@ fn set(lists: &[&[&'static str]]) -> BTreeSet<&'static str> {
 
 #[test]
 fn every_field_list_is_its_structs_fields() {
-    let table: [(&str, BTreeSet<&str>, BTreeSet<&str>); 7] = [
+    let table: [(&str, BTreeSet<&str>, BTreeSet<&str>); 12] = [
+        (
+            "ollama chat",
+            serde_fields::<ChatRequest>(),
+            set(&[OLLAMA_CHAT_FIELDS]),
+        ),
+        (
+            "ollama generate",
+            serde_fields::<GenerateRequest>(),
+            set(&[GENERATE_FIELDS]),
+        ),
+        (
+            "ollama embed",
+            serde_fields::<EmbedRequest>(),
+            set(&[EMBED_FIELDS]),
+        ),
+        (
+            "ollama embeddings",
+            serde_fields::<EmbeddingsRequest>(),
+            set(&[EMBEDDINGS_FIELDS]),
+        ),
+        (
+            "ollama show",
+            serde_fields::<ShowRequest>(),
+            set(&[SHOW_FIELDS]),
+        ),
         (
             "sampling",
             serde_fields::<SamplingFields>(),

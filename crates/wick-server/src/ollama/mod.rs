@@ -1,0 +1,550 @@
+//! Ollama's native API under `/api/`: chat and generate (streamed as NDJSON unless
+//! `stream: false`, durations in nanoseconds, `done_reason`), embed and the older
+//! embeddings, and the model routes (`models`). A chat or generate body becomes the same
+//! [`GenRequest`] every dialect does (`request`); the pieces come back as Ollama's chunks.
+//! Errors under `/api/` are `{"error": "..."}` (`crate::error`).
+
+pub(crate) mod models;
+pub(crate) mod request;
+
+use std::convert::Infallible;
+use std::time::{Instant, SystemTime};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::embeddings::{self, Input, Truncate};
+use crate::generation::{start, Finish, Piece, Run};
+use crate::http::generation_body;
+use crate::openai::Usage;
+use crate::validate::{parse_object, GenRequest};
+use crate::{ApiError, AppState, RequestTag};
+
+pub(crate) use models::{ps, show, tags, unsupported, version};
+use request::{parse_chat, parse_generate, ChatRequest, GenerateRequest, Parsed, Think};
+pub(crate) use request::{CHAT_FIELDS, GENERATE_FIELDS};
+
+/// A time as Ollama writes it: RFC 3339 in UTC with nanoseconds.
+pub(crate) fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60,
+        d.subsec_nanos()
+    )
+}
+
+/// Which route's shape the answer takes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Chat,
+    Generate,
+}
+
+/// `POST /api/chat`.
+#[utoipa::path(
+    post,
+    path = "/api/chat",
+    request_body = Object,
+    responses(
+        (status = 200, description = "The message, or with stream unset or true an NDJSON stream of chunks", body = Object),
+        (status = 400, description = "Bad input: {\"error\": \"...\"}", body = Object),
+        (status = 404, description = "Unknown model", body = Object),
+    )
+)]
+pub(crate) async fn chat(
+    State(state): State<AppState>,
+    Extension(tag): Extension<RequestTag>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let body = generation_body(&state, body)?;
+    let req: ChatRequest = parse_object(&body, &[CHAT_FIELDS], &["model"])?;
+    answer(&state, &tag, parse_chat(req)?, Route::Chat, arrived).await
+}
+
+/// `POST /api/generate`.
+#[utoipa::path(
+    post,
+    path = "/api/generate",
+    request_body = Object,
+    responses(
+        (status = 200, description = "The response, or with stream unset or true an NDJSON stream of chunks", body = Object),
+        (status = 400, description = "Bad input: {\"error\": \"...\"}", body = Object),
+        (status = 404, description = "Unknown model", body = Object),
+    )
+)]
+pub(crate) async fn generate(
+    State(state): State<AppState>,
+    Extension(tag): Extension<RequestTag>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let body = generation_body(&state, body)?;
+    let req: GenerateRequest = parse_object(&body, &[GENERATE_FIELDS], &["model"])?;
+    let selected = state.select(&req.model)?;
+    let parsed = parse_generate(req, selected.model()?)?;
+    answer(&state, &tag, parsed, Route::Generate, arrived).await
+}
+
+async fn answer(
+    state: &AppState,
+    tag: &RequestTag,
+    parsed: Parsed,
+    route: Route,
+    arrived: Instant,
+) -> Result<Response, ApiError> {
+    let (req, think) = match parsed {
+        Parsed::Load { model, .. } => {
+            // The model is loaded (every model is, from start-up): say so, once.
+            state.select(&model)?.model()?;
+            let mut b = Builder::new(route, model, false, arrived);
+            let mut reply = b.base();
+            reply["done"] = json!(true);
+            reply["done_reason"] = json!("load");
+            return Ok(Json(reply).into_response());
+        }
+        Parsed::Generate { req, think } => (*req, think),
+    };
+    let shows_thinking = shows(state, &req, think)?;
+    let started = start(state, tag, req).await?;
+    let mut builder = Builder::new(route, started.model.clone(), shows_thinking, arrived);
+    builder.prompt_tokens = started.prompts.first().map_or(0, Vec::len);
+    let Some(mut run) = started.runs.into_iter().next() else {
+        return Err(ApiError::Internal("no generation was started".into()));
+    };
+    if started.stream {
+        let lines =
+            chunks(builder, run).map(|v| Ok::<_, Infallible>(Bytes::from(format!("{v}\n"))));
+        return Ok((
+            [
+                (header::CONTENT_TYPE, "application/x-ndjson"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            Body::from_stream(lines),
+        )
+            .into_response());
+    }
+    let mut chunks = Vec::new();
+    while let Some(piece) = run.next().await {
+        if let Piece::Error(e) = piece {
+            return Err(e);
+        }
+        if builder.piece(piece, &mut chunks) {
+            return Ok(Json(builder.whole()).into_response());
+        }
+    }
+    Err(ApiError::Internal(
+        "the generation ended without a finish".into(),
+    ))
+}
+
+/// Whether the answer carries the model's thinking (a 400 when it was asked of a model
+/// that does not think).
+fn shows(state: &AppState, req: &GenRequest, think: Think) -> Result<bool, ApiError> {
+    let selected = state.select(&req.model)?;
+    think.shows(selected.model()?, &req.model)
+}
+
+/// One tool call being written: its id, name and arguments' JSON text.
+struct Call {
+    id: String,
+    name: String,
+    args: String,
+}
+
+impl Call {
+    /// As Ollama writes it: the arguments an object (cut-off arguments that do not parse:
+    /// an empty one).
+    fn value(&self, index: usize) -> Value {
+        let arguments = match serde_json::from_str::<Value>(&self.args) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => Value::Object(Map::new()),
+        };
+        json!({"id": self.id, "function": {"index": index, "name": self.name, "arguments": arguments}})
+    }
+}
+
+/// Turns pieces into Ollama's chunks, and keeps the whole answer for a non-streamed reply.
+struct Builder {
+    route: Route,
+    model: String,
+    shows_thinking: bool,
+    arrived: Instant,
+    first_token: Instant,
+    prompt_tokens: usize,
+    content: String,
+    thinking: String,
+    calls: Vec<Call>,
+    /// Calls already sent in a chunk.
+    sent: usize,
+    end: Option<(Finish, Usage)>,
+}
+
+impl Builder {
+    fn new(route: Route, model: String, shows_thinking: bool, arrived: Instant) -> Self {
+        Self {
+            route,
+            model,
+            shows_thinking,
+            arrived,
+            first_token: Instant::now(),
+            prompt_tokens: 0,
+            content: String::new(),
+            thinking: String::new(),
+            calls: Vec::new(),
+            sent: 0,
+            end: None,
+        }
+    }
+
+    /// A chunk with no text yet: the model, the time and an empty message or response.
+    fn base(&mut self) -> Value {
+        let mut v = json!({"model": self.model, "created_at": rfc3339(SystemTime::now())});
+        match self.route {
+            Route::Chat => v["message"] = json!({"role": "assistant", "content": ""}),
+            Route::Generate => v["response"] = json!(""),
+        }
+        v
+    }
+
+    /// A chunk of `content` and `thinking`, and `calls` (chat only).
+    fn chunk(&mut self, content: &str, thinking: &str, calls: Vec<Value>) -> Value {
+        let mut v = self.base();
+        let at = match self.route {
+            Route::Chat => {
+                v["message"]["content"] = json!(content);
+                &mut v["message"]
+            }
+            Route::Generate => {
+                v["response"] = json!(content);
+                &mut v
+            }
+        };
+        if !thinking.is_empty() {
+            at["thinking"] = json!(thinking);
+        }
+        if !calls.is_empty() {
+            at["tool_calls"] = Value::Array(calls);
+        }
+        v["done"] = json!(false);
+        v
+    }
+
+    /// The calls finished and not yet sent, as a chunk.
+    fn flush_calls(&mut self, upto: usize, out: &mut Vec<Value>) {
+        if upto > self.sent {
+            let calls = (self.sent..upto).map(|i| self.calls[i].value(i)).collect();
+            self.sent = upto;
+            let c = self.chunk("", "", calls);
+            out.push(c);
+        }
+    }
+
+    /// Adds a piece, with the stream's chunks for it; true at the end.
+    fn piece(&mut self, piece: Piece, out: &mut Vec<Value>) -> bool {
+        match piece {
+            Piece::Text { text, .. } => {
+                self.content.push_str(&text);
+                let c = self.chunk(&text, "", Vec::new());
+                out.push(c);
+            }
+            Piece::Reasoning(t) if self.shows_thinking => {
+                self.thinking.push_str(&t);
+                let c = self.chunk("", &t, Vec::new());
+                out.push(c);
+            }
+            Piece::Reasoning(_) => {}
+            Piece::Call { id, name, .. } => {
+                let done = self.calls.len();
+                self.flush_calls(done, out);
+                self.calls.push(Call {
+                    id,
+                    name,
+                    args: String::new(),
+                });
+            }
+            Piece::Args { call, args, .. } => {
+                if let Some(c) = self.calls.get_mut(call) {
+                    c.args.push_str(&args);
+                }
+            }
+            Piece::Finish { reason, usage, .. } => {
+                let all = self.calls.len();
+                self.flush_calls(all, out);
+                self.end = Some((reason, usage));
+                let last = self.last();
+                out.push(last);
+                return true;
+            }
+            Piece::Error(_) => {}
+        }
+        false
+    }
+
+    /// The final chunk: done, why, and the counts and durations (nanoseconds, measured at
+    /// the server: from the request's arrival to its first token, and from there to the
+    /// end).
+    fn last(&mut self) -> Value {
+        let (reason, usage) = self.end.unwrap_or_default();
+        let mut v = self.base();
+        let ns = |d: std::time::Duration| d.as_nanos() as u64;
+        let now = Instant::now();
+        let fields = json!({
+            "done": true,
+            // A turn that ends in tool calls ends as a stop, in Ollama's words.
+            "done_reason": if reason == Finish::Length { "length" } else { "stop" },
+            "total_duration": ns(now - self.arrived),
+            "load_duration": 0,
+            "prompt_eval_count": usage.prompt_tokens.max(self.prompt_tokens),
+            "prompt_eval_duration": ns(self.first_token - self.arrived),
+            "eval_count": usage.completion_tokens,
+            "eval_duration": ns(now - self.first_token),
+        });
+        if let (Value::Object(v), Value::Object(f)) = (&mut v, fields) {
+            v.extend(f);
+        }
+        v
+    }
+
+    /// The whole answer, for `stream: false`.
+    fn whole(&mut self) -> Value {
+        let mut v = self.last();
+        let calls: Vec<Value> = self
+            .calls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| c.value(i))
+            .collect();
+        let at = match self.route {
+            Route::Chat => {
+                v["message"]["content"] = json!(self.content);
+                &mut v["message"]
+            }
+            Route::Generate => {
+                v["response"] = json!(self.content);
+                &mut v
+            }
+        };
+        if !self.thinking.is_empty() {
+            at["thinking"] = json!(self.thinking);
+        }
+        if !calls.is_empty() {
+            at["tool_calls"] = Value::Array(calls);
+        }
+        v
+    }
+}
+
+/// The streamed chunks; an error after the first is one last `{"error": ...}` line.
+fn chunks(mut builder: Builder, mut run: Run) -> impl futures::Stream<Item = Value> + Send {
+    async_stream::stream! {
+        while let Some(piece) = run.next().await {
+            if let Piece::Error(e) = piece {
+                yield e.ollama_body();
+                break;
+            }
+            let mut out = Vec::new();
+            let end = builder.piece(piece, &mut out);
+            for c in out {
+                yield c;
+            }
+            if end {
+                break;
+            }
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct EmbedRequest {
+    pub model: String,
+    pub input: Option<Value>,
+    pub truncate: Option<bool>,
+    pub dimensions: Option<i64>,
+    pub keep_alive: Option<Value>,
+    pub options: Option<Map<String, Value>>,
+}
+
+pub(crate) const EMBED_FIELDS: &[&str] = &[
+    "model",
+    "input",
+    "truncate",
+    "dimensions",
+    "keep_alive",
+    "options",
+];
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct EmbeddingsRequest {
+    pub model: String,
+    pub prompt: Option<String>,
+    pub keep_alive: Option<Value>,
+    pub options: Option<Map<String, Value>>,
+}
+
+pub(crate) const EMBEDDINGS_FIELDS: &[&str] = &["model", "prompt", "keep_alive", "options"];
+
+/// Embedding options: checked as the generation options are (a misspelt or mistyped option
+/// is a 400), with no effect on the vectors.
+fn embed_options(options: Option<&Map<String, Value>>) -> Result<(), ApiError> {
+    request::checked_sampling(options, false).map(|_| ())
+}
+
+/// Embeds texts with Ollama's truncation (the start of a long input kept, by default) and
+/// its Ollama-shaped length error.
+async fn embed_texts(
+    state: &AppState,
+    model: &str,
+    texts: Vec<String>,
+    truncate: bool,
+) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+    let selected = state.select(model)?;
+    let limit = selected.embedding_model()?.0.max_input_tokens;
+    let truncate = truncate.then_some(Truncate {
+        to: limit,
+        keep_start: true,
+    });
+    let items = texts.into_iter().map(Input::Text).collect();
+    embeddings::embed(&selected, items, truncate)
+        .await
+        .map_err(|e| match e {
+            ApiError::InvalidRequest {
+                code: Some("context_length_exceeded"),
+                param,
+                ..
+            } => ApiError::InvalidRequest {
+                message: format!("the input length exceeds the context length ({limit} tokens): set truncate to true to cut it"),
+                param,
+                code: Some("context_length_exceeded"),
+            },
+            e => e,
+        })
+}
+
+/// `POST /api/embed`: unit vectors, one per input (cut to `dimensions` and renormalized).
+#[utoipa::path(post, path = "/api/embed", request_body = Object, responses((status = 200, description = "One vector per input", body = Object), (status = 400, body = Object)))]
+pub(crate) async fn embed(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let arrived = Instant::now();
+    let body = generation_body(&state, body)?;
+    let req: EmbedRequest = parse_object(&body, &[EMBED_FIELDS], &["model"])?;
+    request::keep_alive(req.keep_alive.as_ref())?;
+    embed_options(req.options.as_ref())?;
+    let bad = || {
+        ApiError::invalid(
+            "input",
+            "invalid input type: give a string or a list of strings",
+        )
+    };
+    let texts = match req.input {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) if s.is_empty() => Vec::new(),
+        Some(Value::String(s)) => vec![s],
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                _ => Err(bad()),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(bad()),
+    };
+    if texts.len() > embeddings::MAX_INPUTS {
+        return Err(ApiError::invalid(
+            "input",
+            format!(
+                "{} inputs: at most {} in one request",
+                texts.len(),
+                embeddings::MAX_INPUTS
+            ),
+        ));
+    }
+    if texts.is_empty() {
+        // Ollama's request to load the model: it is loaded.
+        state.select(&req.model)?.embedding_model()?;
+        return Ok(Json(json!({"model": req.model, "embeddings": []})));
+    }
+    let (mut vectors, tokens) =
+        embed_texts(&state, &req.model, texts, req.truncate.unwrap_or(true)).await?;
+    if let Some(d) = req.dimensions.and_then(|d| usize::try_from(d).ok()) {
+        for v in &mut vectors {
+            if d > 0 && d < v.len() {
+                v.truncate(d);
+                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                if norm > 0.0 {
+                    v.iter_mut().for_each(|x| *x /= norm);
+                }
+            }
+        }
+    }
+    Ok(Json(json!({
+        "model": req.model,
+        "embeddings": vectors,
+        "total_duration": arrived.elapsed().as_nanos() as u64,
+        "load_duration": 0,
+        "prompt_eval_count": tokens,
+    })))
+}
+
+/// `POST /api/embeddings` (Ollama's older route): one vector (a unit vector here, where
+/// Ollama's is not normalized).
+#[utoipa::path(post, path = "/api/embeddings", request_body = Object, responses((status = 200, description = "The vector", body = Object), (status = 400, body = Object)))]
+pub(crate) async fn embeddings(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let body = generation_body(&state, body)?;
+    let req: EmbeddingsRequest = parse_object(&body, &[EMBEDDINGS_FIELDS], &["model"])?;
+    request::keep_alive(req.keep_alive.as_ref())?;
+    embed_options(req.options.as_ref())?;
+    let prompt = req.prompt.unwrap_or_default();
+    if prompt.is_empty() {
+        state.select(&req.model)?.embedding_model()?;
+        return Ok(Json(json!({"embedding": []})));
+    }
+    let (mut vectors, _) = embed_texts(&state, &req.model, vec![prompt], true).await?;
+    Ok(Json(
+        json!({"embedding": vectors.pop().unwrap_or_default()}),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_rfc3339_in_utc_with_nanoseconds() {
+        let t = |s: u64, n: u32| rfc3339(SystemTime::UNIX_EPOCH + std::time::Duration::new(s, n));
+        assert_eq!(t(0, 0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(t(951_782_400, 5), "2000-02-29T00:00:00.000000005Z");
+        assert_eq!(
+            t(1_783_338_645, 499_127_000),
+            "2026-07-06T11:50:45.499127000Z"
+        );
+        assert_eq!(t(253_402_300_799, 0), "9999-12-31T23:59:59.000000000Z");
+    }
+}
