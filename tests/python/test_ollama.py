@@ -2,7 +2,7 @@
 ChatOllama, against the real binary: chat and generate streamed and not (equal under greedy
 settings, and equal to the OpenAI dialect's answer), options honoured, embed, list, show,
 ps, tools on the Qwen model (a call, then the answer after its result), `format` with a JSON
-schema, and errors raised as ResponseError with their status. Every case is greedy and short."""
+schema, logprobs, and errors raised as ResponseError with their status. Every case is greedy and short."""
 import json
 import math
 import urllib.request
@@ -99,6 +99,18 @@ def test_options_are_honoured(ol):
     assert e.value.status_code == 400 and "context length" in e.value.error
     # Options that only place the model, and null values (clients send both), are accepted.
     ol.chat(model=MODEL, messages=HI, options={**GREEDY, "num_thread": 2, "num_gpu": 0, "top_k": None})
+
+
+def test_logprobs_as_on_the_openai_dialect(ol, client):
+    whole = ol.chat(model=MODEL, messages=HI, options=GREEDY, logprobs=True, top_logprobs=2)
+    assert len(whole.logprobs) == whole.eval_count == 16
+    assert all(len(lp.top_logprobs) == 2 for lp in whole.logprobs)
+    assert "".join(lp.token for lp in whole.logprobs) == whole.message.content
+    streamed = [lp for c in ol.chat(model=MODEL, messages=HI, options=GREEDY, logprobs=True, top_logprobs=2, stream=True) for lp in (c.logprobs or [])]
+    assert [(lp.token, lp.logprob) for lp in streamed] == [(lp.token, lp.logprob) for lp in whole.logprobs]
+    r = client.chat.completions.create(model=MODEL, messages=HI, temperature=0, max_tokens=16, logprobs=True, top_logprobs=2)
+    want = [(t.token, t.logprob) for t in r.choices[0].logprobs.content]
+    assert [(lp.token, lp.logprob) for lp in whole.logprobs] == want
 
 
 def test_format_takes_a_json_schema(ol):

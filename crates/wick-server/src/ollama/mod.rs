@@ -8,6 +8,7 @@ pub(crate) mod models;
 pub(crate) mod request;
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
@@ -19,9 +20,10 @@ use axum::{Extension, Json};
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use tokenizers::Tokenizer;
 
 use crate::embeddings::{self, Input, Truncate};
-use crate::generation::{start, Finish, Piece, Run};
+use crate::generation::{start, Finish, GenToken, Piece, Run};
 use crate::http::generation_body;
 use crate::openai::Usage;
 use crate::validate::{parse_object, GenRequest};
@@ -128,8 +130,12 @@ async fn answer(
         Parsed::Generate { req, think } => (*req, think),
     };
     let shows_thinking = shows(state, &req, think)?;
+    let wants_logprobs = req.sampling.params.logprobs.is_some();
     let started = start(state, tag, req).await?;
     let mut builder = Builder::new(route, started.model.clone(), shows_thinking, arrived);
+    if wants_logprobs {
+        builder.tokenizer = Some(Arc::clone(&started.state.model()?.tokenizer));
+    }
     builder.prompt_tokens = started.prompts.first().map_or(0, Vec::len);
     let Some(mut run) = started.runs.into_iter().next() else {
         return Err(ApiError::Internal("no generation was started".into()));
@@ -200,6 +206,11 @@ struct Builder {
     /// Calls already sent in a chunk.
     sent: usize,
     end: Option<(Finish, Usage)>,
+    /// Set when log-probabilities were asked for: the tokens not yet reported, and those
+    /// reported (for the whole answer).
+    tokenizer: Option<Arc<Tokenizer>>,
+    pending: Vec<GenToken>,
+    logprobs: Vec<Value>,
 }
 
 impl Builder {
@@ -216,7 +227,38 @@ impl Builder {
             calls: Vec::new(),
             sent: 0,
             end: None,
+            tokenizer: None,
+            pending: Vec::new(),
+            logprobs: Vec::new(),
         }
+    }
+
+    /// The pending tokens' log-probabilities (`token`, `logprob`, `bytes`, `top_logprobs`),
+    /// if asked for and any.
+    fn take_logprobs(&mut self) -> Option<Vec<Value>> {
+        let tokenizer = self.tokenizer.as_ref()?;
+        let lp = crate::logprobs::chat(tokenizer, &std::mem::take(&mut self.pending))?;
+        // An f32 written as its shortest decimal (as the OpenAI dialect writes it), not
+        // widened to f64's digits.
+        let num = |x: f32| {
+            x.to_string()
+                .parse::<f64>()
+                .map_or(Value::Null, |f| json!(f))
+        };
+        let values: Vec<Value> = lp
+            .content
+            .iter()
+            .map(|l| {
+                let top: Vec<Value> = l
+                    .top_logprobs
+                    .iter()
+                    .map(|t| json!({"token": t.token, "logprob": num(t.logprob), "bytes": t.bytes}))
+                    .collect();
+                json!({"token": l.token, "logprob": num(l.logprob), "bytes": l.bytes, "top_logprobs": top})
+            })
+            .collect();
+        self.logprobs.extend(values.iter().cloned());
+        Some(values)
     }
 
     /// A chunk with no text yet: the model, the time and an empty message or response.
@@ -248,6 +290,9 @@ impl Builder {
         if !calls.is_empty() {
             at["tool_calls"] = Value::Array(calls);
         }
+        if let Some(lp) = self.take_logprobs() {
+            v["logprobs"] = Value::Array(lp);
+        }
         v["done"] = json!(false);
         v
     }
@@ -265,7 +310,8 @@ impl Builder {
     /// Adds a piece, with the stream's chunks for it; true at the end.
     fn piece(&mut self, piece: Piece, out: &mut Vec<Value>) -> bool {
         match piece {
-            Piece::Text { text, .. } => {
+            Piece::Text { text, tokens } => {
+                self.pending.extend(tokens);
                 self.content.push_str(&text);
                 let c = self.chunk(&text, "", Vec::new());
                 out.push(c);
@@ -276,7 +322,10 @@ impl Builder {
                 out.push(c);
             }
             Piece::Reasoning(_) => {}
-            Piece::Call { id, name, .. } => {
+            Piece::Call {
+                id, name, tokens, ..
+            } => {
+                self.pending.extend(tokens);
                 let done = self.calls.len();
                 self.flush_calls(done, out);
                 self.calls.push(Call {
@@ -285,7 +334,8 @@ impl Builder {
                     args: String::new(),
                 });
             }
-            Piece::Args { call, args, .. } => {
+            Piece::Args { call, args, tokens } => {
+                self.pending.extend(tokens);
                 if let Some(c) = self.calls.get_mut(call) {
                     c.args.push_str(&args);
                 }
@@ -352,6 +402,9 @@ impl Builder {
         }
         if !calls.is_empty() {
             at["tool_calls"] = Value::Array(calls);
+        }
+        if self.tokenizer.is_some() {
+            v["logprobs"] = Value::Array(std::mem::take(&mut self.logprobs));
         }
         v
     }

@@ -385,14 +385,31 @@ pub(crate) fn checked_sampling(
     Ok(s)
 }
 
-fn refuse_logprobs(logprobs: Option<bool>, top: Option<i64>) -> Result<(), ApiError> {
-    if logprobs == Some(true) || top.is_some_and(|n| n > 0) {
-        return Err(ApiError::unsupported(
-            "logprobs",
-            "(log-probabilities on the Ollama API; /v1/chat/completions has them)",
-        ));
+/// `logprobs` and `top_logprobs` (0 to 20 alternatives) as the engine's setting.
+fn logprobs(logprobs: Option<bool>, top: Option<i64>) -> Result<Option<usize>, ApiError> {
+    match (logprobs.unwrap_or(false), top) {
+        (_, Some(n)) if !(0..=20).contains(&n) => Err(ApiError::invalid(
+            "top_logprobs",
+            "top_logprobs must be between 0 and 20",
+        )),
+        (false, Some(n)) if n > 0 => Err(ApiError::invalid(
+            "top_logprobs",
+            "top_logprobs needs logprobs set to true",
+        )),
+        (false, _) => Ok(None),
+        (true, n) => Ok(Some(n.unwrap_or(0) as usize)),
     }
-    Ok(())
+}
+
+/// Sampling from `options`, with the log-probabilities asked for.
+fn sampling_with(
+    options: Option<&Map<String, Value>>,
+    stream: bool,
+    logprobs: Option<usize>,
+) -> Result<crate::validate::ValidSampling, ApiError> {
+    let mut s = checked_sampling(options, stream)?;
+    s.params.logprobs = logprobs;
+    Ok(s)
 }
 
 /// What a parsed chat or generate request is.
@@ -505,7 +522,7 @@ fn message(m: &Value, param: &str) -> Result<TemplateMessage, ApiError> {
 /// A `POST /api/chat` body.
 pub(crate) fn parse_chat(req: ChatRequest) -> Result<Parsed, ApiError> {
     keep_alive(req.keep_alive.as_ref())?;
-    refuse_logprobs(req.logprobs, req.top_logprobs)?;
+    let lp = logprobs(req.logprobs, req.top_logprobs)?;
     let think = Think::parse(req.think.as_ref())?;
     let stream = req.stream.unwrap_or(true);
     let list = req.messages.unwrap_or_default();
@@ -525,7 +542,7 @@ pub(crate) fn parse_chat(req: ChatRequest) -> Result<Parsed, ApiError> {
     )?;
     Ok(Parsed::Generate {
         req: Box::new(GenRequest {
-            sampling: checked_sampling(req.options.as_ref(), stream)?,
+            sampling: sampling_with(req.options.as_ref(), stream, lp)?,
             format: format(req.format.as_ref())?,
             input: GenInput::Chat(messages),
             model: req.model,
@@ -544,7 +561,7 @@ pub(crate) fn parse_generate(
     model: &ServedModel,
 ) -> Result<Parsed, ApiError> {
     keep_alive(req.keep_alive.as_ref())?;
-    refuse_logprobs(req.logprobs, req.top_logprobs)?;
+    let lp = logprobs(req.logprobs, req.top_logprobs)?;
     let think = Think::parse(req.think.as_ref())?;
     let stream = req.stream.unwrap_or(true);
     if req.images.as_ref().is_some_and(|i| !i.is_empty()) {
@@ -610,7 +627,7 @@ pub(crate) fn parse_generate(
     };
     Ok(Parsed::Generate {
         req: Box::new(GenRequest {
-            sampling: checked_sampling(req.options.as_ref(), stream)?,
+            sampling: sampling_with(req.options.as_ref(), stream, lp)?,
             format: format(req.format.as_ref())?,
             input,
             model: req.model,
@@ -727,7 +744,8 @@ mod tests {
             (r#""keep_alive":"300""#, "keep_alive"),
             (r#""keep_alive":[1]"#, "keep_alive"),
             (r#""format":"xml""#, "format"),
-            (r#""logprobs":true"#, "logprobs"),
+            (r#""top_logprobs":21,"logprobs":true"#, "top_logprobs"),
+            (r#""top_logprobs":2"#, "top_logprobs"),
             (r#""tools":[{"type":"function"}]"#, "tools[0].function"),
             (r#""raw":true"#, "raw"),
         ] {
