@@ -93,10 +93,15 @@ def test_options_are_honoured(ol):
     b = ol.chat(model=MODEL, messages=HI, options={**seeded, "seed": 7}).message.content
     c = ol.chat(model=MODEL, messages=HI, options={**seeded, "seed": 8}).message.content
     assert a == b and a != c
-    # num_ctx bounds prompt and output.
+    # num_ctx bounds prompt and output; num_predict is a cap, cut to what the context leaves.
     with pytest.raises(ollama.ResponseError) as e:
         ol.chat(model=MODEL, messages=HI, options={"num_ctx": 8})
-    assert e.value.status_code == 400 and "context length" in e.value.error
+    assert e.value.status_code == 400 and "num_ctx" in e.value.error
+    capped = ol.chat(model=MODEL, messages=HI, options={"temperature": 0, "num_ctx": 40, "num_predict": 1000})
+    assert capped.done_reason == "length" and capped.prompt_eval_count + capped.eval_count == 40
+    # More stop strings than OpenAI's four (Ollama sets no limit), and the default tag.
+    many = ol.chat(model=MODEL + ":latest", messages=HI, options={**GREEDY, "stop": ["zq1", "zq2", "zq3", "zq4", stop]})
+    assert many.message.content == cut.message.content and many.model == MODEL
     # Options that only place the model, and null values (clients send both), are accepted.
     ol.chat(model=MODEL, messages=HI, options={**GREEDY, "num_thread": 2, "num_gpu": 0, "top_k": None})
 
@@ -127,8 +132,13 @@ def test_format_takes_a_json_schema(ol):
         options={"temperature": 0, "num_predict": 60},
     )
     jsonschema.validate(json.loads(r.message.content), schema)
-    r = ol.generate(model=MODEL, prompt="A JSON object about Bob:", format="json", options={"temperature": 0, "num_predict": 40})
-    assert r.done_reason == "length" or isinstance(json.loads(r.response), dict)
+    r = ol.generate(
+        model=MODEL,
+        prompt='Give a JSON object with the key "color" for the color of the sky.',
+        format="json",
+        options={"temperature": 0, "num_predict": 300},
+    )
+    assert r.done_reason == "stop" and isinstance(json.loads(r.response), dict), r.response
 
 
 def test_embed_list_show_and_ps(ol_multi, multi):
@@ -146,9 +156,16 @@ def test_embed_list_show_and_ps(ol_multi, multi):
     # The older route gives the same vector.
     old = ol_multi.embeddings(model="minilm", prompt="the moon").embedding
     assert max(abs(a - b) for a, b in zip(old, v)) < 1e-6
-    # A long input is cut (truncate defaults to true), or refused with truncate false.
-    long = " ".join(["moon"] * 600)
-    assert len(ol_multi.embed(model="minilm", input=long).embeddings[0]) == 384
+    # A long input is cut keeping its start (truncate defaults to true): the same vector as
+    # a shorter input with that start; or refused with truncate false.
+    long = "sun " + " ".join(["moon"] * 600)
+    cut, shorter, reversed_ = ol_multi.embed(
+        model="minilm", input=[long, "sun " + " ".join(["moon"] * 300), " ".join(["moon"] * 600) + " sun"]
+    ).embeddings
+    assert max(abs(a - b) for a, b in zip(cut, shorter)) < 1e-6
+    assert max(abs(a - b) for a, b in zip(cut, reversed_)) > 1e-3
+    # An empty string among the inputs is embedded (its special tokens alone).
+    assert [len(e) for e in ol_multi.embed(model="minilm", input=["the moon", ""]).embeddings] == [384, 384]
     with pytest.raises(ollama.ResponseError) as e:
         ol_multi.embed(model="minilm", input=long, truncate=False)
     assert e.value.status_code == 400 and "context length" in e.value.error
@@ -157,7 +174,7 @@ def test_embed_list_show_and_ps(ol_multi, multi):
     assert set(listed) == {MODEL, "minilm"}
     d = listed[MODEL].details
     assert (d.format, d.family, d.quantization_level) == ("gguf", "llama", "Q4_1")
-    assert d.parameter_size == "134.52M", d.parameter_size
+    assert d.parameter_size == "134.52M", d.parameter_size  # Ollama's HumanNumber
     assert listed[MODEL].size > 50_000_000 and len(listed[MODEL].digest) == 64
     assert listed["minilm"].details.family == "bert"
 

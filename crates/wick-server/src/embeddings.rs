@@ -115,16 +115,18 @@ pub(crate) struct Truncate {
 }
 
 /// Tokenizes `items` off the reactor (each within the model's limit, or cut as `truncate`
-/// says) and submits them as one request to the model's embedding queue; returns the
-/// vectors in input order and the tokens they took.
+/// says; an empty text refused unless `empty_ok`, which embeds its special tokens alone)
+/// and submits them as one request to the model's embedding queue; returns the vectors in
+/// input order and the tokens they took.
 pub(crate) async fn embed(
     state: &Selected,
     items: Vec<Input>,
     truncate: Option<Truncate>,
+    empty_ok: bool,
 ) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
     let ids = {
         let state = state.clone();
-        blocking(move || tokenize(state.embedding_model()?.0, items, truncate)).await?
+        blocking(move || tokenize(state.embedding_model()?.0, items, truncate, empty_ok)).await?
     };
     let prompt_tokens = ids.iter().map(Vec::len).sum();
     let (reply, rx) = oneshot::channel();
@@ -195,6 +197,7 @@ fn tokenize(
     model: &EmbeddingModelInfo,
     items: Vec<Input>,
     truncate: Option<Truncate>,
+    empty_ok: bool,
 ) -> Result<Vec<Vec<u32>>, ApiError> {
     let many = items.len() > 1;
     items
@@ -207,7 +210,7 @@ fn tokenize(
                 "input".to_string()
             };
             let ids = match item {
-                Input::Text(t) if t.is_empty() => {
+                Input::Text(t) if t.is_empty() && !empty_ok => {
                     return Err(ApiError::invalid(param, "an input cannot be an empty string"))
                 }
                 Input::Text(t) => {
@@ -347,7 +350,7 @@ pub(crate) async fn embeddings(
         to,
         keep_start: false,
     });
-    let (vectors, prompt_tokens) = embed(&state, items, truncate).await?;
+    let (vectors, prompt_tokens) = embed(&state, items, truncate, false).await?;
     let data = vectors
         .into_iter()
         .enumerate()

@@ -19,7 +19,7 @@ use crate::openai::Usage;
 use crate::structured::{Grammars, ResponseFormat};
 use crate::tools::parse::{Out, OutputParser, Thinking};
 use crate::tools::{ToolFormat, ToolSpec};
-use crate::validate::{GenInput, GenRequest, PromptInput};
+use crate::validate::{GenInput, GenRequest, PromptInput, ValidSampling};
 use crate::{ApiError, AppState, RequestTag, Selected, ServedModel};
 
 /// One generated token, with its log-probabilities if asked for.
@@ -306,34 +306,36 @@ pub(crate) fn merge(runs: Vec<Run>) -> impl Stream<Item = (usize, Piece)> + Send
 }
 
 /// How many tokens a request may generate (without `max_tokens`: the model's default, never
-/// more than the context leaves), or a 400 if the prompt leaves no room. `context`: a
-/// smaller context the request asks for.
+/// more than the context leaves), or a 400 if the prompt leaves no room. The context is the
+/// model's, or a smaller one the request asks for (`sampling.context`); with
+/// `sampling.clamp_max_tokens`, a `max_tokens` past it is cut to what it leaves.
 pub(crate) fn output_budget(
     model: &ServedModel,
     prompt_len: usize,
-    max_tokens: Option<usize>,
-    context: Option<usize>,
+    sampling: &ValidSampling,
     param: &str,
 ) -> Result<usize, ApiError> {
-    let limit = context.map_or(model.max_model_len, |c| c.min(model.max_model_len));
+    let (limit, whose) = match sampling.context {
+        Some(c) if c < model.max_model_len => (c, "This request's context (num_ctx)"),
+        _ => (model.max_model_len, "This model's maximum context length"),
+    };
     if prompt_len >= limit {
         return Err(ApiError::InvalidRequest {
-            message: format!("This model's maximum context length is {limit} tokens; the prompt takes {prompt_len}."),
+            message: format!("{whose} is {limit} tokens; the prompt takes {prompt_len}."),
             param: Some(param.into()),
             code: Some("context_length_exceeded"),
         });
     }
-    match max_tokens {
-        Some(m) if prompt_len + m > limit => Err(ApiError::InvalidRequest {
-            message: format!("This model's maximum context length is {limit} tokens; the prompt takes {prompt_len} and max_tokens asks for {m}."),
+    let room = limit - prompt_len;
+    match sampling.max_tokens {
+        Some(m) if m > room && sampling.clamp_max_tokens => Ok(room),
+        Some(m) if m > room => Err(ApiError::InvalidRequest {
+            message: format!("{whose} is {limit} tokens; the prompt takes {prompt_len} and max_tokens asks for {m}."),
             param: Some("max_tokens".into()),
             code: Some("context_length_exceeded"),
         }),
         Some(m) => Ok(m),
-        None => {
-            let room = limit - prompt_len;
-            Ok(model.max_tokens_default.map_or(room, |d| d.min(room)))
-        }
+        None => Ok(model.max_tokens_default.map_or(room, |d| d.min(room))),
     }
 }
 
@@ -422,8 +424,7 @@ pub(crate) async fn validate(state: &AppState, req: GenRequest) -> Result<ValidR
     let prompts = prompts
         .into_iter()
         .map(|p| {
-            let s = &req.sampling;
-            let budget = output_budget(model, p.len(), s.max_tokens, s.context, req.prompt_param)?;
+            let budget = output_budget(model, p.len(), &req.sampling, req.prompt_param)?;
             Ok((p, budget))
         })
         .collect::<Result<Vec<_>, ApiError>>()?;

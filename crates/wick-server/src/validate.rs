@@ -14,7 +14,6 @@ use crate::template::{TemplateFunction, TemplateMessage, TemplateToolCall};
 use crate::tools::{self, ToolSpec};
 use crate::ApiError;
 
-const MAX_STOP_STRINGS: usize = 4;
 const MAX_N: usize = 16;
 const MAX_TOP_LOGPROBS: usize = 20;
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
@@ -34,6 +33,9 @@ pub struct ValidSampling {
     /// A context smaller than the model's that prompt and output must fit (Ollama's
     /// `num_ctx`); `None`: the model's.
     pub context: Option<usize>,
+    /// `max_tokens` is a cap: past what the context leaves, it is cut to that (Ollama's
+    /// `num_predict`) rather than refused.
+    pub clamp_max_tokens: bool,
 }
 
 /// One generation request, whatever API shape it arrived in (chat completions,
@@ -264,15 +266,24 @@ fn float_in(
 /// names the field the client sent.
 pub(crate) struct FieldNames {
     pub stop: &'static str,
+    /// Most stop strings the API takes.
+    pub max_stop: usize,
 }
 
 impl FieldNames {
-    pub(crate) const OPENAI: FieldNames = FieldNames { stop: "stop" };
+    pub(crate) const OPENAI: FieldNames = FieldNames {
+        stop: "stop",
+        max_stop: 4,
+    };
     pub(crate) const ANTHROPIC: FieldNames = FieldNames {
         stop: "stop_sequences",
+        max_stop: 4,
     };
+    /// Ollama sets no limit (clients send a model's several end-of-turn strings); this one
+    /// bounds the stop buffer's work.
     pub(crate) const OLLAMA: FieldNames = FieldNames {
         stop: "options.stop",
+        max_stop: 32,
     };
 }
 
@@ -350,12 +361,12 @@ pub(crate) fn sampling(
         Some(Stop::One(s)) => vec![s.clone()],
         Some(Stop::Many(v)) => v.clone(),
     };
-    if stop.len() > MAX_STOP_STRINGS || stop.iter().any(String::is_empty) {
+    if stop.len() > names.max_stop || stop.iter().any(String::is_empty) {
         return Err(ApiError::invalid(
             names.stop,
             format!(
-                "'{}' takes up to {MAX_STOP_STRINGS} non-empty strings",
-                names.stop
+                "'{}' takes up to {} non-empty strings",
+                names.stop, names.max_stop
             ),
         ));
     }
@@ -387,6 +398,7 @@ pub(crate) fn sampling(
         ignore_eos: f.ignore_eos.unwrap_or(false),
         user: f.user.clone(),
         context: None,
+        clamp_max_tokens: false,
     })
 }
 

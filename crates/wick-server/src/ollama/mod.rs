@@ -57,6 +57,17 @@ pub(crate) fn rfc3339(t: SystemTime) -> String {
     )
 }
 
+/// The served name a request's `model` means: as given, or without Ollama's default tag
+/// (`smollm2:latest` is `smollm2`).
+pub(crate) fn served_name(state: &AppState, requested: String) -> String {
+    match requested.strip_suffix(":latest") {
+        Some(base) if state.select(&requested).is_err() && state.select(base).is_ok() => {
+            base.to_string()
+        }
+        _ => requested,
+    }
+}
+
 /// Which route's shape the answer takes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Route {
@@ -82,7 +93,8 @@ pub(crate) async fn chat(
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let body = generation_body(&state, body)?;
-    let req: ChatRequest = parse_object(&body, &[CHAT_FIELDS], &["model"])?;
+    let mut req: ChatRequest = parse_object(&body, &[CHAT_FIELDS], &["model"])?;
+    req.model = served_name(&state, req.model);
     answer(&state, &tag, parse_chat(req)?, Route::Chat, arrived).await
 }
 
@@ -104,7 +116,8 @@ pub(crate) async fn generate(
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let body = generation_body(&state, body)?;
-    let req: GenerateRequest = parse_object(&body, &[GENERATE_FIELDS], &["model"])?;
+    let mut req: GenerateRequest = parse_object(&body, &[GENERATE_FIELDS], &["model"])?;
+    req.model = served_name(&state, req.model);
     let selected = state.select(&req.model)?;
     let parsed = parse_generate(req, selected.model()?)?;
     answer(&state, &tag, parsed, Route::Generate, arrived).await
@@ -341,6 +354,15 @@ impl Builder {
                 }
             }
             Piece::Finish { reason, usage, .. } => {
+                // A call cut off by the output budget is not a call (its arguments do not
+                // parse).
+                let cut = self.calls.len() > self.sent
+                    && self.calls.last().is_some_and(|c| {
+                        serde_json::from_str::<Map<String, Value>>(&c.args).is_err()
+                    });
+                if reason == Finish::Length && cut {
+                    self.calls.pop();
+                }
                 let all = self.calls.len();
                 self.flush_calls(all, out);
                 self.end = Some((reason, usage));
@@ -465,8 +487,18 @@ fn embed_options(options: Option<&Map<String, Value>>) -> Result<(), ApiError> {
     request::checked_sampling(options, false).map(|_| ())
 }
 
-/// Embeds texts with Ollama's truncation (the start of a long input kept, by default) and
-/// its Ollama-shaped length error.
+/// `v` scaled to unit length (a zero vector stays as it is).
+fn normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+}
+
+/// Embeds texts as Ollama does: a long input cut to keep its start (unless `truncate` is
+/// false: then Ollama's length error), an empty text its special tokens alone, every vector
+/// of unit length, any number of inputs (submitted in requests of at most
+/// [`embeddings::MAX_INPUTS`], in order).
 async fn embed_texts(
     state: &AppState,
     model: &str,
@@ -479,21 +511,34 @@ async fn embed_texts(
         to: limit,
         keep_start: true,
     });
-    let items = texts.into_iter().map(Input::Text).collect();
-    embeddings::embed(&selected, items, truncate)
-        .await
-        .map_err(|e| match e {
-            ApiError::InvalidRequest {
-                code: Some("context_length_exceeded"),
-                param,
-                ..
-            } => ApiError::InvalidRequest {
-                message: format!("the input length exceeds the context length ({limit} tokens): set truncate to true to cut it"),
-                param,
-                code: Some("context_length_exceeded"),
-            },
-            e => e,
-        })
+    let mut vectors = Vec::with_capacity(texts.len());
+    let mut tokens = 0;
+    let mut texts = texts.into_iter().peekable();
+    while texts.peek().is_some() {
+        let items = texts
+            .by_ref()
+            .take(embeddings::MAX_INPUTS)
+            .map(Input::Text)
+            .collect();
+        let (v, n) = embeddings::embed(&selected, items, truncate, true)
+            .await
+            .map_err(|e| match e {
+                ApiError::InvalidRequest {
+                    code: Some("context_length_exceeded"),
+                    param,
+                    ..
+                } => ApiError::InvalidRequest {
+                    message: format!("the input length exceeds the context length ({limit} tokens): set truncate to true to cut it"),
+                    param,
+                    code: Some("context_length_exceeded"),
+                },
+                e => e,
+            })?;
+        vectors.extend(v);
+        tokens += n;
+    }
+    vectors.iter_mut().for_each(|v| normalize(v));
+    Ok((vectors, tokens))
 }
 
 /// `POST /api/embed`: unit vectors, one per input (cut to `dimensions` and renormalized).
@@ -504,7 +549,8 @@ pub(crate) async fn embed(
 ) -> Result<Json<Value>, ApiError> {
     let arrived = Instant::now();
     let body = generation_body(&state, body)?;
-    let req: EmbedRequest = parse_object(&body, &[EMBED_FIELDS], &["model"])?;
+    let mut req: EmbedRequest = parse_object(&body, &[EMBED_FIELDS], &["model"])?;
+    req.model = served_name(&state, req.model);
     request::keep_alive(req.keep_alive.as_ref())?;
     embed_options(req.options.as_ref())?;
     let bad = || {
@@ -526,16 +572,6 @@ pub(crate) async fn embed(
             .collect::<Result<_, _>>()?,
         Some(_) => return Err(bad()),
     };
-    if texts.len() > embeddings::MAX_INPUTS {
-        return Err(ApiError::invalid(
-            "input",
-            format!(
-                "{} inputs: at most {} in one request",
-                texts.len(),
-                embeddings::MAX_INPUTS
-            ),
-        ));
-    }
     if texts.is_empty() {
         // Ollama's request to load the model: it is loaded.
         state.select(&req.model)?.embedding_model()?;
@@ -547,10 +583,7 @@ pub(crate) async fn embed(
         for v in &mut vectors {
             if d > 0 && d < v.len() {
                 v.truncate(d);
-                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-                if norm > 0.0 {
-                    v.iter_mut().for_each(|x| *x /= norm);
-                }
+                normalize(v);
             }
         }
     }
@@ -571,7 +604,8 @@ pub(crate) async fn embeddings(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let body = generation_body(&state, body)?;
-    let req: EmbeddingsRequest = parse_object(&body, &[EMBEDDINGS_FIELDS], &["model"])?;
+    let mut req: EmbeddingsRequest = parse_object(&body, &[EMBEDDINGS_FIELDS], &["model"])?;
+    req.model = served_name(&state, req.model);
     request::keep_alive(req.keep_alive.as_ref())?;
     embed_options(req.options.as_ref())?;
     let prompt = req.prompt.unwrap_or_default();

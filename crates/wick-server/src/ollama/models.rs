@@ -63,17 +63,31 @@ fn listed(m: &ReadyModel) -> Listed<'_> {
     }
 }
 
-/// A parameter count as Ollama writes it (`135M`, `494.03M`, `1.5B`).
+/// A parameter count as Ollama writes it (its `HumanNumber`: `135M`, `494.03M`, `1.5B`,
+/// `23K`).
 fn parameter_size(n: u64) -> String {
-    let (v, unit) = match n {
-        0 => return String::new(),
-        n if n >= 1_000_000_000 => (n as f64 / 1e9, "B"),
-        n if n >= 1_000_000 => (n as f64 / 1e6, "M"),
-        n => (n as f64 / 1e3, "K"),
-    };
-    let s = format!("{v:.2}");
-    let s = s.trim_end_matches('0').trim_end_matches('.');
-    format!("{s}{unit}")
+    let whole = |v: f64| v == v.floor();
+    match n {
+        0 => String::new(),
+        n if n >= 1_000_000_000 => {
+            let v = n as f64 / 1e9;
+            if whole(v) {
+                format!("{v:.0}B")
+            } else {
+                format!("{v:.1}B")
+            }
+        }
+        n if n >= 1_000_000 => {
+            let v = n as f64 / 1e6;
+            if whole(v) {
+                format!("{v:.0}M")
+            } else {
+                format!("{v:.2}M")
+            }
+        }
+        n if n >= 1_000 => format!("{:.0}K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
 }
 
 impl Listed<'_> {
@@ -168,14 +182,13 @@ pub(crate) async fn show(
         return Err(ApiError::invalid("model", "model is required"));
     };
     state.ready()?;
-    let selected = state.select(&name)?;
+    let selected = state.select(&super::served_name(&state, name))?;
     let m = selected.loaded().ok_or(ApiError::NotReady)?;
     let l = listed(m);
     let d = l.details;
     let mut info = json!({
         "general.architecture": d.family,
         "general.parameter_count": d.parameters,
-        "general.file_type": d.quantization,
         format!("{}.context_length", d.family): l.context_length,
     });
     if let Some(e) = l.embedding_length {
@@ -231,9 +244,10 @@ mod tests {
     fn parameter_sizes_read_as_ollamas() {
         assert_eq!(parameter_size(134_515_008), "134.52M");
         assert_eq!(parameter_size(135_000_000), "135M");
-        assert_eq!(parameter_size(1_543_714_304), "1.54B");
+        assert_eq!(parameter_size(1_543_714_304), "1.5B");
         assert_eq!(parameter_size(8_000_000_000), "8B");
-        assert_eq!(parameter_size(22_700), "22.7K");
+        assert_eq!(parameter_size(22_700), "23K");
+        assert_eq!(parameter_size(512), "512");
         assert_eq!(parameter_size(0), "");
     }
 }

@@ -382,6 +382,7 @@ pub(crate) fn checked_sampling(
         e => e,
     })?;
     s.context = context;
+    s.clamp_max_tokens = true;
     Ok(s)
 }
 
@@ -391,10 +392,6 @@ fn logprobs(logprobs: Option<bool>, top: Option<i64>) -> Result<Option<usize>, A
         (_, Some(n)) if !(0..=20).contains(&n) => Err(ApiError::invalid(
             "top_logprobs",
             "top_logprobs must be between 0 and 20",
-        )),
-        (false, Some(n)) if n > 0 => Err(ApiError::invalid(
-            "top_logprobs",
-            "top_logprobs needs logprobs set to true",
         )),
         (false, _) => Ok(None),
         (true, n) => Ok(Some(n.unwrap_or(0) as usize)),
@@ -492,10 +489,12 @@ fn message(m: &Value, param: &str) -> Result<TemplateMessage, ApiError> {
             Some(a) => call_arguments(a, &format!("{at}.function.arguments"))?,
         };
         calls.push(TemplateToolCall {
+            // Ollama's clients drop ids: `with_call_ids` gives them.
             id: c
                 .get("id")
                 .and_then(Value::as_str)
-                .map_or_else(|| format!("call_{j}"), str::to_string),
+                .unwrap_or_default()
+                .to_string(),
             kind: "function",
             function: TemplateFunction {
                 name: name.to_string(),
@@ -519,6 +518,27 @@ fn message(m: &Value, param: &str) -> Result<TemplateMessage, ApiError> {
     })
 }
 
+/// Ids for the calls that came without one (unique in the conversation, nine letters and
+/// digits, as Mistral's template asks), and each tool result without a `tool_call_id` the
+/// id of the next call not yet answered, in order (Ollama's clients send neither).
+fn with_call_ids(messages: &mut [TemplateMessage]) {
+    let mut unanswered = std::collections::VecDeque::new();
+    for (i, m) in messages.iter_mut().enumerate() {
+        for (j, c) in m.tool_calls.iter_mut().enumerate() {
+            if c.id.is_empty() {
+                c.id = format!("c{:05}{:03}", i % 100_000, j % 1000);
+            }
+            unanswered.push_back(c.id.clone());
+        }
+        if m.role == "tool" {
+            match &m.tool_call_id {
+                Some(id) => unanswered.retain(|u| u != id),
+                None => m.tool_call_id = unanswered.pop_front(),
+            }
+        }
+    }
+}
+
 /// A `POST /api/chat` body.
 pub(crate) fn parse_chat(req: ChatRequest) -> Result<Parsed, ApiError> {
     keep_alive(req.keep_alive.as_ref())?;
@@ -529,11 +549,12 @@ pub(crate) fn parse_chat(req: ChatRequest) -> Result<Parsed, ApiError> {
     if list.is_empty() {
         return Ok(Parsed::Load { model: req.model });
     }
-    let messages = list
+    let mut messages = list
         .iter()
         .enumerate()
         .map(|(i, m)| message(m, &format!("messages[{i}]")))
         .collect::<Result<Vec<_>, _>>()?;
+    with_call_ids(&mut messages);
     let tools = ToolSpec::new(
         tools::openai_tools(req.tools.as_ref(), true)?,
         None,
@@ -712,6 +733,13 @@ mod tests {
         assert_eq!(roles, ["system", "user", "assistant", "tool"]);
         assert_eq!(m[2].tool_calls[0].function.arguments["city"], "Paris");
         assert_eq!(m[3].name.as_deref(), Some("w"));
+        // The call gets an id of Mistral's shape, and its result the same id.
+        let id = &m[2].tool_calls[0].id;
+        assert!(
+            id.len() == 9 && id.chars().all(|c| c.is_ascii_alphanumeric()),
+            "{id}"
+        );
+        assert_eq!(m[3].tool_call_id.as_ref(), Some(id));
         assert_eq!(r.tools.tools.len(), 1);
         assert_eq!(
             r.format,
@@ -745,7 +773,6 @@ mod tests {
             (r#""keep_alive":[1]"#, "keep_alive"),
             (r#""format":"xml""#, "format"),
             (r#""top_logprobs":21,"logprobs":true"#, "top_logprobs"),
-            (r#""top_logprobs":2"#, "top_logprobs"),
             (r#""tools":[{"type":"function"}]"#, "tools[0].function"),
             (r#""raw":true"#, "raw"),
         ] {
