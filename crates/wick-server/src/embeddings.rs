@@ -149,7 +149,7 @@ pub(crate) async fn embed(
 }
 
 /// The inputs of `input`, or a 400 saying what shape is expected.
-pub(crate) fn inputs(input: Value) -> Result<Vec<Input>, ApiError> {
+fn inputs(input: Value) -> Result<Vec<Input>, ApiError> {
     let shape = "`input` must be a string, a list of strings, a list of token ids, or a list of lists of token ids";
     let ids = |v: &[Value], param: &str| -> Result<Vec<u32>, ApiError> {
         v.iter()

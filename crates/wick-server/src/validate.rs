@@ -485,7 +485,7 @@ pub(crate) fn messages_from(
 
 /// One of an assistant message's earlier tool calls, its arguments parsed (templates write
 /// them as JSON).
-fn openai_tool_call(v: &Value, param: &str) -> Result<TemplateToolCall, ApiError> {
+pub(crate) fn openai_tool_call(v: &Value, param: &str) -> Result<TemplateToolCall, ApiError> {
     let name = v.pointer("/function/name").and_then(Value::as_str);
     let args = v.pointer("/function/arguments");
     let (Some(name), Some(args)) = (name, args) else {

@@ -23,14 +23,14 @@ use serde_json::{json, Map, Value};
 use tokenizers::Tokenizer;
 
 use crate::embeddings::{self, Input, Truncate};
-use crate::generation::{start, Finish, GenToken, Piece, Run};
+use crate::generation::{finish_all, start, CallOut, Finish, Finished, GenToken, Piece, Run};
 use crate::http::generation_body;
 use crate::openai::Usage;
-use crate::validate::{parse_object, GenRequest};
+use crate::validate::parse_object;
 use crate::{ApiError, AppState, RequestTag};
 
 pub(crate) use models::{ps, show, tags, unsupported, version};
-use request::{parse_chat, parse_generate, ChatRequest, GenerateRequest, Parsed, Think};
+use request::{parse_chat, parse_generate, ChatRequest, GenerateRequest, Parsed};
 pub(crate) use request::{CHAT_FIELDS, GENERATE_FIELDS};
 
 /// A time as Ollama writes it: RFC 3339 in UTC with nanoseconds.
@@ -134,26 +134,24 @@ async fn answer(
         Parsed::Load { model, .. } => {
             // The model is loaded (every model is, from start-up): say so, once.
             state.select(&model)?.model()?;
-            let mut b = Builder::new(route, model, false, arrived);
-            let mut reply = b.base();
+            let mut reply = Builder::new(route, model, false, arrived).base();
             reply["done"] = json!(true);
             reply["done_reason"] = json!("load");
             return Ok(Json(reply).into_response());
         }
         Parsed::Generate { req, think } => (*req, think),
     };
-    let shows_thinking = shows(state, &req, think)?;
+    let shows_thinking = think.shows(state.select(&req.model)?.model()?, &req.model)?;
     let wants_logprobs = req.sampling.params.logprobs.is_some();
     let started = start(state, tag, req).await?;
     let mut builder = Builder::new(route, started.model.clone(), shows_thinking, arrived);
     if wants_logprobs {
         builder.tokenizer = Some(Arc::clone(&started.state.model()?.tokenizer));
     }
-    builder.prompt_tokens = started.prompts.first().map_or(0, Vec::len);
-    let Some(mut run) = started.runs.into_iter().next() else {
-        return Err(ApiError::Internal("no generation was started".into()));
-    };
     if started.stream {
+        let Some(run) = started.runs.into_iter().next() else {
+            return Err(ApiError::Internal("no generation was started".into()));
+        };
         let lines =
             chunks(builder, run).map(|v| Ok::<_, Infallible>(Bytes::from(format!("{v}\n"))));
         return Ok((
@@ -165,65 +163,47 @@ async fn answer(
         )
             .into_response());
     }
-    let mut chunks = Vec::new();
-    while let Some(piece) = run.next().await {
-        if let Piece::Error(e) = piece {
-            return Err(e);
-        }
-        if builder.piece(piece, &mut chunks) {
-            return Ok(Json(builder.whole()).into_response());
-        }
-    }
-    Err(ApiError::Internal(
-        "the generation ended without a finish".into(),
-    ))
+    let (mut done, _) = finish_all(started.runs, &started.prompts).await?;
+    let Some(done) = done.pop() else {
+        return Err(ApiError::Internal("no generation was started".into()));
+    };
+    Ok(Json(builder.whole(done)).into_response())
 }
 
-/// Whether the answer carries the model's thinking (a 400 when it was asked of a model
-/// that does not think).
-fn shows(state: &AppState, req: &GenRequest, think: Think) -> Result<bool, ApiError> {
-    let selected = state.select(&req.model)?;
-    think.shows(selected.model()?, &req.model)
+/// A tool call as Ollama writes it: the arguments an object (arguments that do not parse:
+/// an empty one).
+fn call_value(index: usize, call: &CallOut) -> Value {
+    let arguments = match serde_json::from_str::<Value>(&call.arguments) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => Value::Object(Map::new()),
+    };
+    json!({"id": call.id, "function": {"index": index, "name": call.name, "arguments": arguments}})
 }
 
-/// One tool call being written: its id, name and arguments' JSON text.
-struct Call {
-    id: String,
-    name: String,
-    args: String,
-}
-
-impl Call {
-    /// As Ollama writes it: the arguments an object (cut-off arguments that do not parse:
-    /// an empty one).
-    fn value(&self, index: usize) -> Value {
-        let arguments = match serde_json::from_str::<Value>(&self.args) {
-            Ok(v @ Value::Object(_)) => v,
-            _ => Value::Object(Map::new()),
-        };
-        json!({"id": self.id, "function": {"index": index, "name": self.name, "arguments": arguments}})
+/// Drops the last call if the output budget cut it off (its arguments do not parse): it is
+/// not a call.
+fn drop_cut_call(calls: &mut Vec<CallOut>, reason: Finish) {
+    let cut = calls
+        .last()
+        .is_some_and(|c| serde_json::from_str::<Map<String, Value>>(&c.arguments).is_err());
+    if reason == Finish::Length && cut {
+        calls.pop();
     }
 }
 
-/// Turns pieces into Ollama's chunks, and keeps the whole answer for a non-streamed reply.
+/// Writes Ollama's chunks: one per piece as a stream goes, and the whole answer.
 struct Builder {
     route: Route,
     model: String,
     shows_thinking: bool,
     arrived: Instant,
     first_token: Instant,
-    prompt_tokens: usize,
-    content: String,
-    thinking: String,
-    calls: Vec<Call>,
-    /// Calls already sent in a chunk.
+    /// The stream's calls: those sent, then the one being written.
+    calls: Vec<CallOut>,
     sent: usize,
-    end: Option<(Finish, Usage)>,
-    /// Set when log-probabilities were asked for: the tokens not yet reported, and those
-    /// reported (for the whole answer).
+    /// Set when log-probabilities were asked for; the stream's tokens not yet reported.
     tokenizer: Option<Arc<Tokenizer>>,
     pending: Vec<GenToken>,
-    logprobs: Vec<Value>,
 }
 
 impl Builder {
@@ -234,23 +214,17 @@ impl Builder {
             shows_thinking,
             arrived,
             first_token: Instant::now(),
-            prompt_tokens: 0,
-            content: String::new(),
-            thinking: String::new(),
             calls: Vec::new(),
             sent: 0,
-            end: None,
             tokenizer: None,
             pending: Vec::new(),
-            logprobs: Vec::new(),
         }
     }
 
-    /// The pending tokens' log-probabilities (`token`, `logprob`, `bytes`, `top_logprobs`),
-    /// if asked for and any.
-    fn take_logprobs(&mut self) -> Option<Vec<Value>> {
-        let tokenizer = self.tokenizer.as_ref()?;
-        let lp = crate::logprobs::chat(tokenizer, &std::mem::take(&mut self.pending))?;
+    /// `tokens`' log-probabilities (`token`, `logprob`, `bytes`, `top_logprobs`), if asked
+    /// for and any.
+    fn logprobs(&self, tokens: &[GenToken]) -> Option<Vec<Value>> {
+        let lp = crate::logprobs::chat(self.tokenizer.as_ref()?, tokens)?;
         // An f32 written as its shortest decimal (as the OpenAI dialect writes it), not
         // widened to f64's digits.
         let num = |x: f32| {
@@ -258,20 +232,19 @@ impl Builder {
                 .parse::<f64>()
                 .map_or(Value::Null, |f| json!(f))
         };
-        let values: Vec<Value> = lp
-            .content
-            .iter()
-            .map(|l| {
-                let top: Vec<Value> = l
-                    .top_logprobs
-                    .iter()
-                    .map(|t| json!({"token": t.token, "logprob": num(t.logprob), "bytes": t.bytes}))
-                    .collect();
-                json!({"token": l.token, "logprob": num(l.logprob), "bytes": l.bytes, "top_logprobs": top})
-            })
-            .collect();
-        self.logprobs.extend(values.iter().cloned());
-        Some(values)
+        Some(
+            lp.content
+                .iter()
+                .map(|l| {
+                    let top: Vec<Value> = l
+                        .top_logprobs
+                        .iter()
+                        .map(|t| json!({"token": t.token, "logprob": num(t.logprob), "bytes": t.bytes}))
+                        .collect();
+                    json!({"token": l.token, "logprob": num(l.logprob), "bytes": l.bytes, "top_logprobs": top})
+                })
+                .collect(),
+        )
     }
 
     /// A chunk with no text yet: the model, the time and an empty message or response.
@@ -284,9 +257,15 @@ impl Builder {
         v
     }
 
-    /// A chunk of `content` and `thinking`, and `calls` (chat only).
-    fn chunk(&mut self, content: &str, thinking: &str, calls: Vec<Value>) -> Value {
-        let mut v = self.base();
+    /// Sets `v`'s text, thinking, calls (chat only) and log-probabilities.
+    fn fill(
+        &self,
+        v: &mut Value,
+        content: &str,
+        thinking: &str,
+        calls: Vec<Value>,
+        logprobs: Option<Vec<Value>>,
+    ) {
         let at = match self.route {
             Route::Chat => {
                 v["message"]["content"] = json!(content);
@@ -294,7 +273,7 @@ impl Builder {
             }
             Route::Generate => {
                 v["response"] = json!(content);
-                &mut v
+                &mut *v
             }
         };
         if !thinking.is_empty() {
@@ -303,34 +282,44 @@ impl Builder {
         if !calls.is_empty() {
             at["tool_calls"] = Value::Array(calls);
         }
-        if let Some(lp) = self.take_logprobs() {
+        if let Some(lp) = logprobs {
             v["logprobs"] = Value::Array(lp);
         }
+    }
+
+    /// A streamed chunk of `content` and `thinking`, and `calls`, with the pending tokens'
+    /// log-probabilities.
+    fn chunk(&mut self, content: &str, thinking: &str, calls: Vec<Value>) -> Value {
+        let mut v = self.base();
+        let pending = std::mem::take(&mut self.pending);
+        let lp = self.logprobs(&pending);
+        self.fill(&mut v, content, thinking, calls, lp);
         v["done"] = json!(false);
         v
     }
 
     /// The calls finished and not yet sent, as a chunk.
-    fn flush_calls(&mut self, upto: usize, out: &mut Vec<Value>) {
+    fn flush_calls(&mut self, out: &mut Vec<Value>) {
+        let upto = self.calls.len();
         if upto > self.sent {
-            let calls = (self.sent..upto).map(|i| self.calls[i].value(i)).collect();
+            let calls = (self.sent..upto)
+                .map(|i| call_value(i, &self.calls[i]))
+                .collect();
             self.sent = upto;
             let c = self.chunk("", "", calls);
             out.push(c);
         }
     }
 
-    /// Adds a piece, with the stream's chunks for it; true at the end.
+    /// Adds a streamed piece, with its chunks; true at the end.
     fn piece(&mut self, piece: Piece, out: &mut Vec<Value>) -> bool {
         match piece {
             Piece::Text { text, tokens } => {
                 self.pending.extend(tokens);
-                self.content.push_str(&text);
                 let c = self.chunk(&text, "", Vec::new());
                 out.push(c);
             }
             Piece::Reasoning(t) if self.shows_thinking => {
-                self.thinking.push_str(&t);
                 let c = self.chunk("", &t, Vec::new());
                 out.push(c);
             }
@@ -339,34 +328,25 @@ impl Builder {
                 id, name, tokens, ..
             } => {
                 self.pending.extend(tokens);
-                let done = self.calls.len();
-                self.flush_calls(done, out);
-                self.calls.push(Call {
+                self.flush_calls(out);
+                self.calls.push(CallOut {
                     id,
                     name,
-                    args: String::new(),
+                    arguments: String::new(),
                 });
             }
             Piece::Args { call, args, tokens } => {
                 self.pending.extend(tokens);
                 if let Some(c) = self.calls.get_mut(call) {
-                    c.args.push_str(&args);
+                    c.arguments.push_str(&args);
                 }
             }
             Piece::Finish { reason, usage, .. } => {
-                // A call cut off by the output budget is not a call (its arguments do not
-                // parse).
-                let cut = self.calls.len() > self.sent
-                    && self.calls.last().is_some_and(|c| {
-                        serde_json::from_str::<Map<String, Value>>(&c.args).is_err()
-                    });
-                if reason == Finish::Length && cut {
-                    self.calls.pop();
+                if self.calls.len() > self.sent {
+                    drop_cut_call(&mut self.calls, reason);
                 }
-                let all = self.calls.len();
-                self.flush_calls(all, out);
-                self.end = Some((reason, usage));
-                let last = self.last();
+                self.flush_calls(out);
+                let last = self.last(reason, usage);
                 out.push(last);
                 return true;
             }
@@ -378,8 +358,7 @@ impl Builder {
     /// The final chunk: done, why, and the counts and durations (nanoseconds, measured at
     /// the server: from the request's arrival to its first token, and from there to the
     /// end).
-    fn last(&mut self) -> Value {
-        let (reason, usage) = self.end.unwrap_or_default();
+    fn last(&mut self, reason: Finish, usage: Usage) -> Value {
         let mut v = self.base();
         let ns = |d: std::time::Duration| d.as_nanos() as u64;
         let now = Instant::now();
@@ -389,7 +368,7 @@ impl Builder {
             "done_reason": if reason == Finish::Length { "length" } else { "stop" },
             "total_duration": ns(now - self.arrived),
             "load_duration": 0,
-            "prompt_eval_count": usage.prompt_tokens.max(self.prompt_tokens),
+            "prompt_eval_count": usage.prompt_tokens,
             "prompt_eval_duration": ns(self.first_token - self.arrived),
             "eval_count": usage.completion_tokens,
             "eval_duration": ns(now - self.first_token),
@@ -401,33 +380,24 @@ impl Builder {
     }
 
     /// The whole answer, for `stream: false`.
-    fn whole(&mut self) -> Value {
-        let mut v = self.last();
-        let calls: Vec<Value> = self
+    fn whole(&mut self, mut done: Finished) -> Value {
+        let mut v = self.last(done.reason, done.usage);
+        drop_cut_call(&mut done.calls, done.reason);
+        let calls = done
             .calls
             .iter()
             .enumerate()
-            .map(|(i, c)| c.value(i))
+            .map(|(i, c)| call_value(i, c))
             .collect();
-        let at = match self.route {
-            Route::Chat => {
-                v["message"]["content"] = json!(self.content);
-                &mut v["message"]
-            }
-            Route::Generate => {
-                v["response"] = json!(self.content);
-                &mut v
-            }
+        let thinking = if self.shows_thinking {
+            done.reasoning.as_str()
+        } else {
+            ""
         };
-        if !self.thinking.is_empty() {
-            at["thinking"] = json!(self.thinking);
-        }
-        if !calls.is_empty() {
-            at["tool_calls"] = Value::Array(calls);
-        }
-        if self.tokenizer.is_some() {
-            v["logprobs"] = Value::Array(std::mem::take(&mut self.logprobs));
-        }
+        let lp = self
+            .logprobs(&done.tokens)
+            .or(self.tokenizer.as_ref().map(|_| Vec::new()));
+        self.fill(&mut v, &done.text, thinking, calls, lp);
         v
     }
 }

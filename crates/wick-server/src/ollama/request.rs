@@ -9,9 +9,9 @@ use serde_json::{Map, Value};
 
 use crate::openai::{SamplingFields, Stop};
 use crate::structured::ResponseFormat;
-use crate::template::{TemplateFunction, TemplateMessage, TemplateToolCall};
+use crate::template::TemplateMessage;
 use crate::tools::{self, ToolSpec};
-use crate::validate::{call_arguments, sampling, FieldNames, GenInput, GenRequest, PromptInput};
+use crate::validate::{openai_tool_call, sampling, FieldNames, GenInput, GenRequest, PromptInput};
 use crate::{ApiError, ServedModel};
 
 #[derive(Debug, Deserialize)]
@@ -476,31 +476,16 @@ fn message(m: &Value, param: &str) -> Result<TemplateMessage, ApiError> {
         .flatten()
         .enumerate()
     {
-        let at = format!("{param}.tool_calls[{j}]");
-        let name = c.pointer("/function/name").and_then(Value::as_str);
-        let Some(name) = name else {
-            return Err(ApiError::invalid(
-                at,
-                "a tool call needs 'function.name' and 'function.arguments'",
-            ));
-        };
-        let args = match c.pointer("/function/arguments") {
-            None | Some(Value::Null) => Value::Object(Map::new()),
-            Some(a) => call_arguments(a, &format!("{at}.function.arguments"))?,
-        };
-        calls.push(TemplateToolCall {
-            // Ollama's clients drop ids: `with_call_ids` gives them.
-            id: c
-                .get("id")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
-            kind: "function",
-            function: TemplateFunction {
-                name: name.to_string(),
-                arguments: args,
-            },
-        });
+        // OpenAI's shape, the arguments an object; Ollama allows them left out (no
+        // arguments). Ids are left to `with_call_ids` (Ollama's clients drop them).
+        let mut c = c.clone();
+        if let Some(f) = c.get_mut("function").and_then(Value::as_object_mut) {
+            let args = f.entry("arguments").or_insert(Value::Null);
+            if args.is_null() {
+                *args = Value::Object(Map::new());
+            }
+        }
+        calls.push(openai_tool_call(&c, &format!("{param}.tool_calls[{j}]"))?);
     }
     if !calls.is_empty() && role != "assistant" {
         return Err(ApiError::invalid(
